@@ -1,0 +1,158 @@
+"""The `vldistill` command line: thin subcommands over the library, each driven by one YAML config
+plus `--set key.sub=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from vldistill.config import ConfigError, ExperimentConfig, load_config, packaged_config
+
+
+def _config(args: argparse.Namespace, default: Optional[str] = None) -> ExperimentConfig:
+    path = args.config if args.config is not None else (packaged_config(default) if default else None)
+    return load_config(path, args.overrides)
+
+
+def _save_config(cfg: ExperimentConfig, out_dir: Path) -> None:
+    from vldistill.demo import write_text_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Teacher, distilled student and baseline on the embedded data, with a printed table."""
+    from vldistill.demo import print_summary, run_demo
+
+    cfg = _config(args, default="demo")
+    summary = run_demo(cfg, Path(args.out))
+    print_summary(summary)
+    print(f"wrote {Path(args.out) / 'summary.json'} and the student to {Path(args.out) / 'student'}")
+    return 0
+
+
+def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
+    """Pretrain the config's teacher with the CLIP loss on the embedded data."""
+    from vldistill.data.bundle import load_data
+    from vldistill.train.runs import pretrain_teacher
+
+    cfg = _config(args)
+    out = Path(args.out)
+    _save_config(cfg, out)
+    pretrain_teacher(cfg, load_data(cfg.data), out / "teacher", log_dir=out / "logs")
+    print(f"teacher saved to {out / 'teacher'}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distill the config's student from `teacher.path` and evaluate it."""
+    from vldistill.data.bundle import load_data
+    from vldistill.eval.suite import evaluate_model
+    from vldistill.train.runs import obtain_teacher, train_student
+
+    cfg = _config(args)
+    if cfg.teacher.path is None:
+        raise ConfigError("teacher.path is not set: point it at a CLIP folder or hub id (e.g. from `vldistill pretrain-teacher`)")
+    out = Path(args.out)
+    _save_config(cfg, out)
+    data = load_data(cfg.data)
+    teacher = obtain_teacher(cfg, data, out / "teacher")
+    student = train_student(cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl")
+    print(f"student saved to {student.path}")
+    if not args.no_eval:
+        summary = evaluate_model(student.model, student.tokenizer, data, cfg.eval, "student", out / "results")["summary"]
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a saved model on the config's test split and write CLIP_benchmark-style records."""
+    from vldistill.data.bundle import load_data
+    from vldistill.eval.suite import evaluate_model
+    from vldistill.models.io import load_dual_encoder
+
+    cfg = _config(args)
+    model, tokenizer = load_dual_encoder(args.model)
+    name = args.name or Path(args.model).name
+    evaluation = evaluate_model(model, tokenizer, load_data(cfg.data), cfg.eval, name, Path(args.out))
+    print(json.dumps(evaluation["summary"], indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print registered names of one kind, one per line."""
+    from vldistill.config import DATASETS
+    from vldistill.losses import LOSSES
+
+    kinds = {
+        "losses": LOSSES.names(),
+        "datasets": list(DATASETS),
+        "configs": sorted(p.stem for p in packaged_config("demo").parent.glob("*.yaml")),
+    }
+    print("\n".join(kinds[args.kind]))
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool) -> None:
+    if config_positional:
+        parser.add_argument("config", help="experiment YAML file")
+    else:
+        parser.add_argument("--config", default=None, help="experiment YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set distill.train.steps=100 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="vldistill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="teacher -> distilled student vs baseline, on the embedded data")
+    _add_config_args(demo, config_positional=False)
+    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    demo.set_defaults(func=cmd_demo)
+
+    pretrain = sub.add_parser("pretrain-teacher", help="pretrain a teacher with the CLIP loss")
+    _add_config_args(pretrain, config_positional=True)
+    pretrain.add_argument("--out", required=True)
+    pretrain.set_defaults(func=cmd_pretrain_teacher)
+
+    distill = sub.add_parser("distill", help="distill a student from teacher.path")
+    _add_config_args(distill, config_positional=True)
+    distill.add_argument("--out", required=True)
+    distill.add_argument("--no-eval", action="store_true", help="skip evaluating the student at the end")
+    distill.set_defaults(func=cmd_distill)
+
+    evaluate = sub.add_parser("eval", help="zero-shot and retrieval evaluation of a saved model")
+    evaluate.add_argument("model", help="model folder (or hub id)")
+    _add_config_args(evaluate, config_positional=False)
+    evaluate.add_argument("--out", default="results", help="folder for the results JSON (default: results)")
+    evaluate.add_argument("--name", default=None, help="model name in the results (default: folder name)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    listing = sub.add_parser("list", help="list registered losses, datasets or packaged configs")
+    listing.add_argument("kind", choices=["losses", "datasets", "configs"])
+    listing.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; configuration and input errors print one clear line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"vldistill: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Experiment configs: plain dataclasses filled from YAML plus `--set a.b=c` overrides, validated up
+front so a bad key, type or value fails before any work with a message naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from vldistill.losses.registry import parse_loss_specs
+from vldistill.models.inherit import check_inheritable
+from vldistill.models.spec import DualEncoderSpec, TowerSpec
+
+PRECISIONS = ("fp32", "bf16")
+RETRIEVAL_MATCHES = ("pair", "identical_caption")
+DATASETS = ("shapes",)
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Which pair data to train and evaluate on (the embedded synthetic shapes set for now)."""
+
+    dataset: str = "shapes"
+    image_size: int = 32
+    train_size: int = 20000
+    val_size: int = 512
+    test_size: int = 1000
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"{where}.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.image_size < 8:
+            raise ConfigError(f"{where}.image_size must be >= 8, got {self.image_size}")
+        for name in ("train_size", "val_size", "test_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, for a fixed number of steps."""
+
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: Optional[float] = 1.0
+    precision: str = "fp32"
+    log_every: int = 50
+
+    def validate(self, where: str) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"{where}.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 2:
+            raise ConfigError(f"{where}.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"{where}.warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"{where}.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{where}.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.log_every < 1:
+            raise ConfigError(f"{where}.log_every must be >= 1, got {self.log_every}")
+
+
+def _teacher_spec() -> DualEncoderSpec:
+    return DualEncoderSpec(
+        vision=TowerSpec(layers=4, width=128, heads=4, patch_size=8), text=TowerSpec(layers=4, width=128, heads=4),
+        projection_dim=128,
+    )
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: a CLIP checkpoint (local folder or hub id), or one pretrained here from `model`."""
+
+    path: Optional[str] = None
+    model: DualEncoderSpec = field(default_factory=_teacher_spec)
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=800))
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig:
+    """The student's towers and whether it starts from the teacher's weights (TinyCLIP inheritance)."""
+
+    model: DualEncoderSpec = field(default_factory=DualEncoderSpec)
+    inherit: bool = True
+
+
+def _default_losses() -> dict[str, dict[str, Any]]:
+    return {"clip": {"weight": 1.0}, "kd": {"weight": 1.0, "temperature": 2.0}, "feature": {"weight": 1.0}}
+
+
+@dataclass
+class DistillConfig:
+    """The distillation run: optimizer settings and the weighted losses (name -> {weight, params})."""
+
+    train: OptimConfig = field(default_factory=OptimConfig)
+    losses: dict[str, dict[str, Any]] = field(default_factory=_default_losses)
+
+    def validate(self, where: str) -> None:
+        try:
+            parse_loss_specs(self.losses, f"{where}.losses")
+        except (KeyError, ValueError) as error:
+            raise ConfigError(str(error).strip("'\"")) from None
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings: batch size, zero-shot templates (null: the dataset's), retrieval matching."""
+
+    batch_size: int = 256
+    templates: Optional[list[str]] = None
+    retrieval_match: str = "identical_caption"
+    throughput_batch_size: int = 256
+
+    def validate(self, where: str) -> None:
+        if self.retrieval_match not in RETRIEVAL_MATCHES:
+            raise ConfigError(
+                f"{where}.retrieval_match must be one of {', '.join(RETRIEVAL_MATCHES)}, got {self.retrieval_match!r}"
+            )
+        if self.batch_size < 1 or self.throughput_batch_size < 1:
+            raise ConfigError(f"{where}.batch_size and {where}.throughput_batch_size must be >= 1")
+        for template in self.templates or []:
+            if "{}" not in template:
+                raise ConfigError(f"{where}.templates: {template!r} has no '{{}}' for the class name")
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: data, teacher, student, distillation and evaluation."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, where: str) -> None:
+        if self.student.inherit and self.teacher.path is None:
+            try:
+                check_inheritable(self.student.model, self.teacher.model, where="student.model")
+            except ValueError as error:
+                raise ConfigError(f"{error} [student.inherit is true]") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (what `load_config` reads back)."""
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _convert(options[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Fill dataclass `cls` from a mapping, checking keys and types, then run its `validate(where)`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key {_join(where, key)!r}; allowed keys: {', '.join(names)}")
+    obj = cls(**{k: _convert(hints[k], v, _join(where, k)) for k, v in data.items()})
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate(where or "config")
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return obj
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (3, 0.5, true, null, [1, 2])."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {assignment!r} has an empty key")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {key!r} is not a mapping")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _over_defaults(cls: type, defaults: dict[str, Any], data: Any) -> Any:
+    """`data` laid over a dataclass's defaults: nested dataclass fields merge, every other value replaces."""
+    if not isinstance(data, Mapping):
+        return data
+    hints = typing.get_type_hints(cls)
+    merged = dict(defaults)
+    for key, value in data.items():
+        field_type = hints.get(key)
+        if dataclasses.is_dataclass(field_type) and isinstance(defaults.get(key), dict):
+            merged[key] = _over_defaults(field_type, defaults[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Read an experiment from a YAML file over the defaults, apply `a.b=c` overrides, validate.
+
+    Nested sections merge with their defaults; a mapping of losses replaces the default set whole.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    data = _over_defaults(ExperimentConfig, ExperimentConfig().to_dict(), data)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return build_dataclass(ExperimentConfig, data, "")
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped with vldistill (`demo`, `tiny`)."""
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no packaged config {name!r}; packaged configs: {', '.join(known)}")
+    return path

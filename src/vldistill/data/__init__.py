@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic pair set, pair datasets, preprocessing and the offline tokenizer."""

@@ -1,0 +1,128 @@
+"""The embedded default data: procedurally drawn coloured shapes with captions, from a seed.
+
+Each image is a shape of one colour, one of three sizes, at one of nine positions on a noisy dark
+background. Training captions vary their wording and sometimes leave out the size or position;
+validation and test captions always state all four attributes in one canonical wording, so
+retrieval on them has a well-defined answer (images that share an identical caption are
+equivalent). Zero-shot classes are colour x shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 230, 50),
+    "purple": (160, 60, 220),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES: dict[str, float] = {"small": 0.14, "medium": 0.22, "large": 0.32}  # half-extent / image side
+POSITIONS: dict[str, tuple[float, float]] = {  # (row, col) centre as a fraction of the side
+    "top left": (0.25, 0.25), "top": (0.25, 0.5), "top right": (0.25, 0.75),
+    "left": (0.5, 0.25), "center": (0.5, 0.5), "right": (0.5, 0.75),
+    "bottom left": (0.75, 0.25), "bottom": (0.75, 0.5), "bottom right": (0.75, 0.75),
+}
+POSITION_PHRASES = {name: ("in the center" if name == "center" else f"at the {name}") for name in POSITIONS}
+
+CANONICAL_CAPTION = "a {size} {colour} {shape} {position}"
+TRAIN_CAPTIONS = (
+    "a {size} {colour} {shape} {position}",
+    "a photo of a {size} {colour} {shape} {position}",
+    "a picture of a {colour} {shape} {position}",
+    "a {colour} {shape} {position}",
+    "a {size} {colour} {shape}",
+    "a photo of a {colour} {shape}",
+    "a {colour} {shape}",
+    "{position} there is a {size} {colour} {shape}",
+)
+ZERO_SHOT_TEMPLATES = ("a {}", "a photo of a {}", "a picture of a {}")
+SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+@dataclass
+class ShapesSplit:
+    """One split: uint8 images (N, H, W, 3), captions, colour x shape class labels, attributes."""
+
+    images: np.ndarray
+    captions: list[str]
+    labels: np.ndarray
+    attributes: list[dict[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def class_names() -> list[str]:
+    """Zero-shot class names, colour x shape, in label order."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def vocabulary() -> list[str]:
+    """Every word the caption grammar and the zero-shot prompts can produce, sorted."""
+    words: set[str] = set()
+    for text in (*TRAIN_CAPTIONS, *ZERO_SHOT_TEMPLATES, *POSITION_PHRASES.values()):
+        words.update(w for w in text.split() if "{" not in w)
+    words.update(COLOURS)
+    words.update(SHAPES)
+    words.update(SIZES)
+    return sorted(words)
+
+
+def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """Boolean mask of `shape` centred at (cy, cx) with half-extent r on the pixel grid."""
+    dy, dx = rows - cy, cols - cx
+    if shape == "circle":
+        return dy**2 + dx**2 <= r**2
+    if shape == "square":
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if shape == "triangle":  # apex up: the half-width grows from 0 at the top to r at the base
+        inside_rows = (dy >= -r) & (dy <= r)
+        return inside_rows & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "cross":
+        arm = max(r * 0.35, 0.8)
+        return ((np.abs(dy) <= arm) & (np.abs(dx) <= r)) | ((np.abs(dx) <= arm) & (np.abs(dy) <= r))
+    raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
+
+
+def render(shape: str, colour: str, size: str, position: str, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw one (H, W, 3) uint8 image: the shape with jittered place, size and colour on noise."""
+    rows, cols = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
+    fy, fx = POSITIONS[position]
+    jitter = image_size * 0.04
+    cy, cx = fy * image_size + rng.uniform(-jitter, jitter), fx * image_size + rng.uniform(-jitter, jitter)
+    r = SIZES[size] * image_size * rng.uniform(0.9, 1.1)
+    background = rng.uniform(0, 60) + rng.normal(0, 8, size=(image_size, image_size, 1))
+    image = np.repeat(background, 3, axis=2)
+    tint = np.array(COLOURS[colour], dtype=np.float32) + rng.normal(0, 12, size=3)
+    image[_shape_mask(shape, rows, cols, cy, cx, r)] = tint
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_split(split: str, size: int, seed: int = 0, image_size: int = 32) -> ShapesSplit:
+    """Generate split `split` ("train", "val" or "test") with `size` samples, deterministic in `seed`."""
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLIT_OFFSETS)}")
+    rng = np.random.default_rng(seed + SPLIT_OFFSETS[split])
+    colours, sizes, positions = list(COLOURS), list(SIZES), list(POSITIONS)
+    images = np.empty((size, image_size, image_size, 3), dtype=np.uint8)
+    captions, labels, attributes = [], np.empty(size, dtype=np.int64), []
+    for i in range(size):
+        colour_i, shape_i = rng.integers(len(colours)), rng.integers(len(SHAPES))
+        attrs = {
+            "colour": colours[colour_i],
+            "shape": SHAPES[shape_i],
+            "size": sizes[rng.integers(len(sizes))],
+            "position": positions[rng.integers(len(positions))],
+        }
+        images[i] = render(attrs["shape"], attrs["colour"], attrs["size"], attrs["position"], image_size, rng)
+        wording = TRAIN_CAPTIONS[rng.integers(len(TRAIN_CAPTIONS))] if split == "train" else CANONICAL_CAPTION
+        captions.append(wording.format(**{**attrs, "position": POSITION_PHRASES[attrs["position"]]}))
+        labels[i] = colour_i * len(SHAPES) + shape_i
+        attributes.append(attrs)
+    return ShapesSplit(images=images, captions=captions, labels=labels, attributes=attributes)

@@ -1,0 +1,51 @@
+"""What every distillation loss is: a small registered module that declares what it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from vldistill.models.outputs import DualEncoderOutput
+from vldistill.registry import Registry
+
+# What a loss may need from the teacher. An empty set means a task loss (no teacher at all).
+TEACHER_EMBEDDINGS = "embeddings"
+TEACHER_HIDDEN_STATES = "hidden_states"
+TEACHER_ATTENTIONS = "attentions"
+
+
+@dataclass
+class LossContext:
+    """Facts about the student and teacher a loss may need at construction (e.g. for projections)."""
+
+    student_embed_dim: int
+    teacher_embed_dim: Optional[int] = None
+
+
+class DistillLoss(nn.Module):
+    """Base class: `forward(student, teacher)` returns a scalar and named parts for logging.
+
+    Subclasses set `needs` (a subset of {"embeddings", "hidden_states", "attentions"}; empty for a
+    task loss that ignores the teacher) and may define a dataclass `Params` of their YAML options.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params: "DistillLoss.Params", context: LossContext) -> None:
+        super().__init__()
+        self.params = params
+
+    def forward(
+        self, student: DualEncoderOutput, teacher: Optional[DualEncoderOutput]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+LOSSES: Registry[type[DistillLoss]] = Registry("loss")

@@ -1,0 +1,44 @@
+"""Distillation on similarity logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: T^2 * KL(softmax(teacher/T) || softmax(student/T)), rows are distributions, batch-mean."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+@LOSSES.register("kd")
+class SoftTargetKD(DistillLoss):
+    """Soft-target KD with temperature T and the T^2 factor (Hinton et al., 2015, "Distilling the
+    Knowledge in a Neural Network"), on the image->text and text->image similarity logits of a batch
+    (as in CLIP-KD, Yang et al., 2024), averaged over both directions. Each model uses its own
+    logit scale."""
+
+    needs = frozenset({TEACHER_EMBEDDINGS})
+
+    @dataclass
+    class Params:
+        temperature: float = 1.0
+
+        def validate(self, where: str) -> None:
+            if self.temperature <= 0:
+                raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
+
+    def forward(self, student, teacher):
+        t = self.params.temperature
+        s_logits, t_logits = student.logits_per_image(), teacher.logits_per_image().detach()
+        image_to_text = soft_target_kl(s_logits, t_logits, t)
+        text_to_image = soft_target_kl(s_logits.t(), t_logits.t(), t)
+        loss = (image_to_text + text_to_image) / 2
+        return loss, {"kd_i2t": image_to_text.detach(), "kd_t2i": text_to_image.detach()}

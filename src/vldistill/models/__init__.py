@@ -1,0 +1,20 @@
+"""Dual encoders: the common interface, the HF CLIP adapter, student builder and weight inheritance."""
+
+from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.inherit import check_inheritable, inherit_weights, uniform_layer_map
+from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.spec import DualEncoderSpec, TowerSpec
+from vldistill.models.student import clip_config_from_spec, spec_from_clip_config, student_config_from_teacher
+
+__all__ = [
+    "CLIPDualEncoder",
+    "DualEncoderOutput",
+    "DualEncoderSpec",
+    "TowerSpec",
+    "check_inheritable",
+    "clip_config_from_spec",
+    "inherit_weights",
+    "spec_from_clip_config",
+    "student_config_from_teacher",
+    "uniform_layer_map",
+]

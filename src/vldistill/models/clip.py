@@ -1,0 +1,97 @@
+"""Adapter that makes a Hugging Face `CLIPModel` a vldistill dual encoder."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel
+
+from vldistill.models.outputs import DualEncoderOutput
+
+# open_clip clamps the learned temperature so logits never exceed this scale.
+MAX_LOGIT_SCALE = 100.0
+
+
+class CLIPDualEncoder(nn.Module):
+    """A `CLIPModel` seen through the dual-encoder interface: normalized embeddings and a logit scale."""
+
+    def __init__(self, model: CLIPModel) -> None:
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        attentions: bool = False,
+        trust_remote_code: bool = False,
+    ) -> "CLIPDualEncoder":
+        """Load a CLIP checkpoint from a local folder or a hub id (eager attention if maps are needed)."""
+        model = CLIPModel.from_pretrained(
+            name_or_path,
+            attn_implementation="eager" if attentions else "sdpa",
+            trust_remote_code=trust_remote_code,
+        )
+        return cls(model)
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the shared image-text embedding space."""
+        return self.model.config.projection_dim
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The exponentiated temperature that multiplies cosine similarities."""
+        return self.model.logit_scale.exp()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalized image embeddings (B, D)."""
+        return F.normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalized text embeddings (B, D)."""
+        features = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(features.pooler_output, dim=-1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> DualEncoderOutput:
+        """Embed a batch of paired images and texts, with hidden states / attention maps on request."""
+        if output_attentions and self.model.config._attn_implementation != "eager":
+            self.model.set_attn_implementation("eager")
+        out = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        vision, text = out.vision_model_output, out.text_model_output
+        return DualEncoderOutput(
+            image_embeds=out.image_embeds,
+            text_embeds=out.text_embeds,
+            logit_scale=self.logit_scale,
+            image_hidden_states=vision.hidden_states if output_hidden_states else None,
+            text_hidden_states=text.hidden_states if output_hidden_states else None,
+            image_attentions=vision.attentions if output_attentions else None,
+            text_attentions=text.attentions if output_attentions else None,
+            text_attention_mask=attention_mask,
+        )
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the learned temperature within [0, ln 100] as CLIP and open_clip do."""
+        self.model.logit_scale.clamp_(0, torch.log(torch.tensor(MAX_LOGIT_SCALE)).item())
+
+    def num_parameters(self) -> int:
+        """Total parameter count of both towers and projections."""
+        return sum(p.numel() for p in self.model.parameters())

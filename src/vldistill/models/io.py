@@ -1,0 +1,99 @@
+"""Save and load dual encoders as plain Hugging Face folders, written atomically.
+
+A saved folder holds `config.json`, `model.safetensors`, the tokenizer files, `preprocessor_config.json`
+and, when given, a model card `README.md` and a `vldistill.json` of run metadata. It loads with
+`transformers.CLIPModel.from_pretrained(dir)` without vldistill installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from huggingface_hub import ModelCard
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
+from vldistill.models.clip import CLIPDualEncoder
+
+METADATA_FILE = "vldistill.json"
+
+
+def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
+    """The CLIP image processor that reproduces our preprocessing (resize, crop, CLIP normalization)."""
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+
+
+def atomic_directory(out_dir: Path):
+    """Context manager: yields a temp folder beside `out_dir` that replaces it only when the block succeeds."""
+    return _AtomicDirectory(Path(out_dir))
+
+
+class _AtomicDirectory:
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+        if self.out_dir.exists():
+            os.replace(self.out_dir, old)
+        os.replace(self.tmp, self.out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_dual_encoder(
+    model: CLIPDualEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike,
+    *,
+    metadata: Optional[dict[str, Any]] = None,
+    card: Optional[ModelCard] = None,
+) -> Path:
+    """Write `model` with its tokenizer and image processor as an HF folder at `out_dir`, atomically."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        model.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        image_processor_for(model.model.config.vision_config.image_size).save_pretrained(tmp)
+        if metadata is not None:
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            card.save(tmp / "README.md")
+    return out_dir
+
+
+def load_dual_encoder(
+    name_or_path: str | os.PathLike, *, attentions: bool = False, trust_remote_code: bool = False
+) -> tuple[CLIPDualEncoder, PreTrainedTokenizerBase]:
+    """Load a CLIP dual encoder and its tokenizer from a local folder or a hub id."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+    model = CLIPDualEncoder.from_pretrained(name_or_path, attentions=attentions, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def read_metadata(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `vldistill.json` run metadata of a saved model, or {} when it has none."""
+    path = Path(model_dir) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

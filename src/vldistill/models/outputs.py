@@ -1,0 +1,34 @@
+"""What every dual encoder (teacher or student) returns: the contract the losses and the loop meet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class DualEncoderOutput:
+    """Outputs of one dual-encoder forward pass over a batch of paired images and texts.
+
+    image_embeds / text_embeds: (B, D), L2-normalized.
+    logit_scale: scalar tensor, already exponentiated (multiply cosine similarities by it).
+    *_hidden_states: per-layer hidden states, (embeddings, layer 1, ..., layer L), each (B, N, W),
+        present only when requested.
+    *_attentions: per-layer attention probabilities, each (B, heads, N, N), present only when requested.
+    text_attention_mask: (B, N_text) 1 for real tokens, so text-token losses can ignore padding.
+    """
+
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    logit_scale: torch.Tensor
+    image_hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    text_hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    image_attentions: Optional[tuple[torch.Tensor, ...]] = None
+    text_attentions: Optional[tuple[torch.Tensor, ...]] = None
+    text_attention_mask: Optional[torch.Tensor] = None
+
+    def logits_per_image(self) -> torch.Tensor:
+        """(B, B) scaled image->text similarity logits."""
+        return self.logit_scale * self.image_embeds @ self.text_embeds.t()

@@ -1,0 +1,82 @@
+"""Build CLIP configs from tower specs, and smaller students that share a teacher's data interface."""
+
+from __future__ import annotations
+
+from transformers import CLIPConfig
+
+from vldistill.models.spec import DualEncoderSpec, TowerSpec
+
+
+def _tower_kwargs(tower: TowerSpec) -> dict:
+    return {
+        "hidden_size": tower.width,
+        "intermediate_size": int(round(tower.width * tower.mlp_ratio)),
+        "num_hidden_layers": tower.layers,
+        "num_attention_heads": tower.heads,
+        "hidden_act": "quick_gelu",
+    }
+
+
+def clip_config_from_spec(
+    spec: DualEncoderSpec,
+    *,
+    image_size: int,
+    vocab_size: int,
+    max_text_length: int,
+    pad_token_id: int,
+    bos_token_id: int,
+    eos_token_id: int,
+) -> CLIPConfig:
+    """A `CLIPConfig` for `spec` with the given image size and tokenizer (vocabulary and special ids)."""
+    spec.validate("model")
+    if image_size % spec.vision.patch_size:
+        raise ValueError(f"image size {image_size} is not divisible by vision.patch_size {spec.vision.patch_size}")
+    text_config = {
+        **_tower_kwargs(spec.text),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_text_length,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "projection_dim": spec.projection_dim,
+    }
+    vision_config = {
+        **_tower_kwargs(spec.vision),
+        "image_size": image_size,
+        "patch_size": spec.vision.patch_size,
+        "projection_dim": spec.projection_dim,
+    }
+    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=spec.projection_dim)
+
+
+def student_config_from_teacher(teacher_config: CLIPConfig, spec: DualEncoderSpec) -> CLIPConfig:
+    """A student `CLIPConfig` with `spec`'s towers and the teacher's image size and tokenizer."""
+    text = teacher_config.text_config
+    return clip_config_from_spec(
+        spec,
+        image_size=teacher_config.vision_config.image_size,
+        vocab_size=text.vocab_size,
+        max_text_length=text.max_position_embeddings,
+        pad_token_id=text.pad_token_id,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+    )
+
+
+def spec_from_clip_config(config: CLIPConfig) -> DualEncoderSpec:
+    """Read back the tower spec of an existing `CLIPConfig` (e.g. a hub teacher's)."""
+
+    def tower(c, patch_size=None) -> TowerSpec:
+        return TowerSpec(
+            layers=c.num_hidden_layers,
+            width=c.hidden_size,
+            heads=c.num_attention_heads,
+            mlp_ratio=c.intermediate_size / c.hidden_size,
+            patch_size=patch_size,
+        )
+
+    return DualEncoderSpec(
+        vision=tower(config.vision_config, config.vision_config.patch_size),
+        text=tower(config.text_config),
+        projection_dim=config.projection_dim,
+    )

@@ -1,0 +1,1 @@
+"""Profiling: parameter counts and measured throughput."""

@@ -1,0 +1,1 @@
+"""Reporting: model cards and printed summaries."""

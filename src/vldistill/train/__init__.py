@@ -1,0 +1,1 @@
+"""Training: the accelerate loop, teacher pretraining and distillation runs."""

@@ -1,0 +1,132 @@
+"""The one training loop (accelerate): pretraining a teacher and distilling a student both run here,
+unchanged on CPU, one GPU or several processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from vldistill.config import OptimConfig
+from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
+from vldistill.losses.registry import DistillationObjective
+from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.outputs import DualEncoderOutput
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps taken, wall seconds of the loop, and the logged history."""
+
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class StudentWithObjective(nn.Module):
+    """The trainable part of a run: the student and the objective (which may own projections)."""
+
+    def __init__(self, student: CLIPDualEncoder, objective: DistillationObjective) -> None:
+        super().__init__()
+        self.student = student
+        self.objective = objective
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher_output: Optional[DualEncoderOutput]):
+        student_output = self.student(
+            **batch,
+            output_hidden_states=TEACHER_HIDDEN_STATES in self.objective.needs,
+            output_attentions=TEACHER_ATTENTIONS in self.objective.needs,
+        )
+        return self.objective(student_output, teacher_output)
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in open_clip: no decay on biases, norms, embeddings' gains and the logit scale."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def teacher_forward(teacher: CLIPDualEncoder, batch: dict[str, torch.Tensor], needs: frozenset[str]) -> DualEncoderOutput:
+    """The teacher's outputs for a batch, without gradients, with only the extras the losses need."""
+    return teacher(
+        **batch,
+        output_hidden_states=TEACHER_HIDDEN_STATES in needs,
+        output_attentions=TEACHER_ATTENTIONS in needs,
+    )
+
+
+def train(
+    student: CLIPDualEncoder,
+    objective: DistillationObjective,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optim: OptimConfig,
+    *,
+    teacher: Optional[CLIPDualEncoder] = None,
+    desc: str = "train",
+    log_path: Optional[Path] = None,
+) -> TrainResult:
+    """Train `student` (and the objective's own parameters) for `optim.steps` batches, AdamW + warmup-cosine.
+
+    When the objective needs a teacher, the teacher runs on every batch in eval mode without gradients.
+    Losses and the learning rate are logged every `optim.log_every` steps to the history and `log_path` (JSONL).
+    """
+    if objective.needs and teacher is None:
+        raise ValueError(f"the selected losses need a teacher ({', '.join(sorted(objective.needs))}), but none was given")
+    steps = optim.steps
+    accelerator = Accelerator(mixed_precision="bf16" if optim.precision == "bf16" else "no")
+    module = StudentWithObjective(student, objective)
+    optimizer = torch.optim.AdamW(parameter_groups(module, optim.weight_decay), lr=optim.lr)
+    # The scheduler is stepped once per optimizer step by us (not prepared: accelerate would step it
+    # once per process).
+    scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if teacher is not None and objective.needs:
+        teacher = teacher.to(accelerator.device).eval()
+    module.train()
+    history: list[dict[str, float]] = []
+    log_file = open(log_path, "w") if log_path is not None and accelerator.is_main_process else None
+    start = time.perf_counter()
+    progress = tqdm(total=steps, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    step = 0
+    try:
+        for batch in batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            teacher_output = teacher_forward(teacher, batch, objective.needs) if objective.needs else None
+            with accelerator.autocast():
+                loss, parts = module(batch, teacher_output)
+            accelerator.backward(loss)
+            if optim.grad_clip is not None:
+                accelerator.clip_grad_norm_(module.parameters(), optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.unwrap_model(module).student.clamp_logit_scale()
+            step += 1
+            progress.update(1)
+            if step % optim.log_every == 0 or step == steps:
+                record = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: float(v) for k, v in parts.items()}}
+                history.append(record)
+                progress.set_postfix(loss=f"{record['loss/total']:.3f}")
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+            if step == steps:
+                break
+    finally:
+        progress.close()
+        if log_file is not None:
+            log_file.close()
+    return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history)

@@ -1,0 +1,176 @@
+"""Tests for vldistill.eval.embed and vldistill.eval.retrieval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vldistill.eval import (
+    embed_images,
+    evaluate_retrieval,
+    positives_from_equivalent_captions,
+    positives_from_pairs,
+    retrieval_metrics,
+)
+from vldistill.eval.retrieval import top_k_indices
+
+DIM = 12  # = 3 * 2 * 2, so an image (3, 2, 2) flattens to one embedding-sized vector
+VOCAB = {"a": 1, "red": 2, "circle": 3, "blue": 4, "square": 5, "green": 6, "cross": 7}  # 0 = padding
+
+
+class BagOfWordsDualEncoder(nn.Module):
+    """encode_image = normalize(identity linear(flatten(x))); encode_text = normalize(sum of word vectors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.image_proj = nn.Linear(DIM, DIM, bias=False)
+        self.words = nn.Embedding(len(VOCAB) + 1, DIM)
+        self.dropout = nn.Dropout(0.5)
+        with torch.no_grad():
+            self.image_proj.weight.copy_(torch.eye(DIM))
+            self.words.weight.copy_(torch.randn(len(VOCAB) + 1, DIM, generator=generator))
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.dropout(self.image_proj(pixel_values.flatten(1))), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        summed = (self.words(input_ids) * attention_mask[..., None]).sum(dim=1)
+        return F.normalize(self.dropout(summed), dim=-1)
+
+
+def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+    ids = [[VOCAB[word] for word in text.lower().split()] for text in texts]
+    length = max(len(row) for row in ids)
+    return {
+        "input_ids": torch.tensor([row + [0] * (length - len(row)) for row in ids]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in ids]),
+    }
+
+
+def images_showing(model: BagOfWordsDualEncoder, captions: list[str]) -> torch.Tensor:
+    """Images whose embedding equals their caption's text embedding."""
+    model.eval()
+    with torch.no_grad():
+        return model.encode_text(**tokenize(captions)).reshape(-1, 3, 2, 2)
+
+
+def test_hand_worked_recall_both_directions() -> None:
+    image_embeds = torch.eye(3)  # so scores[i, j] = text_embeds[j, i]
+    text_embeds = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # text 0 -> image 0. Images ranked 0, 1, 2: hit@1
+            [0.8, 0.6, 0.0],  # text 1 -> image 1. Ranked 0, 1, 2: miss@1, hit@2
+            [0.2, 0.7, 0.5],  # text 2 -> image 2. Ranked 1, 2, 0: miss@1, hit@2
+            [0.1, 0.4, 0.3],  # text 3 -> image 0. Ranked 1, 2, 0: miss@1, miss@2, hit@3
+        ]
+    )
+    positives = positives_from_pairs([0, 1, 2, 0], n_images=3)
+    # Images as queries, rows of scores over texts 0..3, positives in brackets:
+    # image 0: [0.9], 0.8, 0.2, [0.1] -> text 0 first: hit@1
+    # image 1: 0.1, [0.6], 0.7, 0.4   -> text 2 then text 1: miss@1, hit@2
+    # image 2: 0.0, 0.0, [0.5], 0.3   -> text 2 first: hit@1
+    metrics = retrieval_metrics(image_embeds, text_embeds, positives, ks=(1, 2, 10))
+    assert metrics == {
+        "image_retrieval_recall@1": pytest.approx(1 / 4),
+        "image_retrieval_recall@2": pytest.approx(3 / 4),
+        "image_retrieval_recall@10": 1.0,  # K above the 3 candidates means all of them
+        "text_retrieval_recall@1": pytest.approx(2 / 3),
+        "text_retrieval_recall@2": 1.0,
+        "text_retrieval_recall@10": 1.0,
+    }
+
+
+def test_positives_from_pairs_with_several_captions_per_image() -> None:
+    positives = positives_from_pairs([0, 0, 1, 2, 1], n_images=3)
+    expected = torch.tensor(
+        [
+            [True, True, False, False, False],
+            [False, False, True, False, True],
+            [False, False, False, True, False],
+        ]
+    )
+    assert torch.equal(positives, expected)
+    with pytest.raises(ValueError, match="outside"):
+        positives_from_pairs([0, 3], n_images=3)
+
+
+def test_ties_go_to_the_lower_index() -> None:
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0]])
+    assert top_k_indices(scores, 2).tolist() == [[1, 2], [0, 1]]
+    assert top_k_indices(scores, 9).shape == (2, 4)
+
+
+def test_identical_captions_count_as_positives() -> None:
+    captions = ["a red circle", "a red circle", "a blue square", "A  Blue square "]
+    embeds = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    # Images 0/1 and 2/3 are identical, as are texts 0/1 and 2/3: all ties go to the lower index,
+    # so text 1 retrieves image 0 and image 3 retrieves text 2 -- misses when only pairs count.
+    pairs = retrieval_metrics(embeds, embeds, positives_from_pairs(range(4), 4), ks=(1, 2))
+    assert pairs["image_retrieval_recall@1"] == 0.5
+    assert pairs["text_retrieval_recall@1"] == 0.5
+    assert pairs["image_retrieval_recall@2"] == pairs["text_retrieval_recall@2"] == 1.0
+    equivalent = positives_from_equivalent_captions(captions, captions)
+    assert equivalent.tolist() == [[True, True, False, False]] * 2 + [[False, False, True, True]] * 2
+    identical = retrieval_metrics(embeds, embeds, equivalent, ks=(1,))
+    assert identical == {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
+
+
+def test_query_without_positive_raises() -> None:
+    positives = positives_from_pairs([0, 0], n_images=3)  # images 1 and 2 have no caption
+    with pytest.raises(ValueError, match="2 of 3 images have no positive text"):
+        retrieval_metrics(torch.eye(3), torch.eye(3)[:2], positives)
+    unmatched = positives_from_equivalent_captions(["a red circle"], ["a red circle", "a blue square"])
+    with pytest.raises(ValueError, match="1 of 2 texts have no positive image"):
+        retrieval_metrics(torch.eye(2)[:1], torch.eye(2), unmatched)
+
+
+def test_embed_images_accepts_tensor_or_batches() -> None:
+    model = BagOfWordsDualEncoder()
+    images = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    from_tensor = embed_images(model, images, batch_size=2, progress=False)
+    from_batches = embed_images(model, [images[:3], images[3:]], progress=False)
+    assert from_tensor.shape == (5, DIM)
+    assert torch.allclose(from_tensor, from_batches)
+    assert torch.allclose(from_tensor, F.normalize(images.flatten(1), dim=-1))
+    with pytest.raises(ValueError, match="no images"):
+        embed_images(model, [], progress=False)
+
+
+def test_evaluate_retrieval_end_to_end_restores_training_mode() -> None:
+    model = BagOfWordsDualEncoder()
+    captions = ["a red circle", "a blue square", "A red  circle", "a green cross"]
+    images = images_showing(model, captions)
+    model.train()
+    model.dropout.eval()  # a submodule's own mode must survive too
+    pair = evaluate_retrieval(model, tokenize, images, captions, batch_size=3, ks=(1, 2), progress=False)
+    assert model.training and model.image_proj.training and not model.dropout.training
+    # Images/texts 0 and 2 are identical: the tie goes to index 0, so text 2 and image 2 miss at 1.
+    assert pair == {
+        "image_retrieval_recall@1": 0.75,
+        "image_retrieval_recall@2": 1.0,
+        "text_retrieval_recall@1": 0.75,
+        "text_retrieval_recall@2": 1.0,
+    }
+    identical = evaluate_retrieval(
+        model, tokenize, images.split(2), captions, match="identical_caption", ks=(1,), progress=False
+    )
+    assert identical == {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
+
+
+def test_evaluate_retrieval_with_several_captions_per_image() -> None:
+    model = BagOfWordsDualEncoder()
+    captions = ["a red circle", "a blue square"]
+    texts = ["a red circle", "red circle", "a blue square", "blue square", "square"]
+    metrics = evaluate_retrieval(
+        model, tokenize, images_showing(model, captions), captions, texts, [0, 0, 1, 1, 1], progress=False
+    )
+    # Every text shares its words only with its own image's caption, so every query hits at 1.
+    assert metrics["image_retrieval_recall@1"] == 1.0
+    assert metrics["text_retrieval_recall@1"] == 1.0
+    with pytest.raises(ValueError, match="text_to_image"):
+        evaluate_retrieval(model, tokenize, torch.zeros(2, 3, 2, 2), captions, texts, progress=False)
+    with pytest.raises(ValueError, match="unknown match"):
+        evaluate_retrieval(model, tokenize, torch.zeros(2, 3, 2, 2), captions, match="fuzzy", progress=False)

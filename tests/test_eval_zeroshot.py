@@ -1,0 +1,121 @@
+"""Tests for vldistill.eval.zeroshot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vldistill.eval import classification_metrics, evaluate_zero_shot, zero_shot_classifier
+
+DIM = 12  # = 3 * 2 * 2, so an image (3, 2, 2) flattens to one embedding-sized vector
+CLASSNAMES = ["circle", "square", "cross"]
+TEMPLATES = ["a {}", "a photo of a {}", "{c} photo"]
+VOCAB = {"circle": 1, "square": 2, "cross": 3, "a": 4, "photo": 5, "of": 6}  # 0 = padding
+
+
+class BagOfWordsDualEncoder(nn.Module):
+    """encode_image = normalize(identity linear(flatten(x))); encode_text = normalize(sum of word vectors)
+
+    Class word k is the basis vector e_k (k = 0, 1, 2); the other words live in dimensions 3.., so a
+    class's embedding is a positive multiple of e_k plus a part shared by all classes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.image_proj = nn.Linear(DIM, DIM, bias=False)
+        self.words = nn.Embedding(len(VOCAB) + 1, DIM)
+        with torch.no_grad():
+            self.image_proj.weight.copy_(torch.eye(DIM))
+            self.words.weight.zero_()
+            self.words.weight[1:4, :3] = torch.eye(3)
+            self.words.weight[4:, 3:] = torch.randn(len(VOCAB) - 3, DIM - 3, generator=generator)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pixel_values.flatten(1)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize((self.words(input_ids) * attention_mask[..., None]).sum(dim=1), dim=-1)
+
+
+def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+    ids = [[VOCAB[word] for word in text.split()] for text in texts]
+    length = max(len(row) for row in ids)
+    return {
+        "input_ids": torch.tensor([row + [0] * (length - len(row)) for row in ids]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in ids]),
+    }
+
+
+def test_classification_metrics_hand_worked() -> None:
+    logits = torch.tensor(
+        [
+            [3.0, 1.0, 2.0, -9.0],  # label 0: ranked 0, 2, 1, 3 -> hit@1
+            [2.0, 1.0, 0.0, -9.0],  # label 0: ranked 0, 1, 2, 3 -> hit@1
+            [5.0, 1.0, 0.0, -9.0],  # label 0: ranked 0, 1, 2, 3 -> hit@1
+            [1.0, 0.0, 2.0, -9.0],  # label 1: ranked 2, 0, 1, 3 -> miss@2, hit@3
+            [0.0, 3.0, 1.0, -9.0],  # label 2: ranked 1, 2, 0, 3 -> miss@1, hit@2
+        ]
+    )
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    # Per-class top-1 recall: class 0 3/3, class 1 0/1, class 2 0/1; class 3 never occurs -> mean 1/3.
+    metrics = classification_metrics(logits, labels, ks=(1, 2, 5))
+    assert metrics == {
+        "acc1": pytest.approx(3 / 5),
+        "acc2": pytest.approx(4 / 5),
+        "acc5": 1.0,  # k clamped to the 4 classes
+        "mean_per_class_recall": pytest.approx(1 / 3),
+    }
+    assert set(classification_metrics(logits, labels)) == {"acc1", "acc5", "mean_per_class_recall"}
+
+
+def test_classification_metrics_rejects_bad_labels() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        classification_metrics(torch.zeros(2, 2), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="labels"):
+        classification_metrics(torch.zeros(2, 2), torch.tensor([0, 1, 1]))
+
+
+def test_zero_shot_classifier_is_the_normalized_template_mean() -> None:
+    model = BagOfWordsDualEncoder()
+    classifier = zero_shot_classifier(model, tokenize, CLASSNAMES, TEMPLATES, batch_size=2, progress=False)
+    expected = []
+    with torch.no_grad():
+        for c in CLASSNAMES:  # one prompt at a time, no padding, formatted by hand
+            prompts = [f"a {c}", f"a photo of a {c}", f"{c} photo"]
+            embeds = torch.cat([model.encode_text(**tokenize([prompt])) for prompt in prompts])
+            expected.append(F.normalize(embeds.mean(dim=0), dim=0))
+    expected = torch.stack(expected)
+    assert classifier.shape == (3, DIM)
+    assert torch.allclose(classifier, expected, atol=1e-6)
+    single = zero_shot_classifier(model, tokenize, CLASSNAMES, TEMPLATES[:1], progress=False)
+    assert not torch.allclose(classifier, single, atol=1e-3)
+
+
+def test_template_without_placeholder_raises() -> None:
+    with pytest.raises(ValueError, match="placeholder"):
+        zero_shot_classifier(BagOfWordsDualEncoder(), tokenize, CLASSNAMES, ["a {}", "photo"], progress=False)
+
+
+def test_evaluate_zero_shot_end_to_end_restores_training_mode() -> None:
+    model = BagOfWordsDualEncoder()
+    labels = [0, 1, 2, 2, 1, 0]
+    images = (2.0 * torch.eye(DIM)[labels]).reshape(-1, 3, 2, 2)  # an image of class k is 2 e_k
+    model.train()
+    metrics = evaluate_zero_shot(
+        model, tokenize, images, labels, CLASSNAMES, TEMPLATES, batch_size=4, ks=(1,), progress=False
+    )
+    assert model.training and model.words.training
+    assert metrics == {"acc1": 1.0, "mean_per_class_recall": 1.0}
+    # Every class embedding has the same weight on its own direction, so a 0.6 e0 + 0.8 e1 image
+    # labelled 0 is classified as 1: acc1 5/6; per-class recall (1/2 + 1 + 1) / 3 = 5/6.
+    images[-1] = torch.tensor([0.6, 0.8] + [0.0] * (DIM - 2)).reshape(3, 2, 2)
+    batches = list(images.split(4))
+    metrics = evaluate_zero_shot(model, tokenize, batches, labels, CLASSNAMES, TEMPLATES, progress=False)
+    assert metrics == {
+        "acc1": pytest.approx(5 / 6),
+        "acc5": 1.0,
+        "mean_per_class_recall": pytest.approx(5 / 6),
+    }
