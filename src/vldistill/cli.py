@@ -20,7 +20,7 @@ def _config(args: argparse.Namespace, default: Optional[str] = None) -> Experime
 
 
 def _save_config(cfg: ExperimentConfig, out_dir: Path) -> None:
-    from vldistill.demo import write_text_atomic
+    from vldistill.fileio import write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

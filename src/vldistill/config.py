@@ -12,13 +12,14 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from vldistill.losses.registry import parse_loss_specs
+from vldistill.losses.base import LossContext
+from vldistill.losses.registry import build_objective, parse_loss_specs
 from vldistill.models.inherit import check_inheritable
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 
 PRECISIONS = ("fp32", "bf16")
 RETRIEVAL_MATCHES = ("pair", "identical_caption")
-DATASETS = ("shapes",)
+DATASETS = ("shapes", "manifest")
 
 
 class ConfigError(ValueError):
@@ -27,7 +28,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Which pair data to train and evaluate on (the embedded synthetic shapes set for now)."""
+    """Which pair data to train and evaluate on: the embedded synthetic `shapes` set (sizes and seed
+    below), or your own pairs listed in JSONL manifests (`dataset: manifest`)."""
 
     dataset: str = "shapes"
     image_size: int = 32
@@ -35,10 +37,18 @@ class DataConfig:
     val_size: int = 512
     test_size: int = 1000
     seed: int = 0
+    train_manifest: Optional[str] = None
+    test_manifest: Optional[str] = None
 
     def validate(self, where: str) -> None:
         if self.dataset not in DATASETS:
             raise ConfigError(f"{where}.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.dataset == "manifest":
+            for name in ("train_manifest", "test_manifest"):
+                if not getattr(self, name):
+                    raise ConfigError(f"{where}.{name} is required when {where}.dataset is manifest")
+                if not Path(getattr(self, name)).is_file():
+                    raise ConfigError(f"{where}.{name}: file {getattr(self, name)!r} does not exist")
         if self.image_size < 8:
             raise ConfigError(f"{where}.image_size must be >= 8, got {self.image_size}")
         for name in ("train_size", "val_size", "test_size"):
@@ -154,11 +164,23 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, where: str) -> None:
-        if self.student.inherit and self.teacher.path is None:
+        if self.teacher.path is not None:
+            return  # the teacher's architecture is known only once its config is read
+        if self.student.inherit:
             try:
                 check_inheritable(self.student.model, self.teacher.model, where="student.model")
             except ValueError as error:
                 raise ConfigError(f"{error} [student.inherit is true]") from None
+        context = LossContext(
+            self.student.model.projection_dim,
+            self.teacher.model.projection_dim,
+            student_spec=self.student.model,
+            teacher_spec=self.teacher.model,
+        )
+        try:  # losses whose options depend on both architectures (layer maps, head counts)
+            build_objective(self.distill.losses, context, where="distill.losses")
+        except (KeyError, ValueError) as error:
+            raise ConfigError(str(error).strip("'\"")) from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (what `load_config` reads back)."""

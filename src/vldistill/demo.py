@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -11,18 +10,12 @@ import yaml
 
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import load_data
+from vldistill.fileio import write_text_atomic
 from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
 from vldistill.report.model_card import student_card
 from vldistill.train.runs import TrainedModel, obtain_teacher, train_student
 
 TASK_LOSSES = {"clip": {"weight": 1.0}}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def retention(student: dict, teacher: dict) -> dict[str, float]:

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vldistill.data.transforms import to_pixel_values
+
+
+@dataclass
+class PairSplit:
+    """One split held in memory: uint8 images (N, H, W, 3), a caption each, optional class labels
+    (indices into the bundle's class names) and optional per-sample attributes."""
+
+    images: np.ndarray
+    captions: list[str]
+    labels: Optional[np.ndarray] = None
+    attributes: Optional[list[dict[str, str]]] = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
 
 
 class InMemoryPairs(Dataset):

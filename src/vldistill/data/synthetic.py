@@ -4,14 +4,14 @@ Each image is a shape of one colour, one of three sizes, at one of nine position
 background. Training captions vary their wording and sometimes leave out the size or position;
 validation and test captions always state all four attributes in one canonical wording, so
 retrieval on them has a well-defined answer (images that share an identical caption are
-equivalent). Zero-shot classes are colour x shape.
+equivalent). Zero-shot classes are size x colour x shape ("a small red circle").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from vldistill.data.pairs import PairSplit
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -20,8 +20,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 230, 50),
     "purple": (160, 60, 220),
     "white": (245, 245, 245),
+    "orange": (250, 140, 20),
+    "cyan": (40, 220, 230),
 }
-SHAPES = ("circle", "square", "triangle", "cross")
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 SIZES: dict[str, float] = {"small": 0.14, "medium": 0.22, "large": 0.32}  # half-extent / image side
 POSITIONS: dict[str, tuple[float, float]] = {  # (row, col) centre as a fraction of the side
     "top left": (0.25, 0.25), "top": (0.25, 0.5), "top right": (0.25, 0.75),
@@ -45,22 +47,14 @@ ZERO_SHOT_TEMPLATES = ("a {}", "a photo of a {}", "a picture of a {}")
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
-@dataclass
-class ShapesSplit:
-    """One split: uint8 images (N, H, W, 3), captions, colour x shape class labels, attributes."""
-
-    images: np.ndarray
-    captions: list[str]
-    labels: np.ndarray
-    attributes: list[dict[str, str]]
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-
 def class_names() -> list[str]:
-    """Zero-shot class names, colour x shape, in label order."""
-    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    """Zero-shot class names, size x colour x shape, in label order."""
+    return [f"{size} {colour} {shape}" for size in SIZES for colour in COLOURS for shape in SHAPES]
+
+
+def class_label(size: str, colour: str, shape: str) -> int:
+    """Index of the class `size colour shape` in `class_names()`."""
+    return (list(SIZES).index(size) * len(COLOURS) + list(COLOURS).index(colour)) * len(SHAPES) + SHAPES.index(shape)
 
 
 def vocabulary() -> list[str]:
@@ -84,6 +78,8 @@ def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, cy: float, cx: f
     if shape == "triangle":  # apex up: the half-width grows from 0 at the top to r at the base
         inside_rows = (dy >= -r) & (dy <= r)
         return inside_rows & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "diamond":
+        return np.abs(dy) + np.abs(dx) <= r * 1.15
     if shape == "cross":
         arm = max(r * 0.35, 0.8)
         return ((np.abs(dy) <= arm) & (np.abs(dx) <= r)) | ((np.abs(dx) <= arm) & (np.abs(dy) <= r))
@@ -104,7 +100,7 @@ def render(shape: str, colour: str, size: str, position: str, image_size: int, r
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def make_split(split: str, size: int, seed: int = 0, image_size: int = 32) -> ShapesSplit:
+def make_split(split: str, size: int, seed: int = 0, image_size: int = 32) -> PairSplit:
     """Generate split `split` ("train", "val" or "test") with `size` samples, deterministic in `seed`."""
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLIT_OFFSETS)}")
@@ -113,16 +109,15 @@ def make_split(split: str, size: int, seed: int = 0, image_size: int = 32) -> Sh
     images = np.empty((size, image_size, image_size, 3), dtype=np.uint8)
     captions, labels, attributes = [], np.empty(size, dtype=np.int64), []
     for i in range(size):
-        colour_i, shape_i = rng.integers(len(colours)), rng.integers(len(SHAPES))
         attrs = {
-            "colour": colours[colour_i],
-            "shape": SHAPES[shape_i],
+            "colour": colours[rng.integers(len(colours))],
+            "shape": SHAPES[rng.integers(len(SHAPES))],
             "size": sizes[rng.integers(len(sizes))],
             "position": positions[rng.integers(len(positions))],
         }
         images[i] = render(attrs["shape"], attrs["colour"], attrs["size"], attrs["position"], image_size, rng)
         wording = TRAIN_CAPTIONS[rng.integers(len(TRAIN_CAPTIONS))] if split == "train" else CANONICAL_CAPTION
         captions.append(wording.format(**{**attrs, "position": POSITION_PHRASES[attrs["position"]]}))
-        labels[i] = colour_i * len(SHAPES) + shape_i
+        labels[i] = class_label(attrs["size"], attrs["colour"], attrs["shape"])
         attributes.append(attrs)
-    return ShapesSplit(images=images, captions=captions, labels=labels, attributes=attributes)
+    return PairSplit(images=images, captions=captions, labels=labels, attributes=attributes)

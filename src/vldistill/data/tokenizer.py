@@ -13,6 +13,12 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
 
 
+def words_in(texts: Iterable[str]) -> set[str]:
+    """The lower-cased words (and punctuation marks) the word-level tokenizer would split `texts` into."""
+    splitter = pre_tokenizers.Whitespace()
+    return {word.lower() for text in texts for word, _ in splitter.pre_tokenize_str(text)}
+
+
 def build_word_tokenizer(words: Iterable[str], max_length: int = 32) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over `words` that wraps each text in BOS ... EOS."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from vldistill.fileio import write_text_atomic
 
 ZEROSHOT_CLASSIFICATION = "zeroshot_classification"
 ZEROSHOT_RETRIEVAL = "zeroshot_retrieval"
@@ -37,20 +38,8 @@ def _check_result(result: Any, source: str) -> None:
 
 def write_result(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write `result` as indented JSON to `path` atomically (temp file, fsync, rename); return the path."""
-    path = Path(path)
     _check_result(result, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def evaluate_model(
 ) -> dict:
     """Zero-shot and retrieval records for `model` on `data.test`, plus a flat summary of key figures.
 
+    Zero-shot classification runs when the data has class names (else `acc1` is None in the summary).
     Retrieval counts a hit when the retrieved caption (or image) is equivalent to the ground truth,
     i.e. has an identical caption (`cfg.retrieval_match="identical_caption"`), or only the paired
     item (`"pair"`). Records are written to `results_dir/{model_name}_{task}.json` when given.
@@ -39,28 +40,29 @@ def evaluate_model(
     max_length = model.model.config.text_config.max_position_embeddings
     tokenize = make_tokenize(tokenizer, max_length)
     pixels = to_pixel_values(data.test.images)
-    templates = cfg.templates or data.templates
-    zeroshot = evaluate_zero_shot(
-        model, tokenize, pixels, data.test.labels.tolist(), data.classnames, templates,
-        batch_size=cfg.batch_size, progress=progress,
-    )
     retrieval = evaluate_retrieval(
         model, tokenize, pixels, data.test.captions, match=cfg.retrieval_match,
         batch_size=cfg.batch_size, progress=progress,
     )
     records = {
-        "zeroshot_classification": make_result(data.name, model_name, "zeroshot_classification", zeroshot),
         "zeroshot_retrieval": make_result(
             data.name, model_name, "zeroshot_retrieval", retrieval, retrieval_match=cfg.retrieval_match
         ),
     }
+    zeroshot: dict[str, float] = {}
+    if data.classnames is not None:
+        zeroshot = evaluate_zero_shot(
+            model, tokenize, pixels, data.test.labels.tolist(), data.classnames, cfg.templates or data.templates,
+            batch_size=cfg.batch_size, progress=progress,
+        )
+        records["zeroshot_classification"] = make_result(data.name, model_name, "zeroshot_classification", zeroshot)
     if results_dir is not None:
         for task, record in records.items():
             write_result(record, Path(results_dir) / f"{model_name}_{task}.json")
     image_size = model.model.config.vision_config.image_size
     summary = {
         "params": count_parameters(model.model),
-        **{key: {**zeroshot, **retrieval}[key] for key in SUMMARY_KEYS},
+        **{key: {**zeroshot, **retrieval}.get(key) for key in SUMMARY_KEYS},
         "images_per_second": images_per_second(model, image_size, batch_size=cfg.throughput_batch_size),
     }
     return {"records": records, "summary": summary}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.spec import DualEncoderSpec
 from vldistill.registry import Registry
 
 # What a loss may need from the teacher. An empty set means a task loss (no teacher at all).
@@ -19,10 +20,18 @@ TEACHER_ATTENTIONS = "attentions"
 
 @dataclass
 class LossContext:
-    """Facts about the student and teacher a loss may need at construction (e.g. for projections)."""
+    """Facts about the student and teacher a loss may need at construction (e.g. for projections).
+
+    student_spec / teacher_spec: the towers' depths, widths and heads, needed by the layer-wise
+    losses (`hidden`, `attention`) to map layers and size their projections.
+    config_key: where the losses' options live in the config, for error messages.
+    """
 
     student_embed_dim: int
     teacher_embed_dim: Optional[int] = None
+    student_spec: Optional[DualEncoderSpec] = None
+    teacher_spec: Optional[DualEncoderSpec] = None
+    config_key: str = "losses"
 
 
 class DistillLoss(nn.Module):

@@ -1,11 +1,15 @@
-"""The student's own task loss."""
+"""The student's own task losses."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vldistill.losses.base import LOSSES, DistillLoss
+from vldistill.losses.base import LOSSES, DistillLoss, LossContext
 
 
 def clip_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
@@ -22,3 +26,35 @@ class CLIPLoss(DistillLoss):
     def forward(self, student, teacher):
         loss = clip_contrastive_loss(student.logits_per_image())
         return loss, {"clip": loss.detach()}
+
+
+def sigmoid_pairwise_loss(logits: torch.Tensor) -> torch.Tensor:
+    """SigLIP loss over a (B, B) logit matrix: -(1/B) sum_ij log sigmoid(z_ij logits_ij), z = +1 on the
+    diagonal (true pairs) and -1 elsewhere."""
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+@LOSSES.register("siglip")
+class SigLIPLoss(DistillLoss):
+    """Sigmoid pairwise image-text loss (Zhai et al., 2023, "Sigmoid Loss for Language Image
+    Pre-Training"): every (image, text) pair of the batch is an independent binary problem on
+    t * x_i.y_j + b, with t the student's logit scale and b a learnable scalar bias owned by this loss
+    (initialized to `init_bias`, -10 as in the paper, so that the many negatives start near zero loss).
+    Needs no teacher."""
+
+    @dataclass
+    class Params:
+        init_bias: float = -10.0
+
+        def validate(self, where: str) -> None:
+            if not math.isfinite(self.init_bias):
+                raise ValueError(f"{where}.init_bias must be a finite number, got {self.init_bias}")
+
+    def __init__(self, params: "SigLIPLoss.Params", context: LossContext) -> None:
+        super().__init__(params, context)
+        self.bias = nn.Parameter(torch.tensor(float(params.init_bias)))
+
+    def forward(self, student, teacher):
+        loss = sigmoid_pairwise_loss(student.logits_per_image() + self.bias)
+        return loss, {"siglip": loss.detach(), "siglip_bias": self.bias.detach()}

@@ -22,6 +22,13 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str
     raise ValueError(f"unknown feature distance {distance!r}; known: {', '.join(FEATURE_DISTANCES)}")
 
 
+def student_to_teacher_projection(context: LossContext) -> nn.Module:
+    """Identity when the embedding sizes agree, else a learnable bias-free linear map student -> teacher."""
+    student_dim = context.student_embed_dim
+    teacher_dim = context.teacher_embed_dim or student_dim
+    return nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
+
+
 @LOSSES.register("feature")
 class FeatureDistillation(DistillLoss):
     """Feature distillation (CLIP-KD's FD, Yang et al., 2024, "CLIP-KD: An Empirical Study of CLIP
@@ -42,13 +49,8 @@ class FeatureDistillation(DistillLoss):
 
     def __init__(self, params: "FeatureDistillation.Params", context: LossContext) -> None:
         super().__init__(params, context)
-        teacher_dim = context.teacher_embed_dim or context.student_embed_dim
-        self.image_projection = self._projection(context.student_embed_dim, teacher_dim)
-        self.text_projection = self._projection(context.student_embed_dim, teacher_dim)
-
-    @staticmethod
-    def _projection(student_dim: int, teacher_dim: int) -> nn.Module:
-        return nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
+        self.image_projection = student_to_teacher_projection(context)
+        self.text_projection = student_to_teacher_projection(context)
 
     def _distance(self, projection: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         projected = F.normalize(projection(student), dim=-1)
@@ -58,3 +60,38 @@ class FeatureDistillation(DistillLoss):
         image = self._distance(self.image_projection, student.image_embeds, teacher.image_embeds)
         text = self._distance(self.text_projection, student.text_embeds, teacher.text_embeds)
         return (image + text) / 2, {"feature_image": image.detach(), "feature_text": text.detach()}
+
+
+def diagonal_infonce(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise InfoNCE over a (B, B) logit matrix whose diagonal holds the positives."""
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+@LOSSES.register("icl")
+class InteractiveContrastiveLearning(DistillLoss):
+    """Interactive contrastive learning (CLIP-KD's ICL, Yang et al., 2024, "CLIP-KD: An Empirical Study
+    of CLIP Model Distillation"): InfoNCE of the student's image embeddings against the teacher's text
+    embeddings, and of the student's text embeddings against the teacher's image embeddings (true pairs
+    on the diagonal, the teacher's other embeddings as negatives), averaged over the two directions.
+
+    The student's embeddings are mapped into the teacher's space (a learnable bias-free linear map per
+    modality when the sizes differ) and L2-normalized. The logits are scaled by the teacher's (fixed,
+    detached) logit scale rather than the student's: the similarities live in the teacher's space, whose
+    scale the teacher has calibrated, and the student's own scale stays trained by its task loss alone.
+    """
+
+    needs = frozenset({TEACHER_EMBEDDINGS})
+
+    def __init__(self, params: "DistillLoss.Params", context: LossContext) -> None:
+        super().__init__(params, context)
+        self.image_projection = student_to_teacher_projection(context)
+        self.text_projection = student_to_teacher_projection(context)
+
+    def forward(self, student, teacher):
+        scale = teacher.logit_scale.detach()
+        image = F.normalize(self.image_projection(student.image_embeds), dim=-1)
+        text = F.normalize(self.text_projection(student.text_embeds), dim=-1)
+        image_to_text = diagonal_infonce(scale * image @ teacher.text_embeds.detach().t())
+        text_to_image = diagonal_infonce(scale * text @ teacher.image_embeds.detach().t())
+        loss = (image_to_text + text_to_image) / 2
+        return loss, {"icl_i2t": image_to_text.detach(), "icl_t2i": text_to_image.detach()}

@@ -42,3 +42,35 @@ class SoftTargetKD(DistillLoss):
         text_to_image = soft_target_kl(s_logits.t(), t_logits.t(), t)
         loss = (image_to_text + text_to_image) / 2
         return loss, {"kd_i2t": image_to_text.detach(), "kd_t2i": text_to_image.detach()}
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """-sum_j softmax(teacher)_ij log softmax(student)_ij, averaged over rows i."""
+    return -(F.softmax(teacher_logits, dim=-1) * F.log_softmax(student_logits, dim=-1)).sum(dim=-1).mean()
+
+
+@LOSSES.register("affinity")
+class AffinityMimicking(DistillLoss):
+    """Affinity mimicking (Wu et al., 2023, "TinyCLIP: CLIP Distillation via Affinity Mimicking and
+    Weight Inheritance"): the soft cross-entropy between the teacher's and the student's image->text
+    affinities (row softmax of each model's own scaled logits divided by `temperature`) and likewise
+    text->image, averaged over the two directions. Unlike `kd` it is a cross-entropy (the KL plus the
+    teacher's constant entropy) and has no T^2 factor."""
+
+    needs = frozenset({TEACHER_EMBEDDINGS})
+
+    @dataclass
+    class Params:
+        temperature: float = 1.0
+
+        def validate(self, where: str) -> None:
+            if self.temperature <= 0:
+                raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
+
+    def forward(self, student, teacher):
+        t = self.params.temperature
+        s_logits, t_logits = student.logits_per_image() / t, teacher.logits_per_image().detach() / t
+        image_to_text = soft_cross_entropy(s_logits, t_logits)
+        text_to_image = soft_cross_entropy(s_logits.t(), t_logits.t())
+        loss = (image_to_text + text_to_image) / 2
+        return loss, {"affinity_i2t": image_to_text.detach(), "affinity_t2i": text_to_image.detach()}

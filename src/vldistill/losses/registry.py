@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 # Importing the families registers their losses.
-from vldistill.losses import contrastive, features, logits  # noqa: F401
+from vldistill.losses import attention, contrastive, features, hidden, logits, relational  # noqa: F401
 from vldistill.losses.base import LOSSES, DistillLoss, LossContext
 from vldistill.models.outputs import DualEncoderOutput
 
@@ -32,6 +32,8 @@ def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "loss
     for name, options in losses.items():
         if name not in LOSSES:
             raise ValueError(f"unknown loss {where}.{name}; known losses: {', '.join(LOSSES.names())}")
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"{where}.{name} must be a mapping of weight and parameters, got {options!r}")
         options = dict(options or {})
         weight = options.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -80,6 +82,8 @@ class DistillationObjective(nn.Module):
         return total, parts
 
 
-def build_objective(losses: Mapping[str, Mapping[str, Any]], context: LossContext) -> DistillationObjective:
-    """The objective for a validated YAML `losses:` mapping."""
-    return DistillationObjective(parse_loss_specs(losses), context)
+def build_objective(
+    losses: Mapping[str, Mapping[str, Any]], context: LossContext, where: str = "losses"
+) -> DistillationObjective:
+    """The objective for a YAML `losses:` mapping (validated here; errors name `where`.name.key)."""
+    return DistillationObjective(parse_loss_specs(losses, where), dataclasses.replace(context, config_key=where))

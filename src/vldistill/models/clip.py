@@ -65,16 +65,22 @@ class CLIPDualEncoder(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> DualEncoderOutput:
-        """Embed a batch of paired images and texts, with hidden states / attention maps on request."""
-        if output_attentions and self.model.config._attn_implementation != "eager":
+        """Embed a batch of paired images and texts, with hidden states / attention maps on request
+        (attention maps need eager attention: the model switches to it for that call only)."""
+        attention_impl = self.model.config._attn_implementation
+        if output_attentions and attention_impl != "eager":
             self.model.set_attn_implementation("eager")
-        out = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-        )
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+        finally:
+            if self.model.config._attn_implementation != attention_impl:
+                self.model.set_attn_implementation(attention_impl)
         vision, text = out.vision_model_output, out.text_model_output
         return DualEncoderOutput(
             image_embeds=out.image_embeds,

@@ -20,8 +20,9 @@ _LAYER_KEY = re.compile(r"^(?P<tower>text_model|vision_model)\.encoder\.layers\.
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher layer index for each student layer: every k-th layer, the last one always included."""
-    return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+    """Teacher layer index for each student layer: every k-th layer (k = teacher/student, rounded up
+    where it does not divide), the last one always included."""
+    return [-(-(i + 1) * teacher_layers // student_layers) - 1 for i in range(student_layers)]
 
 
 def check_inheritable(student: DualEncoderSpec, teacher: DualEncoderSpec, where: str = "student") -> None:

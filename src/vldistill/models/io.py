@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
+from vldistill.fileio import atomic_directory
 from vldistill.models.clip import CLIPDualEncoder
 
 METADATA_FILE = "vldistill.json"
@@ -31,33 +31,6 @@ def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )
-
-
-def atomic_directory(out_dir: Path):
-    """Context manager: yields a temp folder beside `out_dir` that replaces it only when the block succeeds."""
-    return _AtomicDirectory(Path(out_dir))
-
-
-class _AtomicDirectory:
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-        if self.out_dir.exists():
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_dual_encoder(

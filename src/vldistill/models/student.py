@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from transformers import CLIPConfig
 
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
@@ -26,8 +28,11 @@ def clip_config_from_spec(
     pad_token_id: int,
     bos_token_id: int,
     eos_token_id: int,
+    vision_overrides: Optional[dict] = None,
+    text_overrides: Optional[dict] = None,
 ) -> CLIPConfig:
-    """A `CLIPConfig` for `spec` with the given image size and tokenizer (vocabulary and special ids)."""
+    """A `CLIPConfig` for `spec` with the given image size and tokenizer (vocabulary and special ids);
+    `*_overrides` set further tower fields (e.g. a teacher's `hidden_act` and `layer_norm_eps`)."""
     spec.validate("model")
     if image_size % spec.vision.patch_size:
         raise ValueError(f"image size {image_size} is not divisible by vision.patch_size {spec.vision.patch_size}")
@@ -39,19 +44,26 @@ def clip_config_from_spec(
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "projection_dim": spec.projection_dim,
+        **(text_overrides or {}),
     }
     vision_config = {
         **_tower_kwargs(spec.vision),
         "image_size": image_size,
         "patch_size": spec.vision.patch_size,
         "projection_dim": spec.projection_dim,
+        **(vision_overrides or {}),
     }
     return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=spec.projection_dim)
 
 
+INHERITED_TOWER_FIELDS = ("hidden_act", "layer_norm_eps")
+
+
 def student_config_from_teacher(teacher_config: CLIPConfig, spec: DualEncoderSpec) -> CLIPConfig:
-    """A student `CLIPConfig` with `spec`'s towers and the teacher's image size and tokenizer."""
+    """A student `CLIPConfig` with `spec`'s towers and the teacher's image size, tokenizer, activation
+    and layer-norm epsilon (so inherited weights compute what they did in the teacher)."""
     text = teacher_config.text_config
+    vision = teacher_config.vision_config
     return clip_config_from_spec(
         spec,
         image_size=teacher_config.vision_config.image_size,
@@ -60,6 +72,8 @@ def student_config_from_teacher(teacher_config: CLIPConfig, spec: DualEncoderSpe
         pad_token_id=text.pad_token_id,
         bos_token_id=text.bos_token_id,
         eos_token_id=text.eos_token_id,
+        vision_overrides={name: getattr(vision, name) for name in INHERITED_TOWER_FIELDS},
+        text_overrides={name: getattr(text, name) for name in INHERITED_TOWER_FIELDS},
     )
 
 

@@ -97,7 +97,10 @@ def train(
         teacher = teacher.to(accelerator.device).eval()
     module.train()
     history: list[dict[str, float]] = []
-    log_file = open(log_path, "w") if log_path is not None and accelerator.is_main_process else None
+    log_file = None
+    if log_path is not None and accelerator.is_main_process:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w")
     start = time.perf_counter()
     progress = tqdm(total=steps, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
     step = 0

@@ -15,7 +15,6 @@ from vldistill import __version__
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
-from vldistill.data.synthetic import vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.losses import LossContext, build_objective
 from vldistill.models.clip import CLIPDualEncoder
@@ -24,7 +23,7 @@ from vldistill.models.io import load_dual_encoder, read_metadata, save_dual_enco
 from vldistill.models.student import clip_config_from_spec, spec_from_clip_config, student_config_from_teacher
 from vldistill.train.loop import TrainResult, train
 
-TEXT_LENGTH = 32  # positions of the text tower for the embedded data's captions (at most ~14 tokens)
+TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions are truncated
 
 
 @dataclass
@@ -58,7 +57,7 @@ def _batches(split, tokenizer, max_length: int, batch_size: int, steps: int, see
 def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log_dir: Optional[Path] = None) -> TrainedModel:
     """Train `cfg.teacher.model` from scratch with the CLIP loss on the training split and save it."""
     set_seed(cfg.seed)
-    tokenizer = build_word_tokenizer(vocabulary(), max_length=TEXT_LENGTH)
+    tokenizer = build_word_tokenizer(data.words(), max_length=TEXT_LENGTH)
     config = clip_config_from_spec(
         cfg.teacher.model,
         image_size=cfg.data.image_size,
@@ -118,7 +117,13 @@ def train_student(
     student = CLIPDualEncoder(CLIPModel(student_config_from_teacher(teacher.model.model.config, cfg.student.model)))
     if inherit:
         inherit_weights(student.model, teacher.model.model)
-    objective = build_objective(losses, LossContext(student.embed_dim, teacher.model.embed_dim))
+    context = LossContext(
+        student.embed_dim,
+        teacher.model.embed_dim,
+        student_spec=spec_from_clip_config(student.model.config),
+        teacher_spec=spec_from_clip_config(teacher.model.model.config),
+    )
+    objective = build_objective(losses, context, where="distill.losses")
     optim = cfg.distill.train
     max_length = teacher.model.model.config.text_config.max_position_embeddings
     batches = _batches(data.train, teacher.tokenizer, max_length, optim.batch_size, optim.steps, cfg.seed)

@@ -1,0 +1,117 @@
+"""The demo pipeline end to end on configs/tiny.yaml, and the CLI around it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vldistill.cli import main
+from vldistill.config import load_config, packaged_config
+from vldistill.demo import run_demo
+from vldistill.eval.results import read_result
+from vldistill.models.io import read_metadata
+
+MODEL_KEYS = {"params", "acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "images_per_second"}
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(load_config(packaged_config("tiny")), out, progress=False)
+    return out, summary
+
+
+def test_summary_has_every_model_and_figure(tiny_demo):
+    out, summary = tiny_demo
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert isinstance(on_disk["wall_seconds"], float) and on_disk["wall_seconds"] > 0
+    assert set(on_disk["models"]) == {"teacher", "student", "baseline"}
+    for figures in on_disk["models"].values():
+        assert MODEL_KEYS <= set(figures)
+        assert 0.0 <= figures["acc1"] <= 1.0 and figures["images_per_second"] > 0
+    models = on_disk["models"]
+    assert models["student"]["params"] == models["baseline"]["params"] < models["teacher"]["params"]
+    assert on_disk["compression"] == pytest.approx(models["teacher"]["params"] / models["student"]["params"])
+    assert on_disk["student_retention_percent"]["acc1"] == pytest.approx(
+        100 * models["student"]["acc1"] / models["teacher"]["acc1"]
+    )
+
+
+def test_results_records_and_metadata(tiny_demo):
+    out, summary = tiny_demo
+    record = read_result(out / "results" / "student_zeroshot_classification.json")
+    assert record["dataset"] == "shapes" and record["task"] == "zeroshot_classification"
+    assert record["metrics"]["acc1"] == pytest.approx(summary["models"]["student"]["acc1"])
+    assert {"acc1", "acc5", "mean_per_class_recall"} <= set(record["metrics"])
+    retrieval = read_result(out / "results" / "baseline_zeroshot_retrieval.json")
+    assert {"image_retrieval_recall@1", "image_retrieval_recall@10", "text_retrieval_recall@5"} <= set(retrieval["metrics"])
+    assert read_metadata(out / "student")["losses"].keys() == {"clip", "kd", "feature"}
+    baseline = read_metadata(out / "baseline")
+    assert baseline["losses"] == {"clip": {"weight": 1.0}} and baseline["inherit"] is False
+    card = (out / "student" / "README.md").read_text()
+    assert "pipeline_tag: zero-shot-image-classification" in card and "model-index" in card and "base_model" in card
+    assert (out / "logs" / "student.jsonl").read_text().count("\n") == 2  # steps 4 and 8
+
+
+def test_student_loads_without_vldistill(tiny_demo):
+    out, _ = tiny_demo
+    script = (
+        "import sys, json, torch\n"
+        "from transformers import CLIPModel, AutoTokenizer\n"
+        f"model = CLIPModel.from_pretrained({str(out / 'student')!r})\n"
+        f"tok = AutoTokenizer.from_pretrained({str(out / 'student')!r})\n"
+        "ids = tok(['a red circle'], return_tensors='pt')\n"
+        "text = model.get_text_features(**ids).pooler_output\n"
+        "assert 'vldistill' not in sys.modules\n"
+        "print(json.dumps({'dim': text.shape[-1], 'params': sum(p.numel() for p in model.parameters())}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert loaded == {"dim": 16, "params": summary["models"]["student"]["params"]}
+
+
+def test_demo_reuses_a_matching_teacher(tiny_demo, tmp_path):
+    out, summary = tiny_demo
+    again = run_demo(load_config(packaged_config("tiny")), out, progress=False)
+    assert "teacher" not in again["train_seconds"]  # loaded, not retrained
+    assert again["models"]["teacher"]["acc1"] == summary["models"]["teacher"]["acc1"]
+    retrained = run_demo(load_config(packaged_config("tiny"), ["teacher.train.steps=4"]), out, progress=False)
+    assert "teacher" in retrained["train_seconds"]  # a different teacher config is not reused
+
+
+def test_cli_list_losses(capsys):
+    assert main(["list", "losses"]) == 0
+    from vldistill.losses import LOSSES
+
+    printed = capsys.readouterr().out.split()
+    assert printed == LOSSES.names()
+    assert {"clip", "siglip", "kd", "affinity", "feature", "icl", "crd", "hidden", "attention"} <= set(printed)
+
+
+def test_cli_config_error_exits_2_before_work(capsys, tmp_path):
+    code = main(["demo", "--config", str(packaged_config("tiny")), "--out", str(tmp_path / "x"),
+                 "--set", "distill.losses.kd.temperature=0"])
+    assert code == 2
+    assert "distill.losses.kd.temperature must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_distill_needs_teacher_path(capsys, tmp_path):
+    assert main(["distill", str(packaged_config("tiny")), "--out", str(tmp_path)]) == 2
+    assert "teacher.path is not set" in capsys.readouterr().err
+
+
+def test_cli_pretrain_distill_eval(tmp_path, capsys):
+    tiny = str(packaged_config("tiny"))
+    assert main(["pretrain-teacher", tiny, "--out", str(tmp_path / "t")]) == 0
+    teacher = tmp_path / "t" / "teacher"
+    assert main(["distill", tiny, "--out", str(tmp_path / "d"), "--set", f"teacher.path={teacher}"]) == 0
+    assert (tmp_path / "d" / "student" / "model.safetensors").is_file()
+    assert main(["eval", str(tmp_path / "d" / "student"), "--config", tiny, "--out", str(tmp_path / "r")]) == 0
+    record = read_result(tmp_path / "r" / "student_zeroshot_classification.json")
+    assert record["model"] == "student"
+    distilled = read_result(tmp_path / "d" / "results" / "student_zeroshot_classification.json")
+    assert record["metrics"] == pytest.approx(distilled["metrics"])  # saved model evaluates the same

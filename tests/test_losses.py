@@ -1,0 +1,376 @@
+"""Tests for vldistill.losses: every registered loss, each against an independent reference, and the objective."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vldistill.losses import LOSSES, LossContext, build_objective
+from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
+from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.spec import DualEncoderSpec, TowerSpec
+
+B, STUDENT_DIM, TEACHER_DIM = 5, 8, 12
+# Towers for the layer-wise losses: the student shallower, narrower and with fewer heads.
+STUDENT_SPEC = DualEncoderSpec(
+    vision=TowerSpec(layers=2, width=16, heads=2, patch_size=8), text=TowerSpec(layers=2, width=16, heads=2),
+    projection_dim=STUDENT_DIM,
+)
+TEACHER_SPEC = DualEncoderSpec(
+    vision=TowerSpec(layers=3, width=24, heads=3, patch_size=8), text=TowerSpec(layers=3, width=24, heads=3),
+    projection_dim=TEACHER_DIM,
+)
+TOKENS = {"image": 5, "text": 6}  # 16x16 images in 8x8 patches plus CLS; 6 text positions
+
+
+def unit_rows(n: int, dim: int, *, requires_grad: bool = False, dtype=torch.float32) -> torch.Tensor:
+    """A leaf tensor of n L2-normalized random rows."""
+    return F.normalize(torch.randn(n, dim, dtype=dtype), dim=-1).requires_grad_(requires_grad)
+
+
+def output(dim: int, scale: float, *, requires_grad: bool = False, dtype=torch.float32) -> DualEncoderOutput:
+    return DualEncoderOutput(
+        image_embeds=unit_rows(B, dim, requires_grad=requires_grad, dtype=dtype),
+        text_embeds=unit_rows(B, dim, requires_grad=requires_grad, dtype=dtype),
+        logit_scale=torch.tensor(scale, dtype=dtype),
+    )
+
+
+def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_grad: bool = False) -> DualEncoderOutput:
+    """`output` plus random leaf hidden states and attention maps of `spec`'s shapes, and padded texts."""
+    out = output(dim, scale, requires_grad=requires_grad)
+    for prefix, tower in (("image", spec.vision), ("text", spec.text)):
+        n = TOKENS[prefix]
+        states = tuple(torch.randn(B, n, tower.width).requires_grad_(requires_grad) for _ in range(tower.layers + 1))
+        maps = tuple(
+            torch.softmax(torch.randn(B, tower.heads, n, n), dim=-1).requires_grad_(requires_grad)
+            for _ in range(tower.layers)
+        )
+        setattr(out, f"{prefix}_hidden_states", states)
+        setattr(out, f"{prefix}_attentions", maps)
+    out.text_attention_mask = (torch.arange(TOKENS["text"]) < torch.tensor([[6], [5], [4], [3], [6]])).long()
+    return out
+
+
+def student_tensors_read(needs: frozenset[str], student: DualEncoderOutput) -> list[torch.Tensor]:
+    """Student tensors a loss with these `needs` must send gradients to (the last layer is always mapped)."""
+    if TEACHER_HIDDEN_STATES in needs:
+        return [student.image_hidden_states[-1], student.text_hidden_states[-1]]
+    if TEACHER_ATTENTIONS in needs:
+        return [student.image_attentions[-1], student.text_attentions[-1]]
+    return [student.image_embeds, student.text_embeds]
+
+
+def all_tensors(out: DualEncoderOutput) -> list[torch.Tensor]:
+    return [
+        out.image_embeds, out.text_embeds, out.logit_scale,
+        *out.image_hidden_states, *out.text_hidden_states, *out.image_attentions, *out.text_attentions,
+    ]
+
+
+# ---------------------------------------------------------------- references, written another way
+
+
+def clip_reference(image: torch.Tensor, text: torch.Tensor, scale: float) -> float:
+    """Symmetric InfoNCE with explicit loops in float64: -log(exp(s_ii) / sum_j exp(s_ij))."""
+    image, text = image.detach().double(), text.detach().double()
+    n = image.shape[0]
+    sim = [[scale * float(image[i] @ text[j]) for j in range(n)] for i in range(n)]
+    i2t = sum(-math.log(math.exp(sim[i][i]) / sum(math.exp(sim[i][j]) for j in range(n))) for i in range(n)) / n
+    t2i = sum(-math.log(math.exp(sim[i][i]) / sum(math.exp(sim[j][i]) for j in range(n))) for i in range(n)) / n
+    return (i2t + t2i) / 2
+
+
+def kd_reference(student: DualEncoderOutput, teacher: DualEncoderOutput, temperature: float) -> float:
+    """Hinton KD with explicit probabilities, each model with its own logit scale, both directions."""
+
+    def logits(out: DualEncoderOutput) -> torch.Tensor:
+        return float(out.logit_scale) * out.image_embeds.detach().double() @ out.text_embeds.detach().double().t()
+
+    def kl(s: torch.Tensor, t: torch.Tensor) -> float:
+        p_s = torch.exp(s / temperature) / torch.exp(s / temperature).sum(dim=1, keepdim=True)
+        p_t = torch.exp(t / temperature) / torch.exp(t / temperature).sum(dim=1, keepdim=True)
+        return float((p_t * (p_t.log() - p_s.log())).sum() / s.shape[0] * temperature**2)
+
+    s, t = logits(student), logits(teacher)
+    return (kl(s, t) + kl(s.t(), t.t())) / 2
+
+
+def cosine_by_hand(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.detach().double(), b.detach().double()
+    return (a * b).sum(-1) / (a.pow(2).sum(-1).sqrt() * b.pow(2).sum(-1).sqrt())
+
+
+# ---------------------------------------------------------------- every registered loss
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_registered_loss_gives_finite_scalar_and_student_gradients(name: str) -> None:
+    context = LossContext(STUDENT_DIM, TEACHER_DIM, student_spec=STUDENT_SPEC, teacher_spec=TEACHER_SPEC)
+    objective = build_objective({name: {}}, context)
+    student = layered_output(STUDENT_DIM, 10.0, STUDENT_SPEC, requires_grad=True)
+    teacher = layered_output(TEACHER_DIM, 20.0, TEACHER_SPEC, requires_grad=True)  # must still receive no gradient
+
+    loss, parts = objective(student, teacher)
+
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert parts["loss/total"] == pytest.approx(loss.item())
+    assert all(torch.isfinite(v) and not v.requires_grad for v in parts.values())
+    loss.backward()
+    for tensor in student_tensors_read(objective.needs, student):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+    assert all(tensor.grad is None for tensor in all_tensors(teacher))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in objective.parameters())
+
+
+# ---------------------------------------------------------------- clip
+
+
+def test_clip_loss_matches_explicit_infonce() -> None:
+    objective = build_objective({"clip": {}}, LossContext(STUDENT_DIM))
+    student = output(STUDENT_DIM, 7.5, dtype=torch.float64)
+    loss, parts = objective(student, None)  # a task loss needs no teacher
+    assert loss.item() == pytest.approx(clip_reference(student.image_embeds, student.text_embeds, 7.5), rel=1e-10)
+    assert parts["part/clip"].item() == pytest.approx(loss.item())
+
+
+def test_clip_loss_is_asymmetric_in_its_two_directions_but_averages_them() -> None:
+    """Swapping images and texts transposes the logits; the symmetric loss must not change."""
+    objective = build_objective({"clip": {}}, LossContext(STUDENT_DIM))
+    student = output(STUDENT_DIM, 5.0, dtype=torch.float64)
+    swapped = DualEncoderOutput(student.text_embeds, student.image_embeds, student.logit_scale)
+    assert objective(student, None)[0].item() == pytest.approx(objective(swapped, None)[0].item(), rel=1e-12)
+
+
+# ---------------------------------------------------------------- kd
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 4.0])
+def test_kd_matches_explicit_probabilities(temperature: float) -> None:
+    objective = build_objective({"kd": {"temperature": temperature}}, LossContext(STUDENT_DIM, TEACHER_DIM))
+    student = output(STUDENT_DIM, 10.0, dtype=torch.float64)
+    teacher = output(TEACHER_DIM, 30.0, dtype=torch.float64)
+    loss, parts = objective(student, teacher)
+    assert loss.item() == pytest.approx(kd_reference(student, teacher, temperature), rel=1e-9)
+    assert loss.item() > 0
+    assert (parts["part/kd_i2t"] + parts["part/kd_t2i"]).item() / 2 == pytest.approx(loss.item())
+
+
+def test_kd_is_zero_for_identical_logits() -> None:
+    objective = build_objective({"kd": {"temperature": 3.0}}, LossContext(STUDENT_DIM, STUDENT_DIM))
+    student = output(STUDENT_DIM, 12.0)
+    teacher = DualEncoderOutput(student.image_embeds.clone(), student.text_embeds.clone(), torch.tensor(12.0))
+    assert objective(student, teacher)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_temperature_squared_factor() -> None:
+    """softmax(L / T) = softmax((L / T) / 1), so loss(T, scales a, b) = T^2 * loss(1, scales a / T, b / T)."""
+    t = 2.0
+    student = output(STUDENT_DIM, 10.0, dtype=torch.float64)
+    teacher = output(TEACHER_DIM, 25.0, dtype=torch.float64)
+    scaled_student = DualEncoderOutput(student.image_embeds, student.text_embeds, student.logit_scale / t)
+    scaled_teacher = DualEncoderOutput(teacher.image_embeds, teacher.text_embeds, teacher.logit_scale / t)
+    context = LossContext(STUDENT_DIM, TEACHER_DIM)
+    at_t = build_objective({"kd": {"temperature": t}}, context)(student, teacher)[0]
+    at_1 = build_objective({"kd": {"temperature": 1.0}}, context)(scaled_student, scaled_teacher)[0]
+    assert at_t.item() == pytest.approx(t**2 * at_1.item(), rel=1e-10)
+    assert at_t.item() != pytest.approx(at_1.item(), rel=1e-3)  # the factor is really there
+
+
+def test_kd_uses_each_models_own_logit_scale() -> None:
+    objective = build_objective({"kd": {}}, LossContext(STUDENT_DIM, STUDENT_DIM))
+    student = output(STUDENT_DIM, 10.0, dtype=torch.float64)
+    same_embeds = lambda scale: DualEncoderOutput(  # noqa: E731
+        student.image_embeds, student.text_embeds, torch.tensor(scale, dtype=torch.float64)
+    )
+    # Same embeddings, same scale: nothing to distill. Same embeddings, other teacher scale: a loss.
+    assert objective(student, same_embeds(10.0))[0].item() == pytest.approx(0.0, abs=1e-12)
+    sharper = objective(student, same_embeds(40.0))[0].item()
+    assert sharper > 1e-3
+    assert sharper == pytest.approx(kd_reference(student, same_embeds(40.0), 1.0), rel=1e-9)
+    # Swapping which model has which scale changes the value (KL is not symmetric), so neither
+    # scale is ignored or shared.
+    swapped_student = DualEncoderOutput(student.image_embeds, student.text_embeds, torch.tensor(40.0, dtype=torch.float64))
+    swapped = objective(swapped_student, same_embeds(10.0))[0].item()
+    assert swapped == pytest.approx(kd_reference(swapped_student, same_embeds(10.0), 1.0), rel=1e-9)
+    assert swapped != pytest.approx(sharper, rel=1e-3)
+
+
+def test_kd_student_logit_scale_receives_gradient() -> None:
+    objective = build_objective({"kd": {}}, LossContext(STUDENT_DIM, TEACHER_DIM))
+    student = output(STUDENT_DIM, 10.0)
+    student.logit_scale.requires_grad_(True)
+    teacher = output(TEACHER_DIM, 20.0)
+    teacher.logit_scale.requires_grad_(True)
+    objective(student, teacher)[0].backward()
+    assert student.logit_scale.grad is not None and student.logit_scale.grad != 0
+    assert teacher.logit_scale.grad is None
+
+
+# ---------------------------------------------------------------- feature
+
+
+def test_feature_cosine_with_equal_dims_is_one_minus_mean_cosine() -> None:
+    objective = build_objective({"feature": {"distance": "cosine"}}, LossContext(STUDENT_DIM, STUDENT_DIM))
+    feature = objective.losses["feature"]
+    assert isinstance(feature.image_projection, nn.Identity) and isinstance(feature.text_projection, nn.Identity)
+    assert list(objective.parameters()) == []
+    student, teacher = output(STUDENT_DIM, 10.0), output(STUDENT_DIM, 10.0)
+    loss, parts = objective(student, teacher)
+    image = 1 - cosine_by_hand(student.image_embeds, teacher.image_embeds).mean().item()
+    text = 1 - cosine_by_hand(student.text_embeds, teacher.text_embeds).mean().item()
+    assert parts["part/feature_image"].item() == pytest.approx(image, abs=1e-6)
+    assert parts["part/feature_text"].item() == pytest.approx(text, abs=1e-6)
+    assert loss.item() == pytest.approx((image + text) / 2, abs=1e-6)
+
+
+def test_feature_mse_is_mean_squared_norm_of_difference() -> None:
+    context = LossContext(STUDENT_DIM, STUDENT_DIM)
+    mse = build_objective({"feature": {"distance": "mse"}}, context)
+    student, teacher = output(STUDENT_DIM, 10.0), output(STUDENT_DIM, 10.0)
+    loss, parts = mse(student, teacher)
+    image = (student.image_embeds - teacher.image_embeds).double().norm(dim=-1).pow(2).mean().item()
+    text = (student.text_embeds - teacher.text_embeds).double().norm(dim=-1).pow(2).mean().item()
+    assert parts["part/feature_image"].item() == pytest.approx(image, rel=1e-5)
+    assert loss.item() == pytest.approx((image + text) / 2, rel=1e-5)
+    # On unit vectors |a - b|^2 = 2 (1 - cos): the two distances agree up to the factor 2.
+    cosine = build_objective({"feature": {"distance": "cosine"}}, context)(student, teacher)[0]
+    assert loss.item() == pytest.approx(2 * cosine.item(), rel=1e-5)
+
+
+def test_feature_normalizes_the_student_but_is_zero_for_a_scaled_copy() -> None:
+    objective = build_objective({"feature": {}}, LossContext(STUDENT_DIM, STUDENT_DIM))
+    teacher = output(STUDENT_DIM, 10.0)
+    student = DualEncoderOutput(3.0 * teacher.image_embeds, 0.5 * teacher.text_embeds, torch.tensor(1.0))
+    assert objective(student, teacher)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_with_different_dims_learns_a_linear_projection() -> None:
+    objective = build_objective({"feature": {"distance": "cosine"}}, LossContext(STUDENT_DIM, TEACHER_DIM))
+    feature = objective.losses["feature"]
+    projections = (feature.image_projection, feature.text_projection)
+    for projection in projections:
+        assert isinstance(projection, nn.Linear)
+        assert (projection.in_features, projection.out_features) == (STUDENT_DIM, TEACHER_DIM)
+        assert projection.bias is None
+    params = list(objective.parameters())
+    assert len(params) == 2 and all(any(p is q.weight for p in params) for q in projections)
+    assert set(objective.state_dict()) == {"losses.feature.image_projection.weight", "losses.feature.text_projection.weight"}
+
+    student, teacher = output(STUDENT_DIM, 10.0, requires_grad=True), output(TEACHER_DIM, 10.0)
+    loss, _ = objective(student, teacher)
+    # Reference: normalize(W s), then 1 - cosine with the teacher.
+    image_projected = student.image_embeds.detach().double() @ feature.image_projection.weight.detach().double().t()
+    text_projected = student.text_embeds.detach().double() @ feature.text_projection.weight.detach().double().t()
+    expected = (
+        (1 - cosine_by_hand(image_projected, teacher.image_embeds).mean())
+        + (1 - cosine_by_hand(text_projected, teacher.text_embeds).mean())
+    ) / 2
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    loss.backward()
+    for projection in projections:
+        assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+
+
+def test_feature_projection_is_trained_by_an_optimizer_on_objective_parameters() -> None:
+    objective = build_objective({"feature": {}}, LossContext(STUDENT_DIM, TEACHER_DIM))
+    student, teacher = output(STUDENT_DIM, 10.0), output(TEACHER_DIM, 10.0)
+    optimizer = torch.optim.SGD(objective.parameters(), lr=0.5)
+    before = objective(student, teacher)[0].item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        objective(student, teacher)[0].backward()
+        optimizer.step()
+    assert objective(student, teacher)[0].item() < before
+
+
+# ---------------------------------------------------------------- the objective
+
+
+def test_objective_is_the_weighted_sum_of_its_losses() -> None:
+    context = LossContext(STUDENT_DIM, TEACHER_DIM)
+    objective = build_objective(
+        {"clip": {"weight": 0.5}, "kd": {"weight": 2.0, "temperature": 2.0}, "feature": {"weight": 0.25, "distance": "mse"}},
+        context,
+    )
+    assert objective.weights == {"clip": 0.5, "kd": 2.0, "feature": 0.25}
+    student = output(STUDENT_DIM, 10.0, dtype=torch.float64)
+    teacher = output(TEACHER_DIM, 20.0, dtype=torch.float64)
+    objective.double()
+    total, parts = objective(student, teacher)
+
+    feature_alone = build_objective({"feature": {"distance": "mse"}}, context).double()
+    feature_alone.load_state_dict(objective.state_dict(), strict=False)
+    assert torch.equal(
+        feature_alone.losses["feature"].image_projection.weight, objective.losses["feature"].image_projection.weight
+    )
+    clip = clip_reference(student.image_embeds, student.text_embeds, 10.0)
+    kd = kd_reference(student, teacher, 2.0)
+    feature = feature_alone(student, teacher)[0].item()
+
+    assert total.item() == pytest.approx(0.5 * clip + 2.0 * kd + 0.25 * feature, rel=1e-9)
+    assert parts["loss/clip"].item() == pytest.approx(clip, rel=1e-9)
+    assert parts["loss/kd"].item() == pytest.approx(kd, rel=1e-9)
+    assert parts["loss/feature"].item() == pytest.approx(feature, rel=1e-9)
+    assert parts["loss/total"].item() == pytest.approx(total.item())
+    assert {"part/clip", "part/kd_i2t", "part/kd_t2i", "part/feature_image", "part/feature_text"} <= set(parts)
+
+
+def test_zero_weight_contributes_nothing() -> None:
+    objective = build_objective({"clip": {"weight": 0}, "kd": {}}, LossContext(STUDENT_DIM, TEACHER_DIM))
+    student, teacher = output(STUDENT_DIM, 10.0), output(TEACHER_DIM, 20.0)
+    total, parts = objective(student, teacher)
+    assert parts["loss/clip"].item() > 0
+    assert total.item() == pytest.approx(parts["loss/kd"].item())
+
+
+def test_objective_needs() -> None:
+    context = LossContext(STUDENT_DIM, TEACHER_DIM)
+    assert build_objective({"clip": {}}, context).needs == frozenset()
+    assert "embeddings" in build_objective({"kd": {}}, context).needs
+    assert "embeddings" in build_objective({"feature": {}}, context).needs
+    assert build_objective({"clip": {}, "kd": {}}, context).needs == frozenset({"embeddings"})
+
+
+def test_unknown_loss_lists_the_known_names() -> None:
+    with pytest.raises(ValueError) as error:
+        build_objective({"clip": {}, "nosuchloss": {}}, LossContext(STUDENT_DIM))
+    message = str(error.value)
+    assert "nosuchloss" in message
+    assert ", ".join(LOSSES.names()) in message
+    assert all(name in message for name in ("clip", "kd", "feature"))
+
+
+def test_empty_losses_raise() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        build_objective({}, LossContext(STUDENT_DIM))
+
+
+@pytest.mark.parametrize("name", ["kd", "feature"])
+def test_loss_needing_a_teacher_raises_without_one(name: str) -> None:
+    objective = build_objective({"clip": {}, name: {}}, LossContext(STUDENT_DIM, STUDENT_DIM))
+    with pytest.raises(ValueError, match=rf"{name}.*needs a teacher"):
+        objective(output(STUDENT_DIM, 10.0), None)
+
+
+@pytest.mark.parametrize(
+    ("losses", "key"),
+    [
+        ({"kd": {"temperature": 0}}, "losses.kd.temperature"),
+        ({"kd": {"temperature": -1.5}}, "losses.kd.temperature"),
+        ({"kd": {"temprature": 2.0}}, "losses.kd.temprature"),
+        ({"clip": {"temperature": 2.0}}, "losses.clip.temperature"),
+        ({"feature": {"distance": "l1"}}, "losses.feature.distance"),
+        ({"clip": {"weight": -1}}, "losses.clip.weight"),
+        ({"clip": {"weight": True}}, "losses.clip.weight"),
+        ({"kd": {"temperature": "hot"}}, "losses.kd.temperature"),
+    ],
+)
+def test_bad_params_raise_naming_the_key(losses: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(key)):
+        build_objective(losses, LossContext(STUDENT_DIM, TEACHER_DIM))
