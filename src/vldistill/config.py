@@ -101,7 +101,7 @@ class TeacherConfig:
 
     path: Optional[str] = None
     model: DualEncoderSpec = field(default_factory=_teacher_spec)
-    train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=800))
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, lr=5e-4, warmup_steps=100))
     trust_remote_code: bool = False
 
 
