@@ -12,10 +12,12 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from vldistill.losses.base import LossContext
+from vldistill.data.augment import AugmentConfig
+from vldistill.losses.base import LOSSES, LossContext
 from vldistill.losses.registry import build_objective, parse_loss_specs
 from vldistill.models.inherit import check_inheritable
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
+from vldistill.schedules import WeightingConfig
 
 PRECISIONS = ("fp32", "bf16")
 RETRIEVAL_MATCHES = ("pair", "identical_caption")
@@ -29,7 +31,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     """Which pair data to train and evaluate on: the embedded synthetic `shapes` set (sizes and seed
-    below), or your own pairs listed in JSONL manifests (`dataset: manifest`)."""
+    below), or your own pairs listed in JSONL manifests (`dataset: manifest`); `augment` sets the
+    training views (teacher pretraining and distillation; evaluation never augments)."""
 
     dataset: str = "shapes"
     image_size: int = 32
@@ -39,6 +42,7 @@ class DataConfig:
     seed: int = 0
     train_manifest: Optional[str] = None
     test_manifest: Optional[str] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
         if self.dataset not in DATASETS:
@@ -119,16 +123,20 @@ def _default_losses() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class DistillConfig:
-    """The distillation run: optimizer settings and the weighted losses (name -> {weight, params})."""
+    """The distillation run: optimizer settings, the weighted losses (name -> {weight, params}; weights
+    and temperatures may be schedules) and how the weights adapt (`weighting`)."""
 
     train: OptimConfig = field(default_factory=OptimConfig)
     losses: dict[str, dict[str, Any]] = field(default_factory=_default_losses)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     def validate(self, where: str) -> None:
         try:
-            parse_loss_specs(self.losses, f"{where}.losses")
+            specs = parse_loss_specs(self.losses, f"{where}.losses")
         except (KeyError, ValueError) as error:
             raise ConfigError(str(error).strip("'\"")) from None
+        if self.weighting.kind == "gap" and not any(LOSSES.get(spec.name).needs for spec in specs):
+            raise ConfigError(f"{where}.weighting.kind is gap, but no loss in {where}.losses uses the teacher")
 
 
 @dataclass

@@ -33,10 +33,12 @@ class DataBundle:
     templates: list[str]
     fingerprint: str
     val: Optional[PairSplit] = None
+    grammar: tuple[str, ...] = ()
 
     def words(self) -> set[str]:
-        """Every word of the captions, prompt templates and class names (a tokenizer's vocabulary)."""
-        texts = [*self.train.captions, *self.test.captions, *self.templates, *(self.classnames or [])]
+        """Every word of the captions, prompt templates, class names and the data's caption grammar
+        (words augmentation may produce): a tokenizer's vocabulary."""
+        texts = [*self.train.captions, *self.test.captions, *self.templates, *(self.classnames or []), *self.grammar]
         return words_in(text.replace("{}", " ") for text in texts)
 
 
@@ -60,6 +62,7 @@ def _shapes(cfg: DataConfig, progress: bool) -> DataBundle:
         classnames=synthetic.class_names(),
         templates=list(synthetic.ZERO_SHOT_TEMPLATES),
         fingerprint=data_fingerprint(cfg),
+        grammar=tuple(synthetic.vocabulary()),
         **splits,
     )
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
 from vldistill.data.transforms import to_pixel_values
 
 
@@ -26,30 +27,60 @@ class PairSplit:
         return len(self.captions)
 
 
-class InMemoryPairs(Dataset):
-    """Pairs held in memory: uint8 images (N, H, W, 3) and one caption each."""
+Sample = tuple[torch.Tensor, str, Optional[dict[str, str]]]
 
-    def __init__(self, images: np.ndarray, captions: list[str]) -> None:
+
+class InMemoryPairs(Dataset):
+    """Pairs held in memory: uint8 images (N, H, W, 3), one caption each and optional per-sample
+    attributes (the shapes data's, used by caption paraphrase); items are (image, caption, attributes)."""
+
+    def __init__(
+        self, images: np.ndarray, captions: list[str], attributes: Optional[list[dict[str, str]]] = None
+    ) -> None:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        if attributes is not None and len(attributes) != len(captions):
+            raise ValueError(f"{len(attributes)} attribute records but {len(captions)} captions")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.captions = captions
+        self.attributes = attributes
 
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.images[index], self.captions[index]
+    def __getitem__(self, index: int) -> Sample:
+        attributes = self.attributes[index] if self.attributes is not None else None
+        return self.images[index], self.captions[index], attributes
 
 
 class PairCollator:
-    """Stack images into normalized pixel values and tokenize captions padded to the batch's longest."""
+    """Stack images into normalized pixel values and tokenize captions padded to the batch's longest.
 
-    def __init__(self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+    With `augment` (training only; None = off), each pair is first replaced by a random view drawn
+    from a generator seeded with `seed`, so the one batch dict fed to teacher and student holds the
+    same view for both. Views depend on the order of calls, so use it in the main process
+    (num_workers=0, as `pair_loader` does).
+    """
+
+    def __init__(
+        self,
+        tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+        augment: Optional[AugmentConfig] = None,
+        seed: int = 0,
+    ) -> None:
         self.tokenize = tokenize
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, samples: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
-        images, captions = zip(*samples)
+    def _view(self, sample: Sample) -> tuple[torch.Tensor, str]:
+        image, caption, attributes = sample
+        if self.augment is None:
+            return image, caption
+        params = sample_params(self.generator, self.augment, image.shape[0], caption, attributes)
+        return apply_augment(image, caption, params, attributes)
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        images, captions = zip(*(self._view(sample) for sample in samples))
         return {"pixel_values": to_pixel_values(torch.stack(images)), **self.tokenize(list(captions))}
 
 

@@ -38,7 +38,8 @@ class DistillLoss(nn.Module):
     """Base class: `forward(student, teacher)` returns a scalar and named parts for logging.
 
     Subclasses set `needs` (a subset of {"embeddings", "hidden_states", "attentions"}; empty for a
-    task loss that ignores the teacher) and may define a dataclass `Params` of their YAML options.
+    task loss that ignores the teacher) and may define a dataclass `Params` of their YAML options. A loss
+    with a `temperature` option reads `self.temperature`, so that a temperature schedule can override it.
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
@@ -50,6 +51,15 @@ class DistillLoss(nn.Module):
     def __init__(self, params: "DistillLoss.Params", context: LossContext) -> None:
         super().__init__()
         self.params = params
+        self.scheduled_temperature: Optional[float] = None
+
+    @property
+    def temperature(self) -> Optional[float]:
+        """The temperature in use: the value its schedule last set (`scheduled_temperature`), else
+        `params.temperature`; None for a loss without a temperature."""
+        if self.scheduled_temperature is not None:
+            return self.scheduled_temperature
+        return getattr(self.params, "temperature", None)
 
     def forward(
         self, student: DualEncoderOutput, teacher: Optional[DualEncoderOutput]

@@ -36,7 +36,7 @@ class SoftTargetKD(DistillLoss):
                 raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
 
     def forward(self, student, teacher):
-        t = self.params.temperature
+        t = self.temperature
         s_logits, t_logits = student.logits_per_image(), teacher.logits_per_image().detach()
         image_to_text = soft_target_kl(s_logits, t_logits, t)
         text_to_image = soft_target_kl(s_logits.t(), t_logits.t(), t)
@@ -68,7 +68,7 @@ class AffinityMimicking(DistillLoss):
                 raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
 
     def forward(self, student, teacher):
-        t = self.params.temperature
+        t = self.temperature
         s_logits, t_logits = student.logits_per_image() / t, teacher.logits_per_image().detach() / t
         image_to_text = soft_cross_entropy(s_logits, t_logits)
         text_to_image = soft_cross_entropy(s_logits.t(), t_logits.t())

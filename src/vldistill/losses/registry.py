@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -13,19 +14,32 @@ from torch import nn
 from vldistill.losses import attention, contrastive, features, hidden, logits, relational  # noqa: F401
 from vldistill.losses.base import LOSSES, DistillLoss, LossContext
 from vldistill.models.outputs import DualEncoderOutput
+from vldistill.schedules import (
+    Schedule,
+    WeightingConfig,
+    gap_weights,
+    parse_schedule,
+    training_progress,
+    uncertainty_weighted,
+)
 
 
 @dataclass
 class LossSpec:
-    """One selected loss: its registered name, weight and validated parameters."""
+    """One selected loss: its registered name, weight schedule (a constant for a plain number), validated
+    parameters and, when its temperature is a schedule mapping, that schedule."""
 
     name: str
-    weight: float
+    weight: Schedule
     params: Any
+    temperature: Optional[Schedule] = None
 
 
 def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "losses") -> list[LossSpec]:
-    """Validate a `{name: {weight: w, **params}}` mapping against the registry and each loss's Params."""
+    """Validate a `{name: {weight: w, **params}}` mapping against the registry and each loss's Params.
+
+    `weight`, and a `temperature` parameter, may be a number or a schedule mapping (see
+    `vldistill.schedules`); a scheduled temperature's Params hold its start value."""
     if not losses:
         raise ValueError(f"{where} is empty; choose at least one of: {', '.join(LOSSES.names())}")
     specs = []
@@ -36,8 +50,12 @@ def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "loss
             raise ValueError(f"{where}.{name} must be a mapping of weight and parameters, got {options!r}")
         options = dict(options or {})
         weight = options.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"{where}.{name}.weight must be a number >= 0, got {weight!r}")
+        if isinstance(weight, Mapping):
+            weight = parse_schedule(weight, f"{where}.{name}.weight")
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"{where}.{name}.weight must be a number >= 0 or a schedule mapping, got {weight!r}")
+        else:
+            weight = Schedule(kind="constant", value=float(weight))
         params_cls = LOSSES.get(name).Params
         allowed = [f.name for f in dataclasses.fields(params_cls)]
         for key in options:
@@ -45,25 +63,74 @@ def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "loss
                 raise ValueError(
                     f"unknown config key {where}.{name}.{key}; allowed keys: {', '.join(['weight', *allowed])}"
                 )
+        temperature = None
+        if isinstance(options.get("temperature"), Mapping):
+            temperature = parse_schedule(options["temperature"], f"{where}.{name}.temperature", positive=True)
+            options["temperature"] = temperature.at(0.0)
         from vldistill.config import build_dataclass  # late import: config imports this module
 
         params = build_dataclass(params_cls, options, f"{where}.{name}")
-        specs.append(LossSpec(name=name, weight=float(weight), params=params))
+        specs.append(LossSpec(name=name, weight=weight, params=params, temperature=temperature))
     return specs
 
 
 class DistillationObjective(nn.Module):
-    """A weighted sum of registered losses; knows whether (and what) it needs from the teacher."""
+    """A weighted sum of registered losses; knows whether (and what) it needs from the teacher.
 
-    def __init__(self, specs: list[LossSpec], context: LossContext) -> None:
+    Weights and temperatures may follow schedules, moved by `set_progress` before each step. `weighting`
+    may adapt the weights further: `gap` rebalances the teacher-needing losses' weights (`gap_weights`)
+    from their values on a held-out batch (`refresh_gap`); `uncertainty` adds a learnable log-variance
+    s_i per loss (`uncertainty_weighted`), trained with the rest of the objective's parameters.
+    """
+
+    def __init__(self, specs: list[LossSpec], context: LossContext, weighting: Optional[WeightingConfig] = None) -> None:
         super().__init__()
-        self.weights = {spec.name: spec.weight for spec in specs}
+        self.weighting = weighting or WeightingConfig()
+        self.weight_schedules = {spec.name: spec.weight for spec in specs}
+        self.temperature_schedules = {spec.name: spec.temperature for spec in specs if spec.temperature is not None}
         self.losses = nn.ModuleDict({spec.name: LOSSES.get(spec.name)(spec.params, context) for spec in specs})
+        self.progress = 0.0
+        gap = self.weighting.kind == "gap"
+        self.gap_ratios = {name: 1.0 for name, loss in self.losses.items() if gap and loss.needs}
+        self.gap_reference: dict[str, float] = {}
+        if self.weighting.kind == "uncertainty":
+            self.log_variances = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.losses})
 
     @property
     def needs(self) -> frozenset[str]:
         """Union of what the selected losses need from the teacher (empty: no teacher at all)."""
         return frozenset().union(*(loss.needs for loss in self.losses.values()))
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each loss's current weight: its schedule at the current progress, rebalanced by gap weighting
+        (uncertainty weighting further multiplies it by exp(-s_i) in `forward`)."""
+        scheduled = {name: schedule.at(self.progress) for name, schedule in self.weight_schedules.items()}
+        return gap_weights(scheduled, self.gap_ratios) if self.gap_ratios else scheduled
+
+    @property
+    def needs_held_out(self) -> bool:
+        """Whether training must feed `refresh_gap` a held-out batch (gap weighting of teacher-needing losses)."""
+        return bool(self.gap_ratios)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Move every weight and temperature schedule to 0-based `step` of `total_steps`."""
+        self.progress = training_progress(step, total_steps)
+        for name, schedule in self.temperature_schedules.items():
+            self.losses[name].scheduled_temperature = schedule.at(self.progress)
+
+    def gap_due(self, step: int) -> bool:
+        """Whether gap weighting re-measures its ratios before 0-based `step` (every `weighting.every` steps)."""
+        return self.needs_held_out and step % self.weighting.every == 0
+
+    @torch.no_grad()
+    def refresh_gap(self, student: DualEncoderOutput, teacher: DualEncoderOutput) -> None:
+        """Gap weighting: evaluate each teacher-needing loss L_i on the held-out batch's outputs; the first
+        call records L_i(start), every call sets r_i = L_i / L_i(start) (1 while L_i(start) is 0)."""
+        for name in self.gap_ratios:
+            value = float(self.losses[name](student, teacher)[0])
+            reference = self.gap_reference.setdefault(name, value)
+            self.gap_ratios[name] = value / reference if reference > 0 else 1.0
 
     def forward(
         self, student: DualEncoderOutput, teacher: Optional[DualEncoderOutput]
@@ -71,19 +138,45 @@ class DistillationObjective(nn.Module):
         """Total weighted loss and a flat dict of every loss and its named parts, for logging."""
         total = torch.zeros((), device=student.image_embeds.device)
         parts: dict[str, torch.Tensor] = {}
+        weights = self.weights
         for name, loss_fn in self.losses.items():
             if loss_fn.needs and teacher is None:
                 raise ValueError(f"loss {name!r} needs a teacher, but none was given")
             value, named = loss_fn(student, teacher)
-            total = total + self.weights[name] * value
+            if self.weighting.kind == "uncertainty":
+                total = total + uncertainty_weighted(value, self.log_variances[name], weights[name])
+            else:
+                total = total + weights[name] * value
             parts[f"loss/{name}"] = value.detach()
             parts.update({f"part/{k}": v for k, v in named.items()})
         parts["loss/total"] = total.detach()
         return total, parts
 
+    def settings(self) -> dict[str, float]:
+        """The current weighting, for logging: `weight/<loss>` (what multiplies the loss in the total:
+        w_i, or w_i exp(-s_i) under uncertainty weighting), `temperature/<loss>` for each loss with one,
+        and `gap_ratio/<loss>` (r_i) or `log_variance/<loss>` (s_i) under those weightings."""
+        values: dict[str, float] = {}
+        for name, weight in self.weights.items():
+            if self.weighting.kind == "uncertainty":
+                log_variance = self.log_variances[name].item()
+                values[f"log_variance/{name}"] = log_variance
+                weight *= math.exp(-log_variance)
+            values[f"weight/{name}"] = weight
+            if self.losses[name].temperature is not None:
+                values[f"temperature/{name}"] = float(self.losses[name].temperature)
+        values.update({f"gap_ratio/{name}": ratio for name, ratio in self.gap_ratios.items()})
+        return values
+
 
 def build_objective(
-    losses: Mapping[str, Mapping[str, Any]], context: LossContext, where: str = "losses"
+    losses: Mapping[str, Mapping[str, Any]],
+    context: LossContext,
+    where: str = "losses",
+    weighting: Optional[WeightingConfig] = None,
 ) -> DistillationObjective:
-    """The objective for a YAML `losses:` mapping (validated here; errors name `where`.name.key)."""
-    return DistillationObjective(parse_loss_specs(losses, where), dataclasses.replace(context, config_key=where))
+    """The objective for a YAML `losses:` mapping (validated here; errors name `where`.name.key), weighted
+    as `weighting` says (default: fixed)."""
+    return DistillationObjective(
+        parse_loss_specs(losses, where), dataclasses.replace(context, config_key=where), weighting
+    )

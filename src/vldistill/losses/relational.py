@@ -49,7 +49,7 @@ class ContrastiveRelationalDistillation(DistillLoss):
                 raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
 
     def _relation_kl(self, student: torch.Tensor, teacher: torch.Tensor, drop_diagonal: bool) -> torch.Tensor:
-        t = self.params.temperature
+        t = self.temperature
         if drop_diagonal:
             student, teacher = off_diagonal(student), off_diagonal(teacher)
         return soft_target_kl(student / t, teacher.detach() / t, temperature=1.0)

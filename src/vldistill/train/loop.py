@@ -39,13 +39,24 @@ class StudentWithObjective(nn.Module):
         self.student = student
         self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_output: Optional[DualEncoderOutput]):
-        student_output = self.student(
+    def _student_output(self, batch: dict[str, torch.Tensor]) -> DualEncoderOutput:
+        return self.student(
             **batch,
             output_hidden_states=TEACHER_HIDDEN_STATES in self.objective.needs,
             output_attentions=TEACHER_ATTENTIONS in self.objective.needs,
         )
-        return self.objective(student_output, teacher_output)
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher_output: Optional[DualEncoderOutput]):
+        """The objective's total loss and its parts plus its current weights and temperatures, for logging."""
+        loss, parts = self.objective(self._student_output(batch), teacher_output)
+        return loss, {**parts, **self.objective.settings()}
+
+    @torch.no_grad()
+    def refresh_gap(self, batch: dict[str, torch.Tensor], teacher_output: DualEncoderOutput) -> None:
+        """Re-measure the objective's gap weighting on a held-out batch, the student in eval mode meanwhile."""
+        self.student.eval()
+        self.objective.refresh_gap(self._student_output(batch), teacher_output)
+        self.student.train()
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -77,14 +88,20 @@ def train(
     teacher: Optional[CLIPDualEncoder] = None,
     desc: str = "train",
     log_path: Optional[Path] = None,
+    held_out_batch: Optional[dict[str, torch.Tensor]] = None,
 ) -> TrainResult:
     """Train `student` (and the objective's own parameters) for `optim.steps` batches, AdamW + warmup-cosine.
 
     When the objective needs a teacher, the teacher runs on every batch in eval mode without gradients.
-    Losses and the learning rate are logged every `optim.log_every` steps to the history and `log_path` (JSONL).
+    Before each step the objective's weight and temperature schedules move to that step; under gap
+    weighting its weights are re-measured on `held_out_batch` (required then) every `every` steps from the
+    first. Losses, weights, temperatures and the learning rate are logged every `optim.log_every` steps to
+    the history and `log_path` (JSONL).
     """
     if objective.needs and teacher is None:
         raise ValueError(f"the selected losses need a teacher ({', '.join(sorted(objective.needs))}), but none was given")
+    if objective.needs_held_out and held_out_batch is None:
+        raise ValueError("gap weighting (distill.weighting.kind: gap) needs a held_out_batch to measure the gap on")
     steps = optim.steps
     accelerator = Accelerator(mixed_precision="bf16" if optim.precision == "bf16" else "no")
     module = StudentWithObjective(student, objective)
@@ -95,6 +112,9 @@ def train(
     module, optimizer = accelerator.prepare(module, optimizer)
     if teacher is not None and objective.needs:
         teacher = teacher.to(accelerator.device).eval()
+    if objective.needs_held_out:
+        held_out_batch = {k: v.to(accelerator.device) for k, v in held_out_batch.items()}
+        held_out_teacher = teacher_forward(teacher, held_out_batch, objective.needs)
     module.train()
     history: list[dict[str, float]] = []
     log_file = None
@@ -106,6 +126,10 @@ def train(
     step = 0
     try:
         for batch in batches:
+            objective.set_progress(step, steps)
+            if objective.gap_due(step):
+                with accelerator.autocast():
+                    accelerator.unwrap_model(module).refresh_gap(held_out_batch, held_out_teacher)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             teacher_output = teacher_forward(teacher, batch, objective.needs) if objective.needs else None
             with accelerator.autocast():

@@ -8,11 +8,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
 from accelerate.utils import set_seed
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill import __version__
 from vldistill.config import ExperimentConfig
+from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
@@ -48,9 +50,10 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _batches(split, tokenizer, max_length: int, batch_size: int, steps: int, seed: int):
-    collate = PairCollator(make_tokenize(tokenizer, max_length))
-    loader = pair_loader(InMemoryPairs(split.images, split.captions), collate, batch_size, seed)
+def _batches(split, tokenizer, max_length: int, batch_size: int, steps: int, seed: int, augment: AugmentConfig):
+    """`steps` training batches of `split`, each pair augmented per `augment` (one view for teacher and student)."""
+    collate = PairCollator(make_tokenize(tokenizer, max_length), augment=augment, seed=seed)
+    loader = pair_loader(InMemoryPairs(split.images, split.captions, split.attributes), collate, batch_size, seed)
     return repeat_batches(loader, steps)
 
 
@@ -70,7 +73,7 @@ def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log
     teacher = CLIPDualEncoder(CLIPModel(config))
     objective = build_objective({"clip": {"weight": 1.0}}, LossContext(teacher.embed_dim))
     optim = cfg.teacher.train
-    batches = _batches(data.train, tokenizer, TEXT_LENGTH, optim.batch_size, optim.steps, cfg.seed)
+    batches = _batches(data.train, tokenizer, TEXT_LENGTH, optim.batch_size, optim.steps, cfg.seed, cfg.data.augment)
     log_path = log_dir / "teacher.jsonl" if log_dir else None
     result = train(teacher, objective, batches, optim, desc="pretrain teacher", log_path=log_path)
     metadata = {"role": "teacher", "fingerprint": teacher_fingerprint(cfg, data), "vldistill": __version__}
@@ -95,6 +98,15 @@ def check_teacher_fits_data(teacher: CLIPDualEncoder, data_image_size: int) -> N
     expected = teacher.model.config.vision_config.image_size
     if expected != data_image_size:
         raise ValueError(f"data.image_size is {data_image_size} but the teacher takes {expected}x{expected} images")
+
+
+def held_out_batch(data: DataBundle, tokenizer, max_length: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """A fixed, unaugmented batch for gap weighting: `batch_size` pairs (at most the split) drawn with
+    `seed` from the validation split when there is one, else from the training split."""
+    split = data.val if data.val is not None else data.train
+    pairs = InMemoryPairs(split.images, split.captions)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:batch_size]
+    return PairCollator(make_tokenize(tokenizer, max_length))([pairs[i] for i in order.tolist()])
 
 
 def train_student(
@@ -123,11 +135,20 @@ def train_student(
         student_spec=spec_from_clip_config(student.model.config),
         teacher_spec=spec_from_clip_config(teacher.model.model.config),
     )
-    objective = build_objective(losses, context, where="distill.losses")
+    objective = build_objective(losses, context, where="distill.losses", weighting=cfg.distill.weighting)
     optim = cfg.distill.train
     max_length = teacher.model.model.config.text_config.max_position_embeddings
-    batches = _batches(data.train, teacher.tokenizer, max_length, optim.batch_size, optim.steps, cfg.seed)
-    result = train(student, objective, batches, optim, teacher=teacher.model, desc=desc, log_path=log_path)
+    batches = _batches(
+        data.train, teacher.tokenizer, max_length, optim.batch_size, optim.steps, cfg.seed, cfg.data.augment
+    )
+    held_out = (
+        held_out_batch(data, teacher.tokenizer, max_length, optim.batch_size, cfg.seed)
+        if objective.needs_held_out
+        else None
+    )
+    result = train(
+        student, objective, batches, optim, teacher=teacher.model, desc=desc, log_path=log_path, held_out_batch=held_out
+    )
     metadata = {
         "role": "student",
         "teacher": str(teacher.path),
