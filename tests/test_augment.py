@@ -21,7 +21,9 @@ from vldistill.data.augment import (
     sample_params,
     sample_text_params,
 )
+from vldistill.config import OptimConfig
 from vldistill.data.pairs import InMemoryPairs, PairCollator
+from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.synthetic import POSITION_PHRASES, TRAIN_CAPTIONS, make_split, vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.train.runs import _batches
@@ -259,7 +261,7 @@ def test_augment_overrides_load_into_the_data_config() -> None:
 @pytest.fixture(scope="module")
 def shapes_and_tokenize():
     data = make_split("train", 8, seed=0, image_size=16)
-    return data, make_tokenize(build_word_tokenizer(vocabulary()), 32)
+    return data, BatchPreprocessor(make_tokenize(build_word_tokenizer(vocabulary()), 32))
 
 
 def collate(data, tokenize, augment, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -298,6 +300,8 @@ def test_in_memory_pairs_check_attribute_count() -> None:
 def test_training_batches_apply_the_configured_augmentation(shapes_and_tokenize) -> None:
     data, _ = shapes_and_tokenize
     tokenizer = build_word_tokenizer(vocabulary())
-    plain = next(_batches(data, tokenizer, 32, 4, 1, 0, AugmentConfig()))
-    flipped = next(_batches(data, tokenizer, 32, 4, 1, 0, AugmentConfig(flip_prob=1.0)))
+    preprocess = BatchPreprocessor(make_tokenize(tokenizer, 32))
+    optim = OptimConfig(steps=1, batch_size=4, warmup_steps=0)
+    plain = next(_batches(data, preprocess, optim, 0, AugmentConfig()))
+    flipped = next(_batches(data, preprocess, optim, 0, AugmentConfig(flip_prob=1.0)))
     assert torch.equal(flipped["pixel_values"], plain["pixel_values"].flip(-1))

@@ -15,6 +15,8 @@ from conftest import TEXT_LENGTH, build_clip, config_for, model_inputs
 
 from vldistill.config import ConfigError, OptimConfig, load_config
 from vldistill.data.bundle import DataBundle
+from vldistill.data.preprocess import BatchPreprocessor
+from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.synthetic import make_split
 from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
@@ -371,10 +373,11 @@ def test_held_out_batch_comes_from_val_when_present(tokenizer) -> None:
     def drawn_from(batch, split: str) -> bool:
         return all(any(torch.equal(row, image) for image in pixels(split)) for row in batch["pixel_values"])
 
-    batch = held_out_batch(data, tokenizer, TEXT_LENGTH, 4, seed=0)
+    preprocess = BatchPreprocessor(make_tokenize(tokenizer, TEXT_LENGTH))
+    batch = held_out_batch(data, preprocess, 4, seed=0)
     assert batch["pixel_values"].shape[0] == 4 and drawn_from(batch, "val")
-    again = held_out_batch(data, tokenizer, TEXT_LENGTH, 4, seed=0)
+    again = held_out_batch(data, preprocess, 4, seed=0)
     assert all(torch.equal(batch[k], again[k]) for k in batch)
-    assert held_out_batch(data, tokenizer, TEXT_LENGTH, 100, seed=0)["pixel_values"].shape[0] == 5
+    assert held_out_batch(data, preprocess, 100, seed=0)["pixel_values"].shape[0] == 5
     data.val = None
-    assert drawn_from(held_out_batch(data, tokenizer, TEXT_LENGTH, 4, seed=0), "train")
+    assert drawn_from(held_out_batch(data, preprocess, 4, seed=0), "train")

@@ -85,6 +85,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """One distillation per loss and per named combination from a shared teacher; writes ablation.json."""
+    from vldistill.sweep import format_ablation_table, run_sweep
+
+    cfg = _config(args)
+    out = Path(args.out)
+    _save_config(cfg, out)
+    result = run_sweep(cfg, out)
+    print(format_ablation_table(result["runs"]))
+    print(f"wrote {out / 'ablation.json'}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print registered names of one kind, one per line."""
     from vldistill.config import DATASETS
@@ -137,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="results", help="folder for the results JSON (default: results)")
     evaluate.add_argument("--name", default=None, help="model name in the results (default: folder name)")
     evaluate.set_defaults(func=cmd_eval)
+
+    sweep = sub.add_parser("sweep", help="ablation: one run per loss and per named combination")
+    _add_config_args(sweep, config_positional=True)
+    sweep.add_argument("--out", required=True)
+    sweep.set_defaults(func=cmd_sweep)
 
     listing = sub.add_parser("list", help="list registered losses, datasets or packaged configs")
     listing.add_argument("kind", choices=["losses", "datasets", "configs"])

@@ -15,6 +15,7 @@ import yaml
 from vldistill.data.augment import AugmentConfig
 from vldistill.losses.base import LOSSES, LossContext
 from vldistill.losses.registry import build_objective, parse_loss_specs
+from vldistill.models.ensemble import COMBINE_METHODS
 from vldistill.models.inherit import check_inheritable
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 from vldistill.schedules import WeightingConfig
@@ -100,13 +101,40 @@ def _teacher_spec() -> DualEncoderSpec:
 
 
 @dataclass
+class ExtraTeacherConfig:
+    """A further teacher of an ensemble: a model folder or hub id (CLIP, SigLIP or two-tower) and its weight."""
+
+    path: str = ""
+    weight: float = 1.0
+    trust_remote_code: bool = False
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{where}.path is required")
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight must be >= 0, got {self.weight}")
+
+
+@dataclass
 class TeacherConfig:
-    """The teacher: a CLIP checkpoint (local folder or hub id), or one pretrained here from `model`."""
+    """The (primary) teacher: a model folder or hub id, or a CLIP pretrained here from `model`; plus
+    optional further teachers (`ensemble`) combined with it by `combine` (see models/ensemble.py)."""
 
     path: Optional[str] = None
     model: DualEncoderSpec = field(default_factory=_teacher_spec)
     train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, lr=5e-4, warmup_steps=100))
     trust_remote_code: bool = False
+    weight: float = 1.0
+    ensemble: list[ExtraTeacherConfig] = field(default_factory=list)
+    combine: str = "fixed"
+
+    def validate(self, where: str) -> None:
+        if self.combine not in COMBINE_METHODS:
+            raise ConfigError(f"{where}.combine must be one of {', '.join(COMBINE_METHODS)}, got {self.combine!r}")
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight must be >= 0, got {self.weight}")
+        if self.ensemble and self.weight + sum(t.weight for t in self.ensemble) <= 0:
+            raise ConfigError(f"{where}.weight and {where}.ensemble weights must not all be 0")
 
 
 @dataclass
@@ -161,6 +189,29 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What `vldistill sweep` runs besides the task loss alone: each of `losses` (empty: every registered
+    loss) beside the task loss, with `loss_params[name]` as its options, and the named `combinations`."""
+
+    losses: list[str] = field(default_factory=list)
+    loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    combinations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        try:
+            for name in self.losses:
+                parse_loss_specs({name: self.loss_params.get(name, {})}, f"{where}.loss_params")
+            for name in self.loss_params:
+                if self.losses and name not in self.losses:
+                    raise ValueError(f"{where}.loss_params.{name}: {name} is not in {where}.losses")
+                parse_loss_specs({name: self.loss_params[name]}, f"{where}.loss_params")
+            for name, losses in self.combinations.items():
+                parse_loss_specs(losses, f"{where}.combinations.{name}")
+        except (KeyError, ValueError) as error:
+            raise ConfigError(str(error).strip("'\"")) from None
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: data, teacher, student, distillation and evaluation."""
 
@@ -170,6 +221,7 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self, where: str) -> None:
         if self.teacher.path is not None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
-from vldistill.data.transforms import to_pixel_values
 
 
 @dataclass
@@ -28,6 +27,7 @@ class PairSplit:
 
 
 Sample = tuple[torch.Tensor, str, Optional[dict[str, str]]]
+Preprocess = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
 
 
 class InMemoryPairs(Dataset):
@@ -54,23 +54,26 @@ class InMemoryPairs(Dataset):
 
 
 class PairCollator:
-    """Stack images into normalized pixel values and tokenize captions padded to the batch's longest.
+    """Collate samples into model inputs: `preprocess` makes the student's (and primary teacher's)
+    unprefixed `pixel_values`/`input_ids`/`attention_mask`; each `extra[name]` makes the same keys
+    prefixed `name.` for a teacher that takes other inputs (tokenizer, image size, normalization).
 
     With `augment` (training only; None = off), each pair is first replaced by a random view drawn
-    from a generator seeded with `seed`, so the one batch dict fed to teacher and student holds the
-    same view for both. Views depend on the order of calls, so use it in the main process
-    (num_workers=0, as `pair_loader` does).
+    from a generator seeded with `seed`, so every model in the batch sees the same view. Views
+    depend on the order of calls, so use it in the main process (num_workers=0, as `pair_loader` does).
     """
 
     def __init__(
         self,
-        tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+        preprocess: Preprocess,
         augment: Optional[AugmentConfig] = None,
         seed: int = 0,
+        extra: Optional[Mapping[str, Preprocess]] = None,
     ) -> None:
-        self.tokenize = tokenize
+        self.preprocess = preprocess
         self.augment = augment
         self.generator = torch.Generator().manual_seed(seed)
+        self.extra = dict(extra or {})
 
     def _view(self, sample: Sample) -> tuple[torch.Tensor, str]:
         image, caption, attributes = sample
@@ -81,7 +84,11 @@ class PairCollator:
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         images, captions = zip(*(self._view(sample) for sample in samples))
-        return {"pixel_values": to_pixel_values(torch.stack(images)), **self.tokenize(list(captions))}
+        images, captions = torch.stack(images), list(captions)
+        batch = self.preprocess(images, captions)
+        for name, preprocess in self.extra.items():
+            batch.update({f"{name}.{key}": value for key, value in preprocess(images, captions).items()})
+        return batch
 
 
 def pair_loader(dataset: Dataset, collate: PairCollator, batch_size: int, seed: int) -> DataLoader:

@@ -40,12 +40,15 @@ def build_word_tokenizer(words: Iterable[str], max_length: int = 32) -> PreTrain
     )
 
 
-def make_tokenize(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[list[str]], dict[str, torch.Tensor]]:
-    """A function texts -> {input_ids, attention_mask}, padded to the batch's longest text."""
+def make_tokenize(
+    tokenizer: PreTrainedTokenizerBase, max_length: int, padding: str = "longest"
+) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """A function texts -> {input_ids, attention_mask}, padded to the batch's longest text
+    (`padding="longest"`) or always to `max_length` (`"max_length"`), truncated to `max_length`."""
 
     def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+            list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
         )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 

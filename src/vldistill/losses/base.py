@@ -34,6 +34,17 @@ class LossContext:
     config_key: str = "losses"
 
 
+@dataclass
+class TemperatureParams:
+    """Options of a loss with a softmax temperature (a number here; a schedule in YAML, see schedules.py)."""
+
+    temperature: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
+
+
 class DistillLoss(nn.Module):
     """Base class: `forward(student, teacher)` returns a scalar and named parts for logging.
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss
+from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss, TemperatureParams
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -27,19 +25,13 @@ class SoftTargetKD(DistillLoss):
 
     needs = frozenset({TEACHER_EMBEDDINGS})
 
-    @dataclass
-    class Params:
-        temperature: float = 1.0
-
-        def validate(self, where: str) -> None:
-            if self.temperature <= 0:
-                raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
+    Params = TemperatureParams
 
     def forward(self, student, teacher):
         t = self.temperature
         s_logits, t_logits = student.logits_per_image(), teacher.logits_per_image().detach()
         image_to_text = soft_target_kl(s_logits, t_logits, t)
-        text_to_image = soft_target_kl(s_logits.t(), t_logits.t(), t)
+        text_to_image = soft_target_kl(student.logits_per_text(), teacher.logits_per_text().detach(), t)
         loss = (image_to_text + text_to_image) / 2
         return loss, {"kd_i2t": image_to_text.detach(), "kd_t2i": text_to_image.detach()}
 
@@ -59,18 +51,12 @@ class AffinityMimicking(DistillLoss):
 
     needs = frozenset({TEACHER_EMBEDDINGS})
 
-    @dataclass
-    class Params:
-        temperature: float = 1.0
-
-        def validate(self, where: str) -> None:
-            if self.temperature <= 0:
-                raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
+    Params = TemperatureParams
 
     def forward(self, student, teacher):
         t = self.temperature
         s_logits, t_logits = student.logits_per_image() / t, teacher.logits_per_image().detach() / t
         image_to_text = soft_cross_entropy(s_logits, t_logits)
-        text_to_image = soft_cross_entropy(s_logits.t(), t_logits.t())
+        text_to_image = soft_cross_entropy(student.logits_per_text() / t, teacher.logits_per_text().detach() / t)
         loss = (image_to_text + text_to_image) / 2
         return loss, {"affinity_i2t": image_to_text.detach(), "affinity_t2i": text_to_image.detach()}

@@ -169,6 +169,11 @@ class DistillationObjective(nn.Module):
         return values
 
 
+def losses_need(losses: Mapping[str, Any]) -> frozenset[str]:
+    """What the named losses need from the teacher (empty: none of them uses a teacher)."""
+    return frozenset().union(*(LOSSES.get(name).needs for name in losses))
+
+
 def build_objective(
     losses: Mapping[str, Mapping[str, Any]],
     context: LossContext,

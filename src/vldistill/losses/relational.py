@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss
+from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss, TemperatureParams
 from vldistill.losses.logits import soft_target_kl
 
 
@@ -41,12 +41,8 @@ class ContrastiveRelationalDistillation(DistillLoss):
     needs = frozenset({TEACHER_EMBEDDINGS})
 
     @dataclass
-    class Params:
+    class Params(TemperatureParams):
         temperature: float = 0.1
-
-        def validate(self, where: str) -> None:
-            if self.temperature <= 0:
-                raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
 
     def _relation_kl(self, student: torch.Tensor, teacher: torch.Tensor, drop_diagonal: bool) -> torch.Tensor:
         t = self.temperature

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel
 
+from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
+from vldistill.models.inputs import InputSpec, image_normalization
 from vldistill.models.outputs import DualEncoderOutput
 
 # open_clip clamps the learned temperature so logits never exceed this scale.
@@ -18,9 +21,15 @@ MAX_LOGIT_SCALE = 100.0
 class CLIPDualEncoder(nn.Module):
     """A `CLIPModel` seen through the dual-encoder interface: normalized embeddings and a logit scale."""
 
-    def __init__(self, model: CLIPModel) -> None:
+    def __init__(
+        self,
+        model: CLIPModel,
+        image_mean: tuple[float, ...] = CLIP_MEAN,
+        image_std: tuple[float, ...] = CLIP_STD,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
 
     @classmethod
     def from_pretrained(
@@ -36,7 +45,29 @@ class CLIPDualEncoder(nn.Module):
             attn_implementation="eager" if attentions else "sdpa",
             trust_remote_code=trust_remote_code,
         )
-        return cls(model)
+        local = Path(name_or_path) if Path(name_or_path).is_dir() else None
+        return cls(model, *image_normalization(local))
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """Image size and normalization, text length and padding this model takes."""
+        return InputSpec(
+            image_size=self.model.config.vision_config.image_size,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            max_text_length=self.model.config.text_config.max_position_embeddings,
+        )
+
+    def text_token_settings(self) -> dict[str, int]:
+        """Vocabulary size, special token ids and text length a student sharing this tokenizer must use."""
+        text = self.model.config.text_config
+        return {
+            "vocab_size": text.vocab_size,
+            "pad_token_id": text.pad_token_id,
+            "bos_token_id": text.bos_token_id,
+            "eos_token_id": text.eos_token_id,
+            "max_position_embeddings": text.max_position_embeddings,
+        }
 
     @property
     def embed_dim(self) -> int:

@@ -23,13 +23,13 @@ from vldistill.models.clip import CLIPDualEncoder
 METADATA_FILE = "vldistill.json"
 
 
-def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
-    """The CLIP image processor that reproduces our preprocessing (resize, crop, CLIP normalization)."""
+def image_processor_for(image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> CLIPImageProcessorPil:
+    """The CLIP image processor that reproduces our preprocessing (resize, crop, normalization)."""
     return CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
+        image_mean=list(mean),
+        image_std=list(std),
     )
 
 
@@ -46,7 +46,8 @@ def save_dual_encoder(
     with atomic_directory(out_dir) as tmp:
         model.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        image_processor_for(model.model.config.vision_config.image_size).save_pretrained(tmp)
+        spec = model.input_spec
+        image_processor_for(spec.image_size, spec.image_mean, spec.image_std).save_pretrained(tmp)
         if metadata is not None:
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         if card is not None:

@@ -18,6 +18,9 @@ class DualEncoderOutput:
         present only when requested.
     *_attentions: per-layer attention probabilities, each (B, heads, N, N), present only when requested.
     text_attention_mask: (B, N_text) 1 for real tokens, so text-token losses can ignore padding.
+    image_to_text_logits / text_to_image_logits: set by a teacher ensemble whose combined logits are
+        not the scaled product of its embeddings (see models/ensemble.py); None for a single model.
+    logit_bias: SigLIP's learned bias (a constant shift of every logit; softmax-based losses ignore it).
     """
 
     image_embeds: torch.Tensor
@@ -28,7 +31,18 @@ class DualEncoderOutput:
     image_attentions: Optional[tuple[torch.Tensor, ...]] = None
     text_attentions: Optional[tuple[torch.Tensor, ...]] = None
     text_attention_mask: Optional[torch.Tensor] = None
+    image_to_text_logits: Optional[torch.Tensor] = None
+    text_to_image_logits: Optional[torch.Tensor] = None
+    logit_bias: Optional[torch.Tensor] = None
 
     def logits_per_image(self) -> torch.Tensor:
-        """(B, B) scaled image->text similarity logits."""
+        """(B, B) image->text logits: row i scores every text for image i."""
+        if self.image_to_text_logits is not None:
+            return self.image_to_text_logits
         return self.logit_scale * self.image_embeds @ self.text_embeds.t()
+
+    def logits_per_text(self) -> torch.Tensor:
+        """(B, B) text->image logits: row j scores every image for text j."""
+        if self.text_to_image_logits is not None:
+            return self.text_to_image_logits
+        return self.logits_per_image().t()

@@ -94,3 +94,17 @@ def spec_from_clip_config(config: CLIPConfig) -> DualEncoderSpec:
         text=tower(config.text_config),
         projection_dim=config.projection_dim,
     )
+
+
+def student_config_for_tokens(spec: DualEncoderSpec, image_size: int, tokens: dict[str, int]) -> CLIPConfig:
+    """A student `CLIPConfig` for a non-CLIP teacher: its image size and tokenizer settings
+    (`text_token_settings()`: vocab_size, pad/bos/eos ids, max_position_embeddings)."""
+    return clip_config_from_spec(
+        spec,
+        image_size=image_size,
+        vocab_size=tokens["vocab_size"],
+        max_text_length=tokens["max_position_embeddings"],
+        pad_token_id=tokens["pad_token_id"],
+        bos_token_id=tokens["bos_token_id"],
+        eos_token_id=tokens["eos_token_id"],
+    )

@@ -19,6 +19,8 @@ from vldistill.config import OptimConfig
 from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
+from vldistill.data.preprocess import inputs_for
+from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.models.outputs import DualEncoderOutput
 
 
@@ -41,7 +43,7 @@ class StudentWithObjective(nn.Module):
 
     def _student_output(self, batch: dict[str, torch.Tensor]) -> DualEncoderOutput:
         return self.student(
-            **batch,
+            **inputs_for(batch, ""),
             output_hidden_states=TEACHER_HIDDEN_STATES in self.objective.needs,
             output_attentions=TEACHER_ATTENTIONS in self.objective.needs,
         )
@@ -69,23 +71,13 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@torch.no_grad()
-def teacher_forward(teacher: CLIPDualEncoder, batch: dict[str, torch.Tensor], needs: frozenset[str]) -> DualEncoderOutput:
-    """The teacher's outputs for a batch, without gradients, with only the extras the losses need."""
-    return teacher(
-        **batch,
-        output_hidden_states=TEACHER_HIDDEN_STATES in needs,
-        output_attentions=TEACHER_ATTENTIONS in needs,
-    )
-
-
 def train(
     student: CLIPDualEncoder,
     objective: DistillationObjective,
     batches: Iterable[dict[str, torch.Tensor]],
     optim: OptimConfig,
     *,
-    teacher: Optional[CLIPDualEncoder] = None,
+    teacher: Optional[nn.Module] = None,
     desc: str = "train",
     log_path: Optional[Path] = None,
     held_out_batch: Optional[dict[str, torch.Tensor]] = None,
@@ -111,10 +103,12 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
     module, optimizer = accelerator.prepare(module, optimizer)
     if teacher is not None and objective.needs:
+        if not isinstance(teacher, TeacherEnsemble):
+            teacher = TeacherEnsemble([teacher])
         teacher = teacher.to(accelerator.device).eval()
     if objective.needs_held_out:
         held_out_batch = {k: v.to(accelerator.device) for k, v in held_out_batch.items()}
-        held_out_teacher = teacher_forward(teacher, held_out_batch, objective.needs)
+        held_out_teacher = teacher(held_out_batch, objective.needs)
     module.train()
     history: list[dict[str, float]] = []
     log_file = None
@@ -131,7 +125,7 @@ def train(
                 with accelerator.autocast():
                     accelerator.unwrap_model(module).refresh_gap(held_out_batch, held_out_teacher)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            teacher_output = teacher_forward(teacher, batch, objective.needs) if objective.needs else None
+            teacher_output = teacher(batch, objective.needs) if objective.needs else None
             with accelerator.autocast():
                 loss, parts = module(batch, teacher_output)
             accelerator.backward(loss)

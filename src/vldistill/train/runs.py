@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 from accelerate.utils import set_seed
+from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill import __version__
@@ -17,12 +18,21 @@ from vldistill.config import ExperimentConfig
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
-from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
+from vldistill.data.preprocess import BatchPreprocessor
+from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.losses import LossContext, build_objective
+from vldistill.losses.registry import losses_need
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inherit import inherit_weights
-from vldistill.models.io import load_dual_encoder, read_metadata, save_dual_encoder
-from vldistill.models.student import clip_config_from_spec, spec_from_clip_config, student_config_from_teacher
+from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.models.io import read_metadata, save_dual_encoder
+from vldistill.models.loading import load_dual_encoder_any
+from vldistill.models.student import (
+    clip_config_from_spec,
+    spec_from_clip_config,
+    student_config_for_tokens,
+    student_config_from_teacher,
+)
 from vldistill.train.loop import TrainResult, train
 
 TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions are truncated
@@ -32,7 +42,7 @@ TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions
 class TrainedModel:
     """A trained dual encoder with its tokenizer, where it was saved and how its training went."""
 
-    model: CLIPDualEncoder
+    model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     path: Path
     result: Optional[TrainResult] = None
@@ -50,11 +60,12 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _batches(split, tokenizer, max_length: int, batch_size: int, steps: int, seed: int, augment: AugmentConfig):
-    """`steps` training batches of `split`, each pair augmented per `augment` (one view for teacher and student)."""
-    collate = PairCollator(make_tokenize(tokenizer, max_length), augment=augment, seed=seed)
-    loader = pair_loader(InMemoryPairs(split.images, split.captions, split.attributes), collate, batch_size, seed)
-    return repeat_batches(loader, steps)
+def _batches(split, preprocess, optim, seed: int, augment: AugmentConfig, extra=None):
+    """`optim.steps` training batches of `split`, each pair augmented per `augment` (one view for every
+    model), preprocessed for the student/primary teacher and, prefixed, for each `extra` teacher."""
+    collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra)
+    pairs = InMemoryPairs(split.images, split.captions, split.attributes)
+    return repeat_batches(pair_loader(pairs, collate, optim.batch_size, seed), optim.steps)
 
 
 def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log_dir: Optional[Path] = None) -> TrainedModel:
@@ -72,41 +83,93 @@ def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log
     )
     teacher = CLIPDualEncoder(CLIPModel(config))
     objective = build_objective({"clip": {"weight": 1.0}}, LossContext(teacher.embed_dim))
-    optim = cfg.teacher.train
-    batches = _batches(data.train, tokenizer, TEXT_LENGTH, optim.batch_size, optim.steps, cfg.seed, cfg.data.augment)
+    preprocess = BatchPreprocessor.for_model(tokenizer, teacher.input_spec)
+    batches = _batches(data.train, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment)
     log_path = log_dir / "teacher.jsonl" if log_dir else None
-    result = train(teacher, objective, batches, optim, desc="pretrain teacher", log_path=log_path)
+    result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
     metadata = {"role": "teacher", "fingerprint": teacher_fingerprint(cfg, data), "vldistill": __version__}
     save_dual_encoder(teacher, tokenizer, out_dir, metadata=metadata)
     return TrainedModel(teacher, tokenizer, Path(out_dir), result)
 
 
+def load_teacher(path: str, trust_remote_code: bool = False) -> TrainedModel:
+    """A teacher from a model folder or hub id (CLIP, SigLIP or a vldistill two-tower folder)."""
+    model, tokenizer = load_dual_encoder_any(path, trust_remote_code=trust_remote_code)
+    return TrainedModel(model, tokenizer, Path(path))
+
+
 def obtain_teacher(cfg: ExperimentConfig, data: DataBundle, cache_dir: Path, log_dir: Optional[Path] = None) -> TrainedModel:
-    """The configured teacher: `teacher.path` when set, else a pretrained one from `cache_dir` if it matches
-    this config and data exactly, else a newly pretrained one saved there."""
+    """The configured (primary) teacher: `teacher.path` when set, else a pretrained one from `cache_dir`
+    if it matches this config and data exactly, else a newly pretrained one saved there."""
     if cfg.teacher.path is not None:
-        model, tokenizer = load_dual_encoder(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
-        return TrainedModel(model, tokenizer, Path(cfg.teacher.path))
+        return load_teacher(cfg.teacher.path, cfg.teacher.trust_remote_code)
     if read_metadata(cache_dir).get("fingerprint") == teacher_fingerprint(cfg, data):
-        model, tokenizer = load_dual_encoder(cache_dir)
-        return TrainedModel(model, tokenizer, Path(cache_dir))
+        return load_teacher(str(cache_dir))
     return pretrain_teacher(cfg, data, cache_dir, log_dir)
 
 
-def check_teacher_fits_data(teacher: CLIPDualEncoder, data_image_size: int) -> None:
-    """Raise ValueError when the data's images are not the size the teacher's image tower takes."""
-    expected = teacher.model.config.vision_config.image_size
+def teacher_ensemble(cfg: ExperimentConfig, primary: TrainedModel) -> tuple[TeacherEnsemble, dict[str, BatchPreprocessor]]:
+    """The primary teacher plus `teacher.ensemble`, and the preprocessors of the further teachers
+    (each gets its own inputs, batch keys prefixed `teacher{k}.`)."""
+    teachers, keys, weights, extra = [primary.model], [""], [cfg.teacher.weight], {}
+    for k, entry in enumerate(cfg.teacher.ensemble, start=1):
+        loaded = load_teacher(entry.path, entry.trust_remote_code)
+        key = f"teacher{k}"
+        teachers.append(loaded.model)
+        keys.append(key)
+        weights.append(entry.weight)
+        extra[key] = BatchPreprocessor.for_model(loaded.tokenizer, loaded.model.input_spec)
+    return TeacherEnsemble(teachers, keys, cfg.teacher.combine, weights), extra
+
+
+def check_teacher_fits_data(teacher, data_image_size: int) -> None:
+    """Raise ValueError when the data's images are not the size the primary teacher's image tower takes."""
+    expected = teacher.input_spec.image_size
     if expected != data_image_size:
         raise ValueError(f"data.image_size is {data_image_size} but the teacher takes {expected}x{expected} images")
 
 
-def held_out_batch(data: DataBundle, tokenizer, max_length: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> CLIPDualEncoder:
+    """The configured student for the primary teacher's tokenizer and images, optionally inheriting its weights."""
+    teacher, spec = primary.model, cfg.student.model
+    if isinstance(teacher, CLIPDualEncoder):
+        config = student_config_from_teacher(teacher.model.config, spec)
+    elif inherit:
+        raise ValueError(
+            f"student.inherit needs a CLIP teacher, but {primary.path} is a {type(teacher).__name__}; "
+            "set student.inherit=false"
+        )
+    else:
+        config = student_config_for_tokens(spec, teacher.input_spec.image_size, teacher.text_token_settings())
+    student = CLIPDualEncoder(CLIPModel(config), teacher.input_spec.image_mean, teacher.input_spec.image_std)
+    if inherit:
+        inherit_weights(student.model, teacher.model)
+    return student
+
+
+def held_out_batch(
+    data: DataBundle, preprocess, batch_size: int, seed: int, extra: Optional[dict] = None
+) -> dict[str, torch.Tensor]:
     """A fixed, unaugmented batch for gap weighting: `batch_size` pairs (at most the split) drawn with
     `seed` from the validation split when there is one, else from the training split."""
     split = data.val if data.val is not None else data.train
     pairs = InMemoryPairs(split.images, split.captions)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    return PairCollator(make_tokenize(tokenizer, max_length))([pairs[i] for i in order.tolist()])
+    return PairCollator(preprocess, extra=extra)([pairs[i] for i in order.tolist()])
+
+
+def _loss_context(student: CLIPDualEncoder, teachers: Optional[TeacherEnsemble]) -> LossContext:
+    """Sizes the losses build projections and layer maps from (the layer-wise losses need a CLIP primary)."""
+    student_spec = spec_from_clip_config(student.model.config)
+    if teachers is None:
+        return LossContext(student.embed_dim, student_spec=student_spec)
+    primary = teachers.primary
+    return LossContext(
+        student.embed_dim,
+        teachers.embed_dim,
+        student_spec=student_spec,
+        teacher_spec=spec_from_clip_config(primary.model.config) if isinstance(primary, CLIPDualEncoder) else None,
+    )
 
 
 def train_student(
@@ -120,40 +183,31 @@ def train_student(
     desc: str = "distill student",
     log_path: Optional[Path] = None,
 ) -> TrainedModel:
-    """Build the configured student from the teacher's config, train it with `losses` (default:
-    `cfg.distill.losses`; the teacher runs online only if a loss needs it) and save it to `out_dir`."""
+    """Build the configured student for the (primary) teacher, train it with `losses` (default:
+    `cfg.distill.losses`; the teacher ensemble runs online only if a loss needs it) and save it."""
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
     set_seed(cfg.seed)
-    student = CLIPDualEncoder(CLIPModel(student_config_from_teacher(teacher.model.model.config, cfg.student.model)))
-    if inherit:
-        inherit_weights(student.model, teacher.model.model)
-    context = LossContext(
-        student.embed_dim,
-        teacher.model.embed_dim,
-        student_spec=spec_from_clip_config(student.model.config),
-        teacher_spec=spec_from_clip_config(teacher.model.model.config),
+    student = build_student(cfg, teacher, inherit)
+    teachers, extra = teacher_ensemble(cfg, teacher) if losses_need(losses) else (None, {})
+    objective = build_objective(
+        losses, _loss_context(student, teachers), where="distill.losses", weighting=cfg.distill.weighting
     )
-    objective = build_objective(losses, context, where="distill.losses", weighting=cfg.distill.weighting)
+    preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     optim = cfg.distill.train
-    max_length = teacher.model.model.config.text_config.max_position_embeddings
-    batches = _batches(
-        data.train, teacher.tokenizer, max_length, optim.batch_size, optim.steps, cfg.seed, cfg.data.augment
-    )
-    held_out = (
-        held_out_batch(data, teacher.tokenizer, max_length, optim.batch_size, cfg.seed)
-        if objective.needs_held_out
-        else None
-    )
+    batches = _batches(data.train, preprocess, optim, cfg.seed, cfg.data.augment, extra)
+    held_out = held_out_batch(data, preprocess, optim.batch_size, cfg.seed, extra) if objective.needs_held_out else None
     result = train(
-        student, objective, batches, optim, teacher=teacher.model, desc=desc, log_path=log_path, held_out_batch=held_out
+        student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path, held_out_batch=held_out
     )
     metadata = {
         "role": "student",
         "teacher": str(teacher.path),
-        "teacher_spec": asdict(spec_from_clip_config(teacher.model.model.config)),
+        "ensemble": [{"path": t.path, "weight": t.weight} for t in cfg.teacher.ensemble],
+        "combine": cfg.teacher.combine,
         "losses": {k: dict(v) for k, v in losses.items()},
+        "weighting": asdict(cfg.distill.weighting),
         "inherit": inherit,
         "seed": cfg.seed,
         "vldistill": __version__,

@@ -1,0 +1,60 @@
+"""Turn raw views (uint8 images, caption strings) into one model's inputs."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from vldistill.data.tokenizer import make_tokenize
+from vldistill.data.transforms import CLIP_MEAN, CLIP_STD, to_pixel_values
+from vldistill.models.inputs import InputSpec
+
+Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+class BatchPreprocessor:
+    """Images (B, H, W, 3) uint8 and captions -> {pixel_values, input_ids, attention_mask} for one model:
+    normalized with its mean/std, resized (bilinear, antialiased) when it takes another image size,
+    captions tokenized with its tokenizer and padding."""
+
+    def __init__(
+        self,
+        tokenize: Tokenize,
+        image_size: Optional[int] = None,
+        image_mean: tuple[float, ...] = CLIP_MEAN,
+        image_std: tuple[float, ...] = CLIP_STD,
+    ) -> None:
+        self.tokenize = tokenize
+        self.image_size = image_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+
+    @classmethod
+    def for_model(cls, tokenizer: PreTrainedTokenizerBase, spec: InputSpec) -> "BatchPreprocessor":
+        """The preprocessor a model with input spec `spec` and this tokenizer needs."""
+        tokenize = make_tokenize(tokenizer, spec.max_text_length, padding=spec.text_padding)
+        return cls(tokenize, spec.image_size, spec.image_mean, spec.image_std)
+
+    def __call__(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        pixels = to_pixel_values(images, self.image_mean, self.image_std)
+        if self.image_size is not None and pixels.shape[-1] != self.image_size:
+            # Bilinear resampling is linear with weights summing to 1, so it commutes with normalization.
+            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return {"pixel_values": pixels, **self.tokenize(list(captions))}
+
+    def same_as(self, other: "BatchPreprocessor") -> bool:
+        """True when both produce identical inputs (same tokenizer function settings and image handling)."""
+        return (
+            self.tokenize is other.tokenize
+            and (self.image_size, self.image_mean, self.image_std) == (other.image_size, other.image_mean, other.image_std)
+        )
+
+
+def inputs_for(batch: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """One model's inputs from a collated batch: keys prefixed `key.` when `key`, else the unprefixed ones."""
+    if not key:
+        return {k: v for k, v in batch.items() if "." not in k}
+    prefix = f"{key}."
+    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}

@@ -1,0 +1,138 @@
+"""Several teachers seen as one: their outputs combined into a single virtual teacher.
+
+The combined teacher's image (text) embedding is the concatenation of the teachers' normalized
+embeddings, each scaled by the square root of its weight for that sample, so it is unit-norm and
+its dot products are the weighted means of the teachers' cosine similarities. Teachers may differ
+in embedding size; the feature losses learn a projection to the concatenated size.
+
+Its logits (what the soft-target losses read) depend on `method`:
+- `fixed`: a fixed-weight mixture of the teachers' soft targets, log(sum_k w_k softmax(l_k)), row by
+  row, as in multi-teacher KD (You et al., 2017, "Learning from Multiple Teacher Networks");
+- `confidence`: the same mixture with per-sample weights softmax_k(-H_k), where H_k is teacher k's
+  entropy on that row (lower entropy, more weight), as in confidence-aware multi-teacher KD
+  (Zhang et al., 2022, "Confidence-Aware Multi-Teacher Knowledge Distillation");
+- `average`: the mean of the teachers' scaled similarity matrices, the ensemble of MobileCLIP
+  (Vasu et al., 2024, "MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training").
+Hidden states and attention maps (for the layer-wise losses) come from the first (primary) teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vldistill.data.preprocess import inputs_for
+from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
+from vldistill.models.outputs import DualEncoderOutput
+
+COMBINE_METHODS = ("fixed", "confidence", "average")
+
+
+def row_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row's softmax distribution, (B,)."""
+    return -(F.softmax(logits, dim=-1) * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+
+def confidence_weights(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(K, B) per-row teacher weights softmax over teachers of minus their row entropies."""
+    return F.softmax(-torch.stack([row_entropy(l) for l in logits]), dim=0)
+
+
+def mixture_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Row-wise log of the weighted mixture of softmaxes, log sum_k w_k softmax(l_k); weights (K, B)."""
+    log_probs = torch.stack([F.log_softmax(l, dim=-1) for l in logits])
+    return torch.logsumexp(log_probs + weights.clamp_min(1e-12).log().unsqueeze(-1), dim=0)
+
+
+def weighted_concat(embeds: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Concatenate unit vectors scaled by sqrt of per-sample weights (K, B) summing to 1: unit-norm rows."""
+    return torch.cat([e * w.sqrt().unsqueeze(-1) for e, w in zip(embeds, weights)], dim=-1)
+
+
+def combine_outputs(outputs: Sequence[DualEncoderOutput], method: str, weights: Sequence[float]) -> DualEncoderOutput:
+    """One virtual teacher output from several teachers' outputs on the same batch (see module doc)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"unknown combine method {method!r}; known: {', '.join(COMBINE_METHODS)}")
+    batch = outputs[0].image_embeds.shape[0]
+    i2t = [o.logits_per_image() for o in outputs]
+    t2i = [o.logits_per_text() for o in outputs]
+    if method == "confidence":
+        image_w, text_w = confidence_weights(i2t), confidence_weights(t2i)
+    else:
+        w = torch.tensor(weights if method == "fixed" else [1.0] * len(outputs), dtype=i2t[0].dtype, device=i2t[0].device)
+        image_w = text_w = (w / w.sum()).unsqueeze(-1).expand(-1, batch)
+    if method == "average":
+        image_to_text = torch.stack(i2t).mean(dim=0)
+        text_to_image = image_to_text.t()
+    else:
+        image_to_text, text_to_image = mixture_logits(i2t, image_w), mixture_logits(t2i, text_w)
+    primary = outputs[0]
+    return DualEncoderOutput(
+        image_embeds=weighted_concat([o.image_embeds for o in outputs], image_w),
+        text_embeds=weighted_concat([o.text_embeds for o in outputs], text_w),
+        logit_scale=torch.stack([o.logit_scale for o in outputs]).mean(),
+        image_hidden_states=primary.image_hidden_states,
+        text_hidden_states=primary.text_hidden_states,
+        image_attentions=primary.image_attentions,
+        text_attentions=primary.text_attentions,
+        text_attention_mask=primary.text_attention_mask,
+        image_to_text_logits=image_to_text,
+        text_to_image_logits=text_to_image,
+    )
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers run without gradients on their own inputs from a batch, combined into one output.
+
+    `input_keys[k]` names teacher k's inputs in the batch ("" for the unprefixed, student-shared ones;
+    see data.preprocess.inputs_for). A single teacher is an ensemble of one (its output unchanged).
+    """
+
+    def __init__(
+        self,
+        teachers: Sequence[nn.Module],
+        input_keys: Optional[Sequence[str]] = None,
+        method: str = "fixed",
+        weights: Optional[Sequence[float]] = None,
+    ) -> None:
+        super().__init__()
+        if method not in COMBINE_METHODS:
+            raise ValueError(f"unknown combine method {method!r}; known: {', '.join(COMBINE_METHODS)}")
+        self.teachers = nn.ModuleList(teachers)
+        self.input_keys = list(input_keys) if input_keys is not None else [""] * len(teachers)
+        self.weights = list(weights) if weights is not None else [1.0] * len(teachers)
+        if not len(self.teachers) == len(self.input_keys) == len(self.weights):
+            raise ValueError("teachers, input_keys and weights must have one entry per teacher")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"teacher weights must be >= 0 with a positive sum, got {self.weights}")
+        self.method = method
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    @property
+    def primary(self) -> nn.Module:
+        """The first teacher: the student's tokenizer, image size and inherited weights come from it."""
+        return self.teachers[0]
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the combined embedding (the sum of the teachers' sizes, or the one teacher's)."""
+        return sum(t.embed_dim for t in self.teachers) if len(self.teachers) > 1 else self.primary.embed_dim
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
+        """Each teacher's output on its inputs (extras only from the primary, on request), combined."""
+        outputs = [
+            teacher(
+                **inputs_for(batch, key),
+                output_hidden_states=k == 0 and TEACHER_HIDDEN_STATES in needs,
+                output_attentions=k == 0 and TEACHER_ATTENTIONS in needs,
+            )
+            for k, (teacher, key) in enumerate(zip(self.teachers, self.input_keys))
+        ]
+        return combine_outputs(outputs, self.method, self.weights)

@@ -1,0 +1,170 @@
+"""Adapter that makes a Hugging Face `SiglipModel` a vldistill dual encoder.
+
+SigLIP (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training") scores a pair with
+sigmoid(exp(t) * cos + b): the adapter returns t exponentiated as `logit_scale` and b as `logit_bias`.
+
+How its towers pool (read in transformers' `modeling_siglip.py`):
+- the vision tower has no CLS token: a multi-head attention pooling head (a learned probe attending
+  over all patch tokens) gives the image embedding, so its hidden states are (B, patches, W);
+- the text tower takes the hidden state of the LAST position, `last_hidden_state[:, -1]`, whatever
+  token sits there (the source says it "may be padding"). SigLIP was trained with every text padded to
+  the full length (pad = eos, "sticky eos") and without an attention mask (big_vision, open_clip's
+  SigLIP towers), so the input spec asks for max-length padding and the text tower is run without the
+  attention mask; the mask still goes into the output for token-level losses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase, SiglipModel
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from vldistill.fileio import atomic_directory
+from vldistill.models.common import (
+    PREPROCESSOR_FILE,
+    clamp_log_scale_,
+    eager_attention,
+    load_tokenizer_if_present,
+    square_image_size,
+    text_token_settings_from,
+)
+from vldistill.models.inputs import InputSpec, image_normalization
+from vldistill.models.outputs import DualEncoderOutput
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class SiglipDualEncoder(nn.Module):
+    """A `SiglipModel` seen through the dual-encoder interface (see the module docstring for pooling)."""
+
+    def __init__(
+        self,
+        model: SiglipModel,
+        image_mean: tuple[float, ...] = SIGLIP_MEAN,
+        image_std: tuple[float, ...] = SIGLIP_STD,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    ) -> None:
+        super().__init__()
+        if not model.config.vision_config.vision_use_head:
+            raise ValueError(
+                "the SigLIP vision config has vision_use_head=False: without its pooling head there is no image "
+                "embedding"
+            )
+        self.model = model
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        attentions: bool = False,
+        trust_remote_code: bool = False,
+    ) -> "SiglipDualEncoder":
+        """Load a SigLIP checkpoint (local folder or hub id) with its tokenizer when it has one; image
+        mean/std from the folder's preprocessor_config.json, else SigLIP's 0.5/0.5."""
+        model = SiglipModel.from_pretrained(
+            name_or_path,
+            attn_implementation="eager" if attentions else "sdpa",
+            trust_remote_code=trust_remote_code,
+        )
+        path = Path(name_or_path)
+        mean, std = image_normalization(path) if (path / PREPROCESSOR_FILE).is_file() else (SIGLIP_MEAN, SIGLIP_STD)
+        tokenizer = load_tokenizer_if_present(name_or_path, trust_remote_code=trust_remote_code)
+        return cls(model, mean, std, tokenizer)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+        """Write the model, its tokenizer (if any) and a SigLIP image processor config to `out_dir`,
+        atomically; the folder loads back with `from_pretrained` and `SiglipModel.from_pretrained`."""
+        with atomic_directory(out_dir) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            size = self.input_spec.image_size
+            SiglipImageProcessorPil(
+                size={"height": size, "width": size}, image_mean=list(self.image_mean), image_std=list(self.image_std)
+            ).save_pretrained(tmp)
+        return Path(out_dir)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """Image size and normalization; texts padded to the full text length, as SigLIP was trained."""
+        return InputSpec(
+            image_size=square_image_size(self.model.config.vision_config.image_size, where="the SigLIP vision config"),
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            max_text_length=self.model.config.text_config.max_position_embeddings,
+            text_padding="max_length",
+        )
+
+    def text_token_settings(self) -> dict[str, Any]:
+        """Vocabulary size, special token ids (from the tokenizer: SigLIP configs often keep CLIP's
+        default ids) and text length a CLIP student reading this tokenizer must use."""
+        return text_token_settings_from(
+            self.tokenizer, self.model.config.text_config.max_position_embeddings, owner="SiglipDualEncoder"
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the shared image-text embedding space (the text head's output size)."""
+        return self.model.config.text_config.projection_size
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The exponentiated temperature t that multiplies cosine similarities (a scalar)."""
+        return self.model.logit_scale.exp().squeeze()
+
+    @property
+    def logit_bias(self) -> torch.Tensor:
+        """The learned bias b added to every scaled similarity (a scalar)."""
+        return self.model.logit_bias.squeeze()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalized image embeddings (B, D) from the attention-pooling head."""
+        return F.normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L2-normalized text embeddings (B, D) from the last position; `attention_mask` is accepted for
+        the common interface but not used (SigLIP's text tower was trained unmasked)."""
+        return F.normalize(self.model.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> DualEncoderOutput:
+        """Embed a batch of paired images and texts (logits = logit_scale * cos + logit_bias), with
+        hidden states / attention maps on request (eager attention for that call only)."""
+        with eager_attention(self.model, enabled=output_attentions):
+            out = self.model(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+        vision, text = out.vision_model_output, out.text_model_output
+        return DualEncoderOutput(
+            image_embeds=out.image_embeds,
+            text_embeds=out.text_embeds,
+            logit_scale=self.logit_scale,
+            image_hidden_states=vision.hidden_states if output_hidden_states else None,
+            text_hidden_states=text.hidden_states if output_hidden_states else None,
+            image_attentions=vision.attentions if output_attentions else None,
+            text_attentions=text.attentions if output_attentions else None,
+            text_attention_mask=attention_mask,
+            logit_bias=self.logit_bias,
+        )
+
+    def clamp_logit_scale(self) -> None:
+        """Keep the learned log temperature within [0, ln 100], as CLIP and open_clip do."""
+        clamp_log_scale_(self.model.logit_scale)

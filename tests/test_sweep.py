@@ -1,0 +1,56 @@
+"""The ablation sweep: which runs it makes, and a real sweep on the tiny config."""
+
+import json
+
+import pytest
+
+from vldistill.cli import main
+from vldistill.config import ConfigError, load_config, packaged_config
+from vldistill.losses import LOSSES
+from vldistill.sweep import format_ablation_table, run_sweep, sweep_runs
+
+
+def test_default_sweep_covers_every_registered_loss():
+    runs = sweep_runs(load_config(None))
+    assert runs["clip"] == {"clip": {"weight": 1.0}}
+    assert runs["siglip"] == {"siglip": {"weight": 1.0}}  # a task loss runs alone
+    assert runs["kd"] == {"clip": {"weight": 1.0}, "kd": {"weight": 1.0}}
+    assert set(runs) == set(LOSSES.names())
+
+
+def test_demo_sweep_has_named_combinations_and_params():
+    runs = sweep_runs(load_config(packaged_config("demo")))
+    assert runs["kd"]["kd"] == {"weight": 1.0, "temperature": 2.0}
+    assert set(runs["clip-kd-best"]) == {"clip", "feature", "icl"}
+    assert runs["kd-temperature-5to1"]["kd"]["temperature"]["kind"] == "cosine"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sweep.losses=[nope]", r"unknown loss sweep\.loss_params\.nope"),
+        ("sweep.combinations={x: {kd: {temperature: 0}}}", r"sweep\.combinations\.x\.kd\.temperature must be > 0"),
+        ("sweep.loss_params={kd: {temp: 1}}", r"unknown config key sweep\.loss_params\.kd\.temp"),
+    ],
+)
+def test_sweep_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_tiny_sweep_writes_ablation_json(tmp_path, capsys):
+    overrides = ["--set", "sweep.losses=[kd, feature]",
+                 "--set", "sweep.combinations={both: {clip: {weight: 1.0}, kd: {weight: 1.0}, feature: {weight: 2.0}}}"]
+    assert main(["sweep", str(packaged_config("tiny")), "--out", str(tmp_path), *overrides]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    names = [run["name"] for run in result["runs"]]
+    assert names == ["clip", "kd", "feature", "both"]
+    by_name = {run["name"]: run for run in result["runs"]}
+    assert by_name["kd"]["cost_vs_kd"] == pytest.approx(1.0)
+    assert by_name["both"]["losses"]["feature"] == {"weight": 2.0}
+    for run in result["runs"]:
+        assert 0 <= run["acc1"] <= 1 and run["seconds"] > 0 and run["seconds_per_step"] > 0
+    assert (tmp_path / "runs" / "both" / "model.safetensors").is_file()
+    table = capsys.readouterr().out
+    assert "| both | clip + kd + 2·feature |" in table
+    assert format_ablation_table(result["runs"]).count("\n") == 5
