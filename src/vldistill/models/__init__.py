@@ -1,6 +1,10 @@
 """Dual encoders: the common interface, the HF CLIP adapter, student builder and weight inheritance."""
 
 from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.models.loading import load_dual_encoder_any
+from vldistill.models.siglip import SiglipDualEncoder
+from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.inherit import check_inheritable, inherit_weights, uniform_layer_map
 from vldistill.models.outputs import DualEncoderOutput
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
@@ -8,6 +12,10 @@ from vldistill.models.student import clip_config_from_spec, spec_from_clip_confi
 
 __all__ = [
     "CLIPDualEncoder",
+    "SiglipDualEncoder",
+    "TeacherEnsemble",
+    "TwoTowerDualEncoder",
+    "load_dual_encoder_any",
     "DualEncoderOutput",
     "DualEncoderSpec",
     "TowerSpec",

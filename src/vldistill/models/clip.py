@@ -11,11 +11,10 @@ from torch import nn
 from transformers import CLIPModel
 
 from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
+from vldistill.models.common import clamp_log_scale_, eager_attention
 from vldistill.models.inputs import InputSpec, image_normalization
 from vldistill.models.outputs import DualEncoderOutput
 
-# open_clip clamps the learned temperature so logits never exceed this scale.
-MAX_LOGIT_SCALE = 100.0
 
 
 class CLIPDualEncoder(nn.Module):
@@ -98,10 +97,7 @@ class CLIPDualEncoder(nn.Module):
     ) -> DualEncoderOutput:
         """Embed a batch of paired images and texts, with hidden states / attention maps on request
         (attention maps need eager attention: the model switches to it for that call only)."""
-        attention_impl = self.model.config._attn_implementation
-        if output_attentions and attention_impl != "eager":
-            self.model.set_attn_implementation("eager")
-        try:
+        with eager_attention(self.model, enabled=output_attentions):
             out = self.model(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -109,9 +105,6 @@ class CLIPDualEncoder(nn.Module):
                 output_hidden_states=output_hidden_states,
                 output_attentions=output_attentions,
             )
-        finally:
-            if self.model.config._attn_implementation != attention_impl:
-                self.model.set_attn_implementation(attention_impl)
         vision, text = out.vision_model_output, out.text_model_output
         return DualEncoderOutput(
             image_embeds=out.image_embeds,
@@ -124,10 +117,9 @@ class CLIPDualEncoder(nn.Module):
             text_attention_mask=attention_mask,
         )
 
-    @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         """Keep the learned temperature within [0, ln 100] as CLIP and open_clip do."""
-        self.model.logit_scale.clamp_(0, torch.log(torch.tensor(MAX_LOGIT_SCALE)).item())
+        clamp_log_scale_(self.model.logit_scale)
 
     def num_parameters(self) -> int:
         """Total parameter count of both towers and projections."""

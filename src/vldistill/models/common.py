@@ -12,9 +12,10 @@ from typing import Any, Iterator, Optional
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from vldistill.models.clip import MAX_LOGIT_SCALE
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# open_clip clamps the learned temperature so logits never exceed this scale.
+MAX_LOGIT_SCALE = 100.0
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 

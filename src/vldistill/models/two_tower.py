@@ -208,7 +208,7 @@ class TwoTowerDualEncoder(nn.Module):
         return {
             name: param
             for name, param in self.named_parameters()
-            if not name.startswith((f"{VISION_DIR}.", f"{TEXT_DIR}."))
+            if not name.startswith(("vision.", "text."))
         }
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from vldistill.losses.registry import losses_need
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inherit import inherit_weights
 from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.models.inputs import InputSpec
 from vldistill.models.io import read_metadata, save_dual_encoder
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.student import (
@@ -108,10 +109,16 @@ def obtain_teacher(cfg: ExperimentConfig, data: DataBundle, cache_dir: Path, log
     return pretrain_teacher(cfg, data, cache_dir, log_dir)
 
 
-def teacher_ensemble(cfg: ExperimentConfig, primary: TrainedModel) -> tuple[TeacherEnsemble, dict[str, BatchPreprocessor]]:
-    """The primary teacher plus `teacher.ensemble`, and the preprocessors of the further teachers
-    (each gets its own inputs, batch keys prefixed `teacher{k}.`)."""
+def teacher_ensemble(
+    cfg: ExperimentConfig, primary: TrainedModel, student_inputs: InputSpec
+) -> tuple[TeacherEnsemble, dict[str, BatchPreprocessor]]:
+    """The primary teacher plus `teacher.ensemble`, and the preprocessors of the teachers that take other
+    inputs than the student (batch keys prefixed `teacher{k}.`): every further teacher, and the primary
+    when its input spec differs (e.g. SigLIP's max-length padding)."""
     teachers, keys, weights, extra = [primary.model], [""], [cfg.teacher.weight], {}
+    if primary.model.input_spec != student_inputs:
+        keys[0] = "teacher0"
+        extra["teacher0"] = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
     for k, entry in enumerate(cfg.teacher.ensemble, start=1):
         loaded = load_teacher(entry.path, entry.trust_remote_code)
         key = f"teacher{k}"
@@ -190,7 +197,7 @@ def train_student(
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
     set_seed(cfg.seed)
     student = build_student(cfg, teacher, inherit)
-    teachers, extra = teacher_ensemble(cfg, teacher) if losses_need(losses) else (None, {})
+    teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if losses_need(losses) else (None, {})
     objective = build_objective(
         losses, _loss_context(student, teachers), where="distill.losses", weighting=cfg.distill.weighting
     )

