@@ -115,3 +115,10 @@ def test_cli_pretrain_distill_eval(tmp_path, capsys):
     assert record["model"] == "student"
     distilled = read_result(tmp_path / "d" / "results" / "student_zeroshot_classification.json")
     assert record["metrics"] == pytest.approx(distilled["metrics"])  # saved model evaluates the same
+
+
+def test_console_entry_point_imports_cleanly():
+    """A fresh interpreter entering through the CLI (not through the test's imports) must work."""
+    result = subprocess.run([sys.executable, "-m", "vldistill", "list", "losses"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "kd" in result.stdout.split()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.resources
 
+import pytest
 import torch
 from test_teachers import tiny_siglip, tiny_vision
 
@@ -57,3 +58,23 @@ def test_distill_from_clip_plus_two_tower_minilm_ensemble(tmp_path):
     student = train_student(cfg, data, primary, tmp_path / "student")
     assert student.result.steps == cfg.distill.train.steps
     assert read_metadata(tmp_path / "student")["combine"] == "average"
+
+
+def test_pretrain_two_tower_heads_then_distill_from_it(tmp_path):
+    from vldistill.cli import main
+    from vldistill.config import ConfigError
+
+    tiny_vision().save_pretrained(tmp_path / "vision")
+    tower = ["--set", f"teacher.two_tower={{vision: {tmp_path / 'vision'}, text: {MINILM}, projection_dim: 16}}"]
+    tiny = str(packaged_config("tiny"))
+    assert main(["pretrain-teacher", tiny, "--out", str(tmp_path / "t"), *tower]) == 0
+    teacher = TwoTowerDualEncoder.from_pretrained(tmp_path / "t" / "teacher")
+    fresh = TwoTowerDualEncoder.from_backbones(str(tmp_path / "vision"), str(MINILM), projection_dim=16)
+    # LiT: the locked text encoder is unchanged, the heads were trained.
+    assert all(torch.equal(a, b) for a, b in zip(teacher.text.parameters(), fresh.text.parameters()))
+    assert read_metadata(tmp_path / "t" / "teacher")["role"] == "teacher"
+    distill = ["--set", f"teacher.path={tmp_path / 't' / 'teacher'}", "--set", "student.inherit=false"]
+    assert main(["distill", tiny, "--out", str(tmp_path / "d"), *distill]) == 0
+    assert (tmp_path / "d" / "student" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="teacher.two_tower.text is required"):
+        load_config(None, [f"teacher.two_tower={{vision: {tmp_path / 'vision'}}}"])

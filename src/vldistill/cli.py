@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -128,33 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vldistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="teacher -> distilled student vs baseline, on the embedded data")
-    _add_config_args(demo, config_positional=False)
-    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.set_defaults(func=cmd_demo)
+    def command(name: str, func, help: str, config_positional: bool = True, out: Optional[str] = None):
+        parser = sub.add_parser(name, help=help)
+        _add_config_args(parser, config_positional)
+        parser.add_argument("--out", required=out is None, default=out, help="output folder")
+        parser.set_defaults(func=func)
+        return parser
 
-    pretrain = sub.add_parser("pretrain-teacher", help="pretrain a teacher with the CLIP loss")
-    _add_config_args(pretrain, config_positional=True)
-    pretrain.add_argument("--out", required=True)
-    pretrain.set_defaults(func=cmd_pretrain_teacher)
-
-    distill = sub.add_parser("distill", help="distill a student from teacher.path")
-    _add_config_args(distill, config_positional=True)
-    distill.add_argument("--out", required=True)
+    command("demo", cmd_demo, "teacher -> distilled student vs baseline, on the embedded data", False, "demo_out")
+    command("pretrain-teacher", cmd_pretrain_teacher, "pretrain a teacher with the CLIP loss")
+    distill = command("distill", cmd_distill, "distill a student from teacher.path")
     distill.add_argument("--no-eval", action="store_true", help="skip evaluating the student at the end")
-    distill.set_defaults(func=cmd_distill)
-
-    evaluate = sub.add_parser("eval", help="zero-shot and retrieval evaluation of a saved model")
+    evaluate = command("eval", cmd_eval, "zero-shot and retrieval evaluation of a saved model", False, "results")
     evaluate.add_argument("model", help="model folder (or hub id)")
-    _add_config_args(evaluate, config_positional=False)
-    evaluate.add_argument("--out", default="results", help="folder for the results JSON (default: results)")
     evaluate.add_argument("--name", default=None, help="model name in the results (default: folder name)")
-    evaluate.set_defaults(func=cmd_eval)
-
-    sweep = sub.add_parser("sweep", help="ablation: one run per loss and per named combination")
-    _add_config_args(sweep, config_positional=True)
-    sweep.add_argument("--out", required=True)
-    sweep.set_defaults(func=cmd_sweep)
+    command("sweep", cmd_sweep, "ablation: one run per loss and per named combination")
 
     listing = sub.add_parser("list", help="list registered losses, datasets or packaged configs")
     listing.add_argument("kind", choices=["losses", "datasets", "configs"])
@@ -163,11 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; configuration and input errors print one clear line and exit with status 2."""
+    """Run the CLI; configuration and input errors print one clear line and exit with status 2
+    (set VLDISTILL_DEBUG=1 to see the traceback instead)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        if os.environ.get("VLDISTILL_DEBUG"):
+            raise
         print(f"vldistill: error: {error}", file=sys.stderr)
         return 2
 

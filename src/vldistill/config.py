@@ -18,6 +18,7 @@ from vldistill.losses.registry import build_objective, parse_loss_specs
 from vldistill.models.ensemble import COMBINE_METHODS
 from vldistill.models.inherit import check_inheritable
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
+from vldistill.models.two_tower import TEXT_POOLINGS, VISION_POOLINGS
 from vldistill.schedules import WeightingConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -116,12 +117,37 @@ class ExtraTeacherConfig:
 
 
 @dataclass
+class TwoTowerTeacherConfig:
+    """A teacher made of a pretrained HF vision backbone and a pretrained HF text encoder (folders or
+    hub ids) whose projection heads `pretrain-teacher` trains with the backbones locked (LiT)."""
+
+    vision: str = ""
+    text: str = ""
+    projection_dim: int = 256
+    vision_pooling: str = "cls"
+    text_pooling: str = "mean"
+
+    def validate(self, where: str) -> None:
+        for name in ("vision", "text"):
+            if not getattr(self, name):
+                raise ConfigError(f"{where}.{name} is required: a model folder or hub id")
+        if self.projection_dim < 1:
+            raise ConfigError(f"{where}.projection_dim must be >= 1, got {self.projection_dim}")
+        if self.vision_pooling not in VISION_POOLINGS:
+            raise ConfigError(f"{where}.vision_pooling must be one of {', '.join(VISION_POOLINGS)}, got {self.vision_pooling!r}")
+        if self.text_pooling not in TEXT_POOLINGS:
+            raise ConfigError(f"{where}.text_pooling must be one of {', '.join(TEXT_POOLINGS)}, got {self.text_pooling!r}")
+
+
+@dataclass
 class TeacherConfig:
-    """The (primary) teacher: a model folder or hub id, or a CLIP pretrained here from `model`; plus
-    optional further teachers (`ensemble`) combined with it by `combine` (see models/ensemble.py)."""
+    """The (primary) teacher: a model folder or hub id (`path`), or one pretrained here: a CLIP from
+    `model`, or the heads of a `two_tower` teacher; plus optional further teachers (`ensemble`)
+    combined with it by `combine` (see models/ensemble.py)."""
 
     path: Optional[str] = None
     model: DualEncoderSpec = field(default_factory=_teacher_spec)
+    two_tower: Optional[TwoTowerTeacherConfig] = None
     train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, lr=5e-4, warmup_steps=100))
     trust_remote_code: bool = False
     weight: float = 1.0

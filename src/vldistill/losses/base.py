@@ -8,14 +8,15 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.outputs import (  # noqa: F401  (re-exported: what a loss may need)
+    TEACHER_ATTENTIONS,
+    TEACHER_EMBEDDINGS,
+    TEACHER_HIDDEN_STATES,
+    DualEncoderOutput,
+)
 from vldistill.models.spec import DualEncoderSpec
 from vldistill.registry import Registry
 
-# What a loss may need from the teacher. An empty set means a task loss (no teacher at all).
-TEACHER_EMBEDDINGS = "embeddings"
-TEACHER_HIDDEN_STATES = "hidden_states"
-TEACHER_ATTENTIONS = "attentions"
 
 
 @dataclass

@@ -106,15 +106,9 @@ class CLIPDualEncoder(nn.Module):
                 output_attentions=output_attentions,
             )
         vision, text = out.vision_model_output, out.text_model_output
-        return DualEncoderOutput(
-            image_embeds=out.image_embeds,
-            text_embeds=out.text_embeds,
-            logit_scale=self.logit_scale,
-            image_hidden_states=vision.hidden_states if output_hidden_states else None,
-            text_hidden_states=text.hidden_states if output_hidden_states else None,
-            image_attentions=vision.attentions if output_attentions else None,
-            text_attentions=text.attentions if output_attentions else None,
-            text_attention_mask=attention_mask,
+        return DualEncoderOutput.from_towers(
+            out.image_embeds, out.text_embeds, self.logit_scale, vision, text, attention_mask,
+            hidden_states=output_hidden_states, attentions=output_attentions,
         )
 
     def clamp_logit_scale(self) -> None:

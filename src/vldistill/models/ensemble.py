@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vldistill.data.preprocess import inputs_for
-from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.outputs import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES, DualEncoderOutput
 
 COMBINE_METHODS = ("fixed", "confidence", "average")
 

@@ -8,6 +8,12 @@ from typing import Optional
 import torch
 
 
+# What a loss may need from the teacher. An empty set means a task loss (no teacher at all).
+TEACHER_EMBEDDINGS = "embeddings"
+TEACHER_HIDDEN_STATES = "hidden_states"
+TEACHER_ATTENTIONS = "attentions"
+
+
 @dataclass
 class DualEncoderOutput:
     """Outputs of one dual-encoder forward pass over a batch of paired images and texts.
@@ -46,3 +52,30 @@ class DualEncoderOutput:
         if self.text_to_image_logits is not None:
             return self.text_to_image_logits
         return self.logits_per_image().t()
+
+    @classmethod
+    def from_towers(
+        cls,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        vision,
+        text,
+        text_attention_mask: Optional[torch.Tensor],
+        hidden_states: bool,
+        attentions: bool,
+        **extra,
+    ) -> "DualEncoderOutput":
+        """An output from the two towers' HF outputs, keeping hidden states and attention maps only
+        when they were requested."""
+        return cls(
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            logit_scale=logit_scale,
+            image_hidden_states=vision.hidden_states if hidden_states else None,
+            text_hidden_states=text.hidden_states if hidden_states else None,
+            image_attentions=vision.attentions if attentions else None,
+            text_attentions=text.attentions if attentions else None,
+            text_attention_mask=text_attention_mask,
+            **extra,
+        )

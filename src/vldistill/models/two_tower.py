@@ -329,15 +329,9 @@ class TwoTowerDualEncoder(nn.Module):
         with eager_attention(self.vision, self.text, enabled=output_attentions):
             vision, image_embeds = self._run_vision(pixel_values, **flags)
             text, text_embeds = self._run_text(input_ids, attention_mask, **flags)
-        return DualEncoderOutput(
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
-            logit_scale=self.logit_scale,
-            image_hidden_states=vision.hidden_states if output_hidden_states else None,
-            text_hidden_states=text.hidden_states if output_hidden_states else None,
-            image_attentions=vision.attentions if output_attentions else None,
-            text_attentions=text.attentions if output_attentions else None,
-            text_attention_mask=attention_mask,
+        return DualEncoderOutput.from_towers(
+            image_embeds, text_embeds, self.logit_scale, vision, text, attention_mask,
+            hidden_states=output_hidden_states, attentions=output_attentions,
         )
 
     def clamp_logit_scale(self) -> None:

@@ -26,7 +26,9 @@ from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inherit import inherit_weights
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.models.inputs import InputSpec
-from vldistill.models.io import read_metadata, save_dual_encoder
+from vldistill.models.two_tower import TwoTowerDualEncoder
+from vldistill.fileio import write_text_atomic
+from vldistill.models.io import METADATA_FILE, read_metadata, save_dual_encoder
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.student import (
     clip_config_from_spec,
@@ -53,6 +55,7 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
     """Hash of everything that determines a pretrained teacher: its spec, training, seed, data, version."""
     payload = {
         "model": asdict(cfg.teacher.model),
+        "two_tower": asdict(cfg.teacher.two_tower) if cfg.teacher.two_tower else None,
         "train": asdict(cfg.teacher.train),
         "seed": cfg.seed,
         "data": data.fingerprint,
@@ -69,9 +72,26 @@ def _batches(split, preprocess, optim, seed: int, augment: AugmentConfig, extra=
     return repeat_batches(pair_loader(pairs, collate, optim.batch_size, seed), optim.steps)
 
 
+def _new_two_tower(cfg: ExperimentConfig) -> tuple[TwoTowerDualEncoder, PreTrainedTokenizerBase]:
+    """The configured two-tower teacher with fresh heads and locked backbones (LiT)."""
+    spec = cfg.teacher.two_tower
+    model = TwoTowerDualEncoder.from_backbones(
+        spec.vision, spec.text, spec.projection_dim, spec.vision_pooling, spec.text_pooling,
+        trust_remote_code=cfg.teacher.trust_remote_code,
+    )
+    if model.tokenizer is None:
+        raise ValueError(f"teacher.two_tower.text: {spec.text} holds no tokenizer")
+    model.freeze_backbones()
+    return model, model.tokenizer
+
+
 def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log_dir: Optional[Path] = None) -> TrainedModel:
-    """Train `cfg.teacher.model` from scratch with the CLIP loss on the training split and save it."""
+    """Train the configured teacher with the CLIP loss on the training split and save it: a CLIP built
+    from `teacher.model` from scratch, or only the projection heads of `teacher.two_tower` (LiT)."""
     set_seed(cfg.seed)
+    if cfg.teacher.two_tower is not None:
+        teacher, tokenizer = _new_two_tower(cfg)
+        return _pretrain(cfg, data, teacher, tokenizer, out_dir, log_dir)
     tokenizer = build_word_tokenizer(data.words(), max_length=TEXT_LENGTH)
     config = clip_config_from_spec(
         cfg.teacher.model,
@@ -82,14 +102,21 @@ def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    teacher = CLIPDualEncoder(CLIPModel(config))
+    return _pretrain(cfg, data, CLIPDualEncoder(CLIPModel(config)), tokenizer, out_dir, log_dir)
+
+
+def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, tokenizer, out_dir: Path, log_dir) -> TrainedModel:
     objective = build_objective({"clip": {"weight": 1.0}}, LossContext(teacher.embed_dim))
     preprocess = BatchPreprocessor.for_model(tokenizer, teacher.input_spec)
     batches = _batches(data.train, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment)
     log_path = log_dir / "teacher.jsonl" if log_dir else None
     result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
     metadata = {"role": "teacher", "fingerprint": teacher_fingerprint(cfg, data), "vldistill": __version__}
-    save_dual_encoder(teacher, tokenizer, out_dir, metadata=metadata)
+    if isinstance(teacher, CLIPDualEncoder):
+        save_dual_encoder(teacher, tokenizer, out_dir, metadata=metadata)
+    else:
+        teacher.save_pretrained(out_dir)
+        write_text_atomic(Path(out_dir) / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return TrainedModel(teacher, tokenizer, Path(out_dir), result)
 
 
