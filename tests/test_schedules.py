@@ -381,3 +381,12 @@ def test_held_out_batch_comes_from_val_when_present(tokenizer) -> None:
     assert held_out_batch(data, preprocess, 100, seed=0)["pixel_values"].shape[0] == 5
     data.val = None
     assert drawn_from(held_out_batch(data, preprocess, 4, seed=0), "train")
+
+
+def test_describe_schedule_for_model_cards() -> None:
+    from vldistill.schedules import describe_schedule
+
+    assert describe_schedule(2.0) == "2"
+    assert describe_schedule({"kind": "cosine", "start": 5.0, "end": 1.0}) == "cosine 5 -> 1"
+    assert describe_schedule({"kind": "constant", "value": 0.5}) == "0.5"
+    assert describe_schedule({"kind": "step", "start": 1.0, "gamma": 0.5, "milestones": [0.5]}) == "step 1 x0.5 at [0.5]"

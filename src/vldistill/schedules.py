@@ -148,3 +148,15 @@ def uncertainty_weighted(loss: torch.Tensor, log_variance: torch.Tensor, weight:
     Uncertainty to Weigh Losses for Scene Geometry and Semantics"): weight * (exp(-s) L + s), with s the
     learned log-variance of the loss; the s term keeps s from growing without bound."""
     return weight * (torch.exp(-log_variance) * loss + log_variance)
+
+
+def describe_schedule(spec: Any) -> str:
+    """A short human description of a number or a schedule mapping, e.g. "2", "cosine 5 -> 1"."""
+    if not isinstance(spec, Mapping):
+        return f"{spec:g}"
+    kind = spec.get("kind", "")
+    if kind == "constant":
+        return f"{spec.get('value'):g}"
+    if kind == "step":
+        return f"step {spec.get('start'):g} x{spec.get('gamma'):g} at {spec.get('milestones')}"
+    return f"{kind} {spec.get('start'):g} -> {spec.get('end'):g}"

@@ -6,6 +6,8 @@ from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from vldistill.schedules import describe_schedule
+
 CARD_TEMPLATE = """---
 {card_data}
 ---
@@ -63,7 +65,7 @@ def student_card(
             base_model=base_model,
             params=params,
             teacher_params=teacher_params,
-            losses=", ".join(f"{k} (weight {v.get('weight', 1.0)})" for k, v in losses.items()),
+            losses=", ".join(f"{k} (weight {describe_schedule(v.get('weight', 1.0))})" for k, v in losses.items()),
             dataset=dataset,
             metric_rows=rows,
         )
