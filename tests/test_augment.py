@@ -22,7 +22,7 @@ from vldistill.data.augment import (
     sample_text_params,
 )
 from vldistill.config import OptimConfig
-from vldistill.data.pairs import InMemoryPairs, PairCollator
+from vldistill.data.pairs import InMemoryPairs, PairCollator, view_generator
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.synthetic import POSITION_PHRASES, TRAIN_CAPTIONS, make_split, vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
@@ -274,20 +274,25 @@ def test_collator_batch_is_augmented_and_reproducible(shapes_and_tokenize) -> No
     plain = collate(data, tokenize, None)
     assert all(torch.equal(plain[k], v) for k, v in collate(data, tokenize, AugmentConfig()).items())
     first, again = collate(data, tokenize, ALL_ON, seed=1), collate(data, tokenize, ALL_ON, seed=1)
-    assert first.keys() == plain.keys() == {"pixel_values", "input_ids", "attention_mask"}
+    assert first.keys() == plain.keys() == {"pixel_values", "input_ids", "attention_mask", "sample_index", "view"}
+    assert first["sample_index"].tolist() == list(range(8)) and first["view"].tolist() == [0] * 8
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["pixel_values"], plain["pixel_values"])
     assert first["input_ids"].shape != plain["input_ids"].shape or not torch.equal(first["input_ids"], plain["input_ids"])
     other = collate(data, tokenize, ALL_ON, seed=2)
     assert not torch.equal(first["pixel_values"], other["pixel_values"])
-    # The batch holds exactly the views replayed from params drawn with the collator's seed.
-    generator = torch.Generator().manual_seed(1)
+    # The batch holds exactly the views replayed from params drawn with a generator seeded by
+    # (collator seed, sample index, view 0).
     views = [
-        apply_augment(torch.from_numpy(image), caption, sample_params(generator, ALL_ON, 16, caption, attrs), attrs)
-        for image, caption, attrs in zip(data.images, data.captions, data.attributes)
+        apply_augment(
+            torch.from_numpy(image), caption,
+            sample_params(view_generator(1, i, 0), ALL_ON, 16, caption, attrs), attrs,
+        )
+        for i, (image, caption, attrs) in enumerate(zip(data.images, data.captions, data.attributes))
     ]
     expected = PairCollator(tokenize)([(image, caption, None) for image, caption in views])
-    assert all(torch.equal(first[k], expected[k]) for k in first)
+    assert expected.keys() == {"pixel_values", "input_ids", "attention_mask"}  # pairs without an index
+    assert all(torch.equal(first[k], expected[k]) for k in expected)
 
 
 def test_in_memory_pairs_check_attribute_count() -> None:

@@ -72,6 +72,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Run the teachers once over every training pair and view; store their embeddings for distillation."""
+    from vldistill.cache.build import build_cache
+    from vldistill.data.bundle import load_data
+    from vldistill.train.runs import load_teacher
+
+    cfg = _config(args)
+    if cfg.teacher.path is None:
+        raise ConfigError("teacher.path is not set: point it at the teacher to cache (e.g. from `vldistill pretrain-teacher`)")
+    out = args.out if args.out is not None else cfg.cache.path
+    if out is None:
+        raise ConfigError("no cache folder: pass --out CACHE_DIR or set cache.path")
+    teacher = load_teacher(cfg.teacher.path, cfg.teacher.trust_remote_code)
+    result = build_cache(cfg, load_data(cfg.data), teacher, Path(out))
+    print(result.summary())
+    print(f"distill from it with --set cache.path={out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved model on the config's test split and write CLIP_benchmark-style records."""
     from vldistill.data.bundle import load_data
@@ -143,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("eval", cmd_eval, "zero-shot and retrieval evaluation of a saved model", False, "results")
     evaluate.add_argument("model", help="model folder (or hub id)")
     evaluate.add_argument("--name", default=None, help="model name in the results (default: folder name)")
+    cache = sub.add_parser("cache", help="run the teachers once and store their embeddings (resumable)")
+    _add_config_args(cache, config_positional=True)
+    cache.add_argument("--out", default=None, metavar="CACHE_DIR", help="cache folder (default: cache.path)")
+    cache.set_defaults(func=cmd_cache)
     command("sweep", cmd_sweep, "ablation: one run per loss and per named combination")
 
     listing = sub.add_parser("list", help="list registered losses, datasets or packaged configs")

@@ -24,6 +24,8 @@ from vldistill.schedules import WeightingConfig
 PRECISIONS = ("fp32", "bf16")
 RETRIEVAL_MATCHES = ("pair", "identical_caption")
 DATASETS = ("shapes", "manifest")
+CACHE_DTYPES = ("float16", "float32")
+CACHE_MODES = ("auto", "require")
 
 
 class ConfigError(ValueError):
@@ -215,6 +217,36 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The teacher cache: `vldistill cache` stores the teachers' embeddings of `views` views of every
+    training pair (in `dtype`, `shard_rows` rows a shard, `batch_size` pairs a teacher forward, loaded
+    by `num_workers` workers); distillation reads them from `path` instead of running the teachers when
+    every loss needs only embeddings. Otherwise `mode: auto` runs the teachers online (saying why) and
+    `mode: require` fails."""
+
+    views: int = 1
+    batch_size: int = 256
+    shard_rows: int = 4096
+    dtype: str = "float16"
+    num_workers: int = 0
+    path: Optional[str] = None
+    mode: str = "auto"
+
+    def validate(self, where: str) -> None:
+        for name in ("views", "batch_size", "shard_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers must be >= 0, got {self.num_workers}")
+        if self.dtype not in CACHE_DTYPES:
+            raise ConfigError(f"{where}.dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
+        if self.mode not in CACHE_MODES:
+            raise ConfigError(f"{where}.mode must be one of {', '.join(CACHE_MODES)}, got {self.mode!r}")
+        if self.path is not None and not self.path:
+            raise ConfigError(f"{where}.path must be a folder or null, got an empty string")
+
+
+@dataclass
 class SweepConfig:
     """What `vldistill sweep` runs besides the task loss alone: each of `losses` (empty: every registered
     loss) beside the task loss, with `loss_params[name]` as its options, and the named `combinations`."""
@@ -239,7 +271,7 @@ class SweepConfig:
 
 @dataclass
 class ExperimentConfig:
-    """One experiment: data, teacher, student, distillation and evaluation."""
+    """One experiment: data, teacher, student, distillation (optionally from a teacher cache) and evaluation."""
 
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -247,6 +279,7 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self, where: str) -> None:

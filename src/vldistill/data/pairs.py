@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,13 +27,22 @@ class PairSplit:
         return len(self.captions)
 
 
-Sample = tuple[torch.Tensor, str, Optional[dict[str, str]]]
+class PairSample(NamedTuple):
+    """One pair as a dataset yields it: uint8 image (H, W, 3), caption, optional attributes and its
+    index in the dataset (None for a pair built by hand, which cannot be augmented)."""
+
+    image: torch.Tensor
+    caption: str
+    attributes: Optional[dict[str, str]] = None
+    index: Optional[int] = None
+
+
 Preprocess = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
 
 
 class InMemoryPairs(Dataset):
     """Pairs held in memory: uint8 images (N, H, W, 3), one caption each and optional per-sample
-    attributes (the shapes data's, used by caption paraphrase); items are (image, caption, attributes)."""
+    attributes (the shapes data's, used by caption paraphrase); items are `PairSample`s."""
 
     def __init__(
         self, images: np.ndarray, captions: list[str], attributes: Optional[list[dict[str, str]]] = None
@@ -48,9 +58,27 @@ class InMemoryPairs(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> PairSample:
         attributes = self.attributes[index] if self.attributes is not None else None
-        return self.images[index], self.captions[index], attributes
+        return PairSample(self.images[index], self.captions[index], attributes, int(index))
+
+
+def view_generator(seed: int, index: int, view: int) -> torch.Generator:
+    """A generator whose draws depend only on (seed, sample index, view id), not on call order."""
+    digest = hashlib.blake2b(f"{seed}:{index}:{view}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def make_view(sample: PairSample, augment: Optional[AugmentConfig], seed: int, view: int) -> tuple[torch.Tensor, str]:
+    """View `view` of one pair: the pair itself without `augment`, else the augmentation drawn from
+    `view_generator(seed, sample.index, view)`, so it can be regenerated exactly (e.g. by a teacher cache)."""
+    if augment is None:
+        return sample.image, sample.caption
+    if sample.index is None:
+        raise ValueError("augmenting a pair needs its dataset index (PairSample.index) to seed its view")
+    generator = view_generator(seed, sample.index, view)
+    params = sample_params(generator, augment, sample.image.shape[0], sample.caption, sample.attributes)
+    return apply_augment(sample.image, sample.caption, params, sample.attributes)
 
 
 class PairCollator:
@@ -58,9 +86,11 @@ class PairCollator:
     unprefixed `pixel_values`/`input_ids`/`attention_mask`; each `extra[name]` makes the same keys
     prefixed `name.` for a teacher that takes other inputs (tokenizer, image size, normalization).
 
-    With `augment` (training only; None = off), each pair is first replaced by a random view drawn
-    from a generator seeded with `seed`, so every model in the batch sees the same view. Views
-    depend on the order of calls, so use it in the main process (num_workers=0, as `pair_loader` does).
+    With `augment` (training only; None = off), each pair is first replaced by its view (see
+    `make_view`), so every model in the batch sees the same view. Calling the collator uses view
+    `self.view` for every sample (`set_epoch` moves it: epoch e uses view e, or e % `views` when
+    `views` is set, e.g. by a teacher cache holding that many views). When every sample carries its
+    index, the batch also holds `sample_index` and `view`, (B,) LongTensors.
     """
 
     def __init__(
@@ -69,25 +99,38 @@ class PairCollator:
         augment: Optional[AugmentConfig] = None,
         seed: int = 0,
         extra: Optional[Mapping[str, Preprocess]] = None,
+        views: Optional[int] = None,
     ) -> None:
+        if views is not None and views < 1:
+            raise ValueError(f"views must be >= 1 or None, got {views}")
         self.preprocess = preprocess
         self.augment = augment
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.extra = dict(extra or {})
+        self.views = views
+        self.view = 0
 
-    def _view(self, sample: Sample) -> tuple[torch.Tensor, str]:
-        image, caption, attributes = sample
-        if self.augment is None:
-            return image, caption
-        params = sample_params(self.generator, self.augment, image.shape[0], caption, attributes)
-        return apply_augment(image, caption, params, attributes)
+    def set_epoch(self, epoch: int) -> None:
+        """Use the view of training epoch `epoch` for the batches collated from now on."""
+        self.view = epoch if self.views is None else epoch % self.views
 
-    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        images, captions = zip(*(self._view(sample) for sample in samples))
+    def __call__(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        """The batch of view `self.view` of every sample."""
+        return self.collate(samples, [self.view] * len(samples))
+
+    def collate(self, samples: Sequence[tuple], views: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch of view `views[j]` of each sample j (PairSamples, or (image, caption, attributes))."""
+        if len(views) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(views)} view ids")
+        samples = [PairSample(*sample) for sample in samples]
+        images, captions = zip(*(make_view(s, self.augment, self.seed, v) for s, v in zip(samples, views)))
         images, captions = torch.stack(images), list(captions)
         batch = self.preprocess(images, captions)
         for name, preprocess in self.extra.items():
             batch.update({f"{name}.{key}": value for key, value in preprocess(images, captions).items()})
+        if all(s.index is not None for s in samples):
+            batch["sample_index"] = torch.tensor([s.index for s in samples], dtype=torch.long)
+            batch["view"] = torch.tensor(list(views), dtype=torch.long)
         return batch
 
 
@@ -98,13 +141,17 @@ def pair_loader(dataset: Dataset, collate: PairCollator, batch_size: int, seed: 
 
 
 def repeat_batches(loader: DataLoader, steps: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield exactly `steps` batches, starting a new (reshuffled) epoch whenever one ends."""
+    """Yield exactly `steps` batches, starting a new (reshuffled) epoch whenever one ends; a
+    `PairCollator` is told each epoch (`set_epoch`) so it collates that epoch's views."""
     if len(loader) == 0:
         raise ValueError("the dataset is smaller than one batch; lower the batch size or add data")
-    produced = 0
+    produced, epoch = 0, 0
     while produced < steps:
+        if isinstance(loader.collate_fn, PairCollator):
+            loader.collate_fn.set_epoch(epoch)
         for batch in loader:
             yield batch
             produced += 1
             if produced == steps:
                 return
+        epoch += 1

@@ -13,6 +13,8 @@ from vldistill.data.transforms import CLIP_MEAN, CLIP_STD, to_pixel_values
 from vldistill.models.inputs import InputSpec
 
 Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
+# The batch entries a dual encoder's forward takes.
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 
 
 class BatchPreprocessor:
@@ -53,8 +55,7 @@ class BatchPreprocessor:
 
 
 def inputs_for(batch: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-    """One model's inputs from a collated batch: keys prefixed `key.` when `key`, else the unprefixed ones."""
-    if not key:
-        return {k: v for k, v in batch.items() if "." not in k}
-    prefix = f"{key}."
-    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+    """One model's inputs from a collated batch: its `MODEL_INPUTS`, prefixed `key.` when `key`, else
+    the unprefixed ones (other batch entries, such as `sample_index` and `view`, are not inputs)."""
+    prefix = f"{key}." if key else ""
+    return {name: batch[prefix + name] for name in MODEL_INPUTS if prefix + name in batch}

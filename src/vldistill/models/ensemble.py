@@ -124,9 +124,9 @@ class TeacherEnsemble(nn.Module):
         return sum(t.embed_dim for t in self.teachers) if len(self.teachers) > 1 else self.primary.embed_dim
 
     @torch.no_grad()
-    def forward(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
-        """Each teacher's output on its inputs (extras only from the primary, on request), combined."""
-        outputs = [
+    def outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[DualEncoderOutput]:
+        """Each teacher's own output on its inputs (extras only from the primary, on request)."""
+        return [
             teacher(
                 **inputs_for(batch, key),
                 output_hidden_states=k == 0 and TEACHER_HIDDEN_STATES in needs,
@@ -134,4 +134,8 @@ class TeacherEnsemble(nn.Module):
             )
             for k, (teacher, key) in enumerate(zip(self.teachers, self.input_keys))
         ]
-        return combine_outputs(outputs, self.method, self.weights)
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
+        """The teachers' outputs on the batch (see `outputs`), combined."""
+        return combine_outputs(self.outputs(batch, needs), self.method, self.weights)

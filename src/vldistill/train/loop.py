@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from vldistill.cache.teacher import CachedTeacher
 from vldistill.config import OptimConfig
 from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
@@ -84,7 +85,8 @@ def train(
 ) -> TrainResult:
     """Train `student` (and the objective's own parameters) for `optim.steps` batches, AdamW + warmup-cosine.
 
-    When the objective needs a teacher, the teacher runs on every batch in eval mode without gradients.
+    When the objective needs a teacher (a dual encoder, a `TeacherEnsemble`, or a `CachedTeacher` reading
+    stored outputs), it is called on every batch in eval mode without gradients.
     Before each step the objective's weight and temperature schedules move to that step; under gap
     weighting its weights are re-measured on `held_out_batch` (required then) every `every` steps from the
     first. Losses, weights, temperatures and the learning rate are logged every `optim.log_every` steps to
@@ -103,7 +105,7 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
     module, optimizer = accelerator.prepare(module, optimizer)
     if teacher is not None and objective.needs:
-        if not isinstance(teacher, TeacherEnsemble):
+        if not isinstance(teacher, (TeacherEnsemble, CachedTeacher)):
             teacher = TeacherEnsemble([teacher])
         teacher = teacher.to(accelerator.device).eval()
     if objective.needs_held_out:

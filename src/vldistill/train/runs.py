@@ -14,6 +14,8 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill import __version__
+from vldistill.cache.meta import cache_meta
+from vldistill.cache.teacher import CachedTeacher, open_cached_teacher, serve_from_cache
 from vldistill.config import ExperimentConfig
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
@@ -64,10 +66,11 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _batches(split, preprocess, optim, seed: int, augment: AugmentConfig, extra=None):
+def _batches(split, preprocess, optim, seed: int, augment: AugmentConfig, extra=None, views: Optional[int] = None):
     """`optim.steps` training batches of `split`, each pair augmented per `augment` (one view for every
-    model), preprocessed for the student/primary teacher and, prefixed, for each `extra` teacher."""
-    collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra)
+    model), preprocessed for the student/primary teacher and, prefixed, for each `extra` teacher. Epoch e
+    uses view e (fresh views every epoch), or e % `views` when reading a teacher cache of that many."""
+    collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra, views=views)
     pairs = InMemoryPairs(split.images, split.captions, split.attributes)
     return repeat_batches(pair_loader(pairs, collate, optim.batch_size, seed), optim.steps)
 
@@ -136,24 +139,43 @@ def obtain_teacher(cfg: ExperimentConfig, data: DataBundle, cache_dir: Path, log
     return pretrain_teacher(cfg, data, cache_dir, log_dir)
 
 
+def ensemble_members(cfg: ExperimentConfig, primary: TrainedModel) -> list[TrainedModel]:
+    """The primary teacher followed by each loaded `teacher.ensemble` entry."""
+    return [primary, *(load_teacher(entry.path, entry.trust_remote_code) for entry in cfg.teacher.ensemble)]
+
+
+def teacher_weights(cfg: ExperimentConfig) -> list[float]:
+    """The combine weight of each teacher: the primary's, then the ensemble's."""
+    return [cfg.teacher.weight, *(entry.weight for entry in cfg.teacher.ensemble)]
+
+
 def teacher_ensemble(
-    cfg: ExperimentConfig, primary: TrainedModel, student_inputs: InputSpec
+    cfg: ExperimentConfig,
+    primary: TrainedModel,
+    student_inputs: InputSpec,
+    members: Optional[list[TrainedModel]] = None,
 ) -> tuple[TeacherEnsemble, dict[str, BatchPreprocessor]]:
-    """The primary teacher plus `teacher.ensemble`, and the preprocessors of the teachers that take other
-    inputs than the student (batch keys prefixed `teacher{k}.`): every further teacher, and the primary
-    when its input spec differs (e.g. SigLIP's max-length padding)."""
-    teachers, keys, weights, extra = [primary.model], [""], [cfg.teacher.weight], {}
+    """The primary teacher plus `teacher.ensemble` (or the given `members`, primary first), and the
+    preprocessors of the teachers that take other inputs than the student (batch keys prefixed
+    `teacher{k}.`): every further teacher, and the primary when its input spec differs (e.g. SigLIP's
+    max-length padding)."""
+    members = ensemble_members(cfg, primary) if members is None else members
+    keys, extra = [""], {}
     if primary.model.input_spec != student_inputs:
         keys[0] = "teacher0"
         extra["teacher0"] = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
-    for k, entry in enumerate(cfg.teacher.ensemble, start=1):
-        loaded = load_teacher(entry.path, entry.trust_remote_code)
-        key = f"teacher{k}"
-        teachers.append(loaded.model)
-        keys.append(key)
-        weights.append(entry.weight)
-        extra[key] = BatchPreprocessor.for_model(loaded.tokenizer, loaded.model.input_spec)
-    return TeacherEnsemble(teachers, keys, cfg.teacher.combine, weights), extra
+    for k, member in enumerate(members[1:], start=1):
+        keys.append(f"teacher{k}")
+        extra[f"teacher{k}"] = BatchPreprocessor.for_model(member.tokenizer, member.model.input_spec)
+    teachers = [member.model for member in members]
+    return TeacherEnsemble(teachers, keys, cfg.teacher.combine, teacher_weights(cfg)), extra
+
+
+def cached_teacher(cfg: ExperimentConfig, data: DataBundle, primary: TrainedModel) -> CachedTeacher:
+    """The teachers read from the cache at `cache.path`, which must have been built from exactly these
+    teachers (loaded, never run), data and views."""
+    members = ensemble_members(cfg, primary)
+    return open_cached_teacher(cfg.cache.path, cache_meta(cfg, data, members), teacher_weights(cfg), cfg.teacher.combine)
 
 
 def check_teacher_fits_data(teacher, data_image_size: int) -> None:
@@ -192,12 +214,11 @@ def held_out_batch(
     return PairCollator(preprocess, extra=extra)([pairs[i] for i in order.tolist()])
 
 
-def _loss_context(student: CLIPDualEncoder, teachers: Optional[TeacherEnsemble]) -> LossContext:
+def _loss_context(student: CLIPDualEncoder, teachers: Optional[nn.Module], primary: nn.Module) -> LossContext:
     """Sizes the losses build projections and layer maps from (the layer-wise losses need a CLIP primary)."""
     student_spec = spec_from_clip_config(student.model.config)
     if teachers is None:
         return LossContext(student.embed_dim, student_spec=student_spec)
-    primary = teachers.primary
     return LossContext(
         student.embed_dim,
         teachers.embed_dim,
@@ -218,19 +239,26 @@ def train_student(
     log_path: Optional[Path] = None,
 ) -> TrainedModel:
     """Build the configured student for the (primary) teacher, train it with `losses` (default:
-    `cfg.distill.losses`; the teacher ensemble runs online only if a loss needs it) and save it."""
+    `cfg.distill.losses`) and save it. The teachers are used only if a loss needs them: read from the
+    teacher cache at `cache.path` when it can serve every loss (see cache.teacher.serve_from_cache),
+    else run online."""
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
+    from_cache = serve_from_cache(cfg.cache, losses, cfg.distill.weighting)
     set_seed(cfg.seed)
     student = build_student(cfg, teacher, inherit)
-    teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if losses_need(losses) else (None, {})
+    if from_cache:
+        teachers, extra = cached_teacher(cfg, data, teacher), {}
+    else:
+        teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if losses_need(losses) else (None, {})
     objective = build_objective(
-        losses, _loss_context(student, teachers), where="distill.losses", weighting=cfg.distill.weighting
+        losses, _loss_context(student, teachers, teacher.model), where="distill.losses", weighting=cfg.distill.weighting
     )
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     optim = cfg.distill.train
-    batches = _batches(data.train, preprocess, optim, cfg.seed, cfg.data.augment, extra)
+    views = cfg.cache.views if from_cache else None
+    batches = _batches(data.train, preprocess, optim, cfg.seed, cfg.data.augment, extra, views=views)
     held_out = held_out_batch(data, preprocess, optim.batch_size, cfg.seed, extra) if objective.needs_held_out else None
     result = train(
         student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path, held_out_batch=held_out
@@ -240,6 +268,7 @@ def train_student(
         "teacher": str(teacher.path),
         "ensemble": [{"path": t.path, "weight": t.weight} for t in cfg.teacher.ensemble],
         "combine": cfg.teacher.combine,
+        "teacher_cache": cfg.cache.path if from_cache else None,
         "losses": {k: dict(v) for k, v in losses.items()},
         "weighting": asdict(cfg.distill.weighting),
         "inherit": inherit,

@@ -1,0 +1,27 @@
+"""Teacher cache: the teachers' embeddings for every sample and view, computed once and read back."""
+
+from vldistill.cache.store import (
+    CacheCorruptError,
+    CacheError,
+    CacheFormatError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    CacheReader,
+    CacheWriter,
+    diff_dicts,
+    shard_file_name,
+)
+
+__all__ = [
+    "CacheCorruptError",
+    "CacheError",
+    "CacheFormatError",
+    "CacheIncompleteError",
+    "CacheMismatchError",
+    "CacheNotFoundError",
+    "CacheReader",
+    "CacheWriter",
+    "diff_dicts",
+    "shard_file_name",
+]

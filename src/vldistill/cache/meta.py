@@ -1,0 +1,103 @@
+"""What a teacher cache was made from, written into its manifest and checked when it is read: the
+teachers' identity, the data, the transform settings that make each view, and the vldistill version.
+
+Built and read the same way (`cache_meta`), so a cache made with other teacher weights, data or
+augmentation is refused with one line per differing key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from vldistill import __version__
+from vldistill.config import ExperimentConfig
+from vldistill.data.bundle import DataBundle
+from vldistill.models.two_tower import TwoTowerDualEncoder
+
+# Config entries that describe where or how a model was loaded, not what it computes.
+VOLATILE_CONFIG_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version", "architectures"})
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """sha256 over the model's state_dict in sorted key order: each key, dtype, shape and tensor bytes."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stable_config(config: PretrainedConfig) -> dict[str, Any]:
+    """A HF config as JSON data without its volatile entries (private `_*` keys, dtype, versions), so a
+    freshly built model and the same model reloaded from disk describe themselves alike."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if not (str(k).startswith("_") or k in VOLATILE_CONFIG_KEYS)}
+        return value
+
+    return json.loads(json.dumps(clean(config.to_dict()), default=str))
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The architecture of a dual encoder as JSON data: its HF config (CLIP, SigLIP), or for a
+    two-tower model both backbones' configs and its head settings."""
+    if isinstance(model, TwoTowerDualEncoder):
+        return {
+            "vision": _stable_config(model.vision.config),
+            "text": _stable_config(model.text.config),
+            "projection_dim": model.projection_dim,
+            "vision_pooling": model.vision_pooling,
+            "text_pooling": model.text_pooling,
+        }
+    if isinstance(getattr(getattr(model, "model", None), "config", None), PretrainedConfig):
+        return _stable_config(model.model.config)
+    raise ValueError(f"cannot describe a {type(model).__name__} for the teacher cache: it has no HF config")
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the tokenizer's vocabulary and special tokens."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def logit_settings(model: nn.Module) -> dict[str, Optional[float]]:
+    """The teacher's (constant) exponentiated logit scale and, for SigLIP, its logit bias."""
+    bias = getattr(model, "logit_bias", None)
+    return {"logit_scale": float(model.logit_scale.detach()), "logit_bias": None if bias is None else float(bias.detach())}
+
+
+def teacher_identity(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Who a teacher is: class, architecture, weights' sha256, tokenizer's sha256 and logit settings."""
+    return {
+        "class": type(model).__name__,
+        "config": model_config(model),
+        "sha256": state_dict_sha256(model),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        **logit_settings(model),
+    }
+
+
+def cache_meta(cfg: ExperimentConfig, data: DataBundle, teachers: Sequence[Any]) -> dict[str, Any]:
+    """The manifest meta of a cache of `teachers` (TrainedModels: the primary, then the ensemble's) on
+    `data`'s training split, with the views `cfg` makes."""
+    data_settings = {k: v for k, v in asdict(cfg.data).items() if k != "augment"}
+    return {
+        "teachers": {str(k): teacher_identity(t.model, t.tokenizer) for k, t in enumerate(teachers)},
+        "data": {"fingerprint": data.fingerprint, "settings": data_settings, "train_pairs": len(data.train)},
+        "transform": {
+            "augment": asdict(cfg.data.augment),
+            "input_specs": {str(k): asdict(t.model.input_spec) for k, t in enumerate(teachers)},
+            "views": cfg.cache.views,
+            "seed": cfg.seed,
+        },
+        "vldistill": __version__,
+    }

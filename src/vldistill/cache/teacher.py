@@ -1,0 +1,144 @@
+"""The teacher cache standing in for the teachers during distillation: `CachedTeacher` is called like
+a `TeacherEnsemble` (batch, needs) -> DualEncoderOutput, but reads the embeddings stored for the
+batch's samples and view instead of running any model."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vldistill.cache.store import CacheReader
+from vldistill.config import CacheConfig, ConfigError
+from vldistill.losses.base import LOSSES
+from vldistill.models.ensemble import COMBINE_METHODS, combine_outputs
+from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput
+from vldistill.schedules import WeightingConfig
+
+TOWERS = ("image", "text")
+
+
+def field_name(teacher: int, tower: str) -> str:
+    """The cache field of teacher `teacher`'s `tower` ("image" or "text") embeddings."""
+    return f"teacher{teacher}/{tower}"
+
+
+def cache_row(sample_index: torch.Tensor, view: torch.Tensor, views: int) -> torch.Tensor:
+    """Row of each (sample, view) in a cache of `views` views: sample_index * views + view."""
+    return sample_index * views + view
+
+
+class CachedTeacher(nn.Module):
+    """The teachers' combined output read from a cache: per teacher k the rows of `teacher{k}/image`
+    and `teacher{k}/text` for the batch's `sample_index` and `view`, as float32 on the batch's device,
+    with its logit scale (and bias) from the cache meta, combined as `TeacherEnsemble` combines."""
+
+    def __init__(
+        self,
+        reader: CacheReader,
+        weights: Sequence[float],
+        method: str,
+        logit_scales: Sequence[float],
+        logit_biases: Optional[Sequence[Optional[float]]] = None,
+        views: int = 1,
+    ) -> None:
+        super().__init__()
+        if method not in COMBINE_METHODS:
+            raise ValueError(f"unknown combine method {method!r}; known: {', '.join(COMBINE_METHODS)}")
+        count = len(logit_scales)
+        if len(weights) != count or (logit_biases is not None and len(logit_biases) != count):
+            raise ValueError("weights, logit_scales and logit_biases must have one entry per cached teacher")
+        missing = [field_name(k, t) for k in range(count) for t in TOWERS if field_name(k, t) not in reader.fields]
+        if missing:
+            raise ValueError(f"teacher cache at {reader.root} lacks the fields {', '.join(missing)}")
+        self.reader = reader
+        self.weights = list(weights)
+        self.method = method
+        self.logit_scales = list(logit_scales)
+        self.logit_biases = list(logit_biases) if logit_biases is not None else [None] * count
+        self.views = views
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the combined embedding, as `TeacherEnsemble.embed_dim`."""
+        dims = [self.reader.fields[field_name(k, "image")][0] for k in range(len(self.logit_scales))]
+        return sum(dims) if len(dims) > 1 else dims[0]
+
+    def _rows(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        for key in ("sample_index", "view"):
+            if key not in batch:
+                raise ValueError(f"a batch read from the teacher cache needs {key!r}; collate it with PairCollator from a dataset")
+        view = batch["view"]
+        if view.numel() and (view.min() < 0 or view.max() >= self.views):
+            raise ValueError(f"batch view {int(view.max())} is out of range: the teacher cache holds {self.views} views")
+        return cache_row(batch["sample_index"], view, self.views)
+
+    @torch.no_grad()
+    def forward(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
+        """The combined cached output for the batch; only embeddings are cached."""
+        if needs - {TEACHER_EMBEDDINGS}:
+            raise ValueError(f"the teacher cache holds embeddings only, not {', '.join(sorted(needs - {TEACHER_EMBEDDINGS}))}")
+        rows = self._rows(batch).cpu().numpy()
+        device = batch["sample_index"].device
+        outputs = []
+        for k, (scale, bias) in enumerate(zip(self.logit_scales, self.logit_biases)):
+            image, text = (
+                torch.from_numpy(self.reader.rows(field_name(k, tower), rows)).to(device=device, dtype=torch.float32)
+                for tower in TOWERS
+            )
+            outputs.append(DualEncoderOutput(
+                image_embeds=image,
+                text_embeds=text,
+                logit_scale=torch.tensor(scale, dtype=torch.float32, device=device),
+                logit_bias=None if bias is None else torch.tensor(bias, dtype=torch.float32, device=device),
+            ))
+        return combine_outputs(outputs, self.method, self.weights)
+
+
+def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Sequence[float], method: str) -> CachedTeacher:
+    """A `CachedTeacher` over the complete cache at `path` made with exactly `expected_meta` (see
+    cache.meta.cache_meta); the store refuses a missing, partial, mismatching or damaged cache."""
+    reader = CacheReader.open(path, expected_meta)
+    teachers = reader.meta["teachers"]
+    order = [teachers[str(k)] for k in range(len(teachers))]
+    return CachedTeacher(
+        reader,
+        weights,
+        method,
+        [t["logit_scale"] for t in order],
+        [t["logit_bias"] for t in order],
+        views=reader.meta["transform"]["views"],
+    )
+
+
+def cache_blockers(losses: Mapping[str, Any], weighting: WeightingConfig) -> list[str]:
+    """Why the cache cannot stand in for the teachers, one reason each: losses that need more than the
+    teachers' embeddings, and gap weighting (it measures on held-out pairs the cache does not hold)."""
+    reasons = []
+    for name in losses:
+        beyond = LOSSES.get(name).needs - {TEACHER_EMBEDDINGS}
+        if beyond:
+            reasons.append(f"distill.losses.{name} needs the teacher's {' and '.join(sorted(beyond))}")
+    if weighting.kind == "gap":
+        reasons.append("distill.weighting.kind gap measures the teachers on held-out pairs, which the cache does not hold")
+    return reasons
+
+
+def serve_from_cache(cache: CacheConfig, losses: Mapping[str, Any], weighting: WeightingConfig) -> bool:
+    """Whether distillation reads the teachers from `cache.path`: only when it is set, a loss uses the
+    teacher, and nothing needs more than the cached embeddings. Otherwise, with `cache.mode` auto, print
+    one line saying why the teachers run online; with `require`, raise a ConfigError naming the reasons."""
+    if not any(LOSSES.get(name).needs for name in losses):
+        return False
+    if cache.path is None:
+        if cache.mode == "require":
+            raise ConfigError("cache.mode is require, but cache.path is not set: build one with `vldistill cache`")
+        return False
+    reasons = cache_blockers(losses, weighting)
+    if not reasons:
+        return True
+    if cache.mode == "require":
+        raise ConfigError(f"cache.mode is require, but the teacher cache cannot serve this run: {'; '.join(reasons)}")
+    print(f"teacher cache {cache.path} not used, running the teachers online: {'; '.join(reasons)}")
+    return False

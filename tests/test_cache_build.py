@@ -1,0 +1,295 @@
+"""The teacher cache end to end: deterministic per-sample views, building a cache of a two-teacher
+ensemble on the tiny config, reading it back in place of the teachers (checked against the online
+ensemble), distilling from it without running a teacher, when it is refused, and resuming a build."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_clip, config_for
+
+from vldistill.cache import CacheIncompleteError, CacheMismatchError, CacheReader, CacheWriter
+from vldistill.cache.build import build_cache
+from vldistill.cache.teacher import CachedTeacher
+from vldistill.cli import main
+from vldistill.config import ConfigError, OptimConfig, load_config, packaged_config
+from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
+from vldistill.data.bundle import load_data
+from vldistill.data.pairs import InMemoryPairs, PairCollator, make_view, view_generator
+from vldistill.data.preprocess import MODEL_INPUTS, BatchPreprocessor, inputs_for
+from vldistill.models import DualEncoderSpec, TowerSpec
+from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.models.io import read_metadata, save_dual_encoder
+from vldistill.train.runs import _batches, cached_teacher, obtain_teacher, teacher_ensemble, train_student
+
+AUGMENT = AugmentConfig(crop_prob=0.8, flip_prob=0.5, brightness=0.4, word_dropout_prob=0.2, paraphrase_prob=0.5)
+AUGMENT_SET = "data.augment={crop_prob: 0.8, flip_prob: 0.5, brightness: 0.4, word_dropout_prob: 0.2, paraphrase_prob: 0.5}"
+HALF_ULP = 2.0**-12  # fp16 rounding error bound for values in [-1, 1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny config's data, its pretrained teacher, a second (8x8-image, 24-d) ensemble teacher on
+    disk, and a two-view augmented cache of both."""
+    root = tmp_path_factory.mktemp("cache")
+    cfg = load_config(packaged_config("tiny"))
+    data = load_data(cfg.data, progress=False)
+    obtain_teacher(cfg, data, root / "teacher")
+    spec = DualEncoderSpec(vision=TowerSpec(layers=1, width=16, heads=1, patch_size=4),
+                           text=TowerSpec(layers=1, width=16, heads=1), projection_dim=24)
+    teacher = obtain_teacher(load_config(packaged_config("tiny"), [f"teacher.path={root / 'teacher'}"]), data, root)
+    config = config_for(spec, teacher.tokenizer)
+    config.vision_config.image_size = 8
+    save_dual_encoder(build_clip(config, seed=3), teacher.tokenizer, root / "other")
+    overrides = [
+        f"teacher.path={root / 'teacher'}", f"teacher.ensemble=[{{path: {root / 'other'}, weight: 0.5}}]",
+        AUGMENT_SET, "cache.views=2", "cache.batch_size=64", "cache.shard_rows=200", f"cache.path={root / 'ens'}",
+    ]
+    ens_cfg = load_config(packaged_config("tiny"), overrides)
+    ens_data = load_data(ens_cfg.data, progress=False)
+    result = build_cache(ens_cfg, ens_data, teacher, root / "ens", progress=False)
+    return {"root": root, "data": data, "teacher": teacher, "ens_cfg": ens_cfg, "ens_data": ens_data, "result": result}
+
+
+def plain_cfg(tiny, *overrides: str):
+    """The tiny config distilling from the tiny teacher, with a views=1 cache folder at root/plain."""
+    return load_config(packaged_config("tiny"), [
+        f"teacher.path={tiny['root'] / 'teacher'}", f"cache.path={tiny['root'] / 'plain'}", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def plain_cache(tiny):
+    """A single-teacher, unaugmented, one-view cache at root/plain."""
+    cfg = plain_cfg(tiny)
+    return build_cache(cfg, tiny["data"], tiny["teacher"], tiny["root"] / "plain", progress=False)
+
+
+def unpadded(batch, j: int) -> list[int]:
+    """Sample j's token ids without padding."""
+    return batch["input_ids"][j][batch["attention_mask"][j].bool()].tolist()
+
+
+# ---------------------------------------------------------------- deterministic views
+
+
+def test_view_generator_is_seeded_by_seed_index_and_view_only() -> None:
+    digest = hashlib.blake2b(b"7:42:3", digest_size=8).digest()
+    expected = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    draws = torch.rand(5, generator=view_generator(7, 42, 3))
+    assert torch.equal(draws, torch.rand(5, generator=expected))
+    assert not torch.equal(draws, torch.rand(5, generator=view_generator(7, 42, 4)))
+    assert not torch.equal(draws, torch.rand(5, generator=view_generator(8, 42, 3)))
+
+
+def test_views_do_not_depend_on_batch_composition_or_order(tiny) -> None:
+    data = tiny["data"].train
+    pairs = InMemoryPairs(data.images, data.captions, data.attributes)
+    preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
+    collator = PairCollator(preprocess, augment=AUGMENT, seed=5)
+    in_order = collator.collate([pairs[i] for i in range(8)], [1] * 8)
+    shuffled_ids = [6, 2, 7, 0, 5, 3, 1, 4]
+    mixed = collator.collate([pairs[i] for i in [100, *shuffled_ids, 200]], [0, *[1] * 8, 2])
+    for position, i in enumerate(shuffled_ids, start=1):
+        assert torch.equal(mixed["pixel_values"][position], in_order["pixel_values"][i])
+        assert unpadded(mixed, position) == unpadded(in_order, i)
+    assert mixed["sample_index"].tolist() == [100, *shuffled_ids, 200] and mixed["view"].tolist() == [0, *[1] * 8, 2]
+    # Each view is the augmentation replayed from params drawn with view_generator(seed, i, v).
+    i = 3
+    params = sample_params(view_generator(5, i, 1), AUGMENT, 16, data.captions[i], data.attributes[i])
+    image, caption = apply_augment(torch.from_numpy(data.images[i]), data.captions[i], params, data.attributes[i])
+    assert torch.equal(in_order["pixel_values"][i], preprocess(image[None], [caption])["pixel_values"][0])
+    assert unpadded(in_order, i) == unpadded(preprocess(image[None], [caption]), 0)
+    assert inputs_for(in_order, "").keys() == set(MODEL_INPUTS)  # sample_index and view never reach a model
+
+
+def test_views_differ_with_augmentation_and_coincide_without(tiny) -> None:
+    data = tiny["data"].train
+    pairs = InMemoryPairs(data.images, data.captions, data.attributes)
+    differ = sum(
+        not torch.equal(make_view(pairs[i], AUGMENT, 0, 0)[0], make_view(pairs[i], AUGMENT, 0, 1)[0]) for i in range(16)
+    )
+    assert differ >= 14  # crop (p 0.8) and brightness (always drawn) make almost every view pair differ
+    for augment in (None, AugmentConfig()):
+        for i in range(4):
+            views = [make_view(pairs[i], augment, 0, v) for v in range(3)]
+            assert all(torch.equal(image, pairs[i].image) and caption == pairs[i].caption for image, caption in views)
+
+
+def test_epoch_e_uses_view_e_or_e_mod_views(tiny) -> None:
+    data = tiny["data"].train
+    preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
+    optim = OptimConfig(steps=7, batch_size=128, warmup_steps=0)  # 2 batches an epoch
+    fresh = [b["view"].unique().tolist() for b in _batches(data, preprocess, optim, 0, AUGMENT)]
+    assert fresh == [[0], [0], [1], [1], [2], [2], [3]]
+    cached = [b["view"].unique().tolist() for b in _batches(data, preprocess, optim, 0, AUGMENT, views=2)]
+    assert cached == [[0], [0], [1], [1], [0], [0], [1]]
+
+
+# ---------------------------------------------------------------- build and read
+
+
+def test_cache_layout_and_meta(tiny) -> None:
+    result, cfg = tiny["result"], tiny["ens_cfg"]
+    reader = CacheReader.open(result.path, verify=True)
+    assert result.rows == reader.total_rows == 256 * 2 and result.shards_total == 3
+    assert reader.fields == {
+        "teacher0/image": (32, "float16"), "teacher0/text": (32, "float16"),
+        "teacher1/image": (24, "float16"), "teacher1/text": (24, "float16"),
+    }
+    assert result.bytes_per_sample == 2 * (32 + 32 + 24 + 24) * 2  # two views, fp16
+    meta = reader.meta
+    assert meta["transform"]["views"] == 2 and meta["transform"]["seed"] == cfg.seed
+    assert meta["transform"]["augment"]["flip_prob"] == 0.5
+    assert meta["transform"]["input_specs"]["1"]["image_size"] == 8
+    assert meta["data"]["fingerprint"] == tiny["ens_data"].fingerprint
+    assert meta["teachers"]["0"]["class"] == "CLIPDualEncoder"
+    assert meta["teachers"]["0"]["logit_scale"] == pytest.approx(float(tiny["teacher"].model.logit_scale), rel=1e-7)
+    params = tiny["teacher"].model.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(params):
+        tensor = params[key].contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes())
+    assert meta["teachers"]["0"]["sha256"] == digest.hexdigest()
+
+
+def test_cached_teacher_matches_the_online_ensemble(tiny) -> None:
+    cfg, data, primary = tiny["ens_cfg"], tiny["ens_data"], tiny["teacher"]
+    online, extra = teacher_ensemble(cfg, primary, primary.model.input_spec)
+    online.eval()
+    cached = cached_teacher(cfg, data, primary)
+    assert isinstance(cached, CachedTeacher) and cached.embed_dim == online.embed_dim == 56
+    preprocess = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
+    collator = PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra, views=2)
+    pairs = InMemoryPairs(data.train.images, data.train.captions, data.train.attributes)
+    for epoch, ids in ((0, [5, 200, 17, 3, 255, 64]), (3, [5, 0, 128, 99])):
+        collator.set_epoch(epoch)  # epoch 3 reads view 1
+        batch = collator([pairs[i] for i in ids])
+        want, got = online(batch), cached(batch)
+        for name in ("image_embeds", "text_embeds"):
+            assert getattr(got, name).dtype == torch.float32
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=2 * HALF_ULP, rtol=0)
+        assert got.logit_scale.item() == pytest.approx(want.logit_scale.item(), rel=1e-6)
+        torch.testing.assert_close(got.logits_per_image(), want.logits_per_image(), atol=0.02, rtol=0)
+        # The stored rows are each teacher's fp16 output for row sample * 2 + view.
+        rows = np.array(ids) * 2 + epoch % 2
+        stored = cached.reader.rows("teacher1/text", rows)
+        assert np.abs(stored.astype(np.float32) - online.outputs(batch)[1].text_embeds.numpy()).max() <= 2 * HALF_ULP
+
+
+# ---------------------------------------------------------------- distillation from the cache
+
+
+def test_distill_from_cache_never_runs_a_teacher(tiny, plain_cache, monkeypatch, tmp_path) -> None:
+    cfg = plain_cfg(tiny)
+    teacher = copy.deepcopy(tiny["teacher"])
+
+    def never(*args, **kwargs):
+        raise AssertionError("a teacher was run")
+
+    teacher.model.forward = never
+    monkeypatch.setattr(TeacherEnsemble, "outputs", never)
+    student = train_student(cfg, tiny["data"], teacher, tmp_path / "student")
+    assert student.result.steps == cfg.distill.train.steps == 8
+    assert read_metadata(tmp_path / "student")["teacher_cache"] == str(tiny["root"] / "plain")
+    monkeypatch.undo()
+    # The same run with the teacher online follows the same losses, up to the cache's fp16 rounding.
+    online_cfg = plain_cfg(tiny, "cache.path=null")
+    online = train_student(online_cfg, tiny["data"], tiny["teacher"], tmp_path / "online")
+    assert read_metadata(tmp_path / "online")["teacher_cache"] is None
+    assert len(student.result.history) == len(online.result.history) == 2  # steps 4 and 8
+    for cached_row, online_row in zip(student.result.history, online.result.history):
+        for key in ("loss/clip", "loss/kd", "loss/feature", "loss/total"):
+            assert cached_row[key] == pytest.approx(online_row[key], rel=1e-3, abs=1e-5)
+
+
+def test_hidden_state_loss_runs_online_in_auto_and_fails_in_require(tiny, plain_cache, capsys, tmp_path) -> None:
+    losses = "distill.losses={clip: {weight: 1.0}, kd: {weight: 1.0}, hidden: {weight: 1.0}}"
+    cfg = plain_cfg(tiny, losses)
+    student = train_student(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto")
+    out = capsys.readouterr().out
+    assert "running the teachers online: distill.losses.hidden needs the teacher's hidden_states" in out
+    assert student.result.steps == 8 and read_metadata(tmp_path / "auto")["teacher_cache"] is None
+    with pytest.raises(ConfigError, match=r"cache.mode is require.*distill\.losses\.hidden needs the teacher's hidden_states"):
+        train_student(plain_cfg(tiny, losses, "cache.mode=require"), tiny["data"], tiny["teacher"], tmp_path / "req")
+    assert not (tmp_path / "req").exists()
+    with pytest.raises(ConfigError, match="cache.mode is require, but cache.path is not set"):
+        train_student(plain_cfg(tiny, "cache.path=null", "cache.mode=require"), tiny["data"], tiny["teacher"], tmp_path / "r")
+
+
+def test_cache_of_other_teacher_or_data_is_refused(tiny, plain_cache, tmp_path) -> None:
+    other = copy.deepcopy(tiny["teacher"])
+    with torch.no_grad():
+        other.model.model.visual_projection.weight[0, 0] += 1e-3
+    with pytest.raises(CacheMismatchError, match=r"meta\.teachers\.0\.sha256: cache has '[0-9a-f]+'") as caught:
+        cached_teacher(plain_cfg(tiny), tiny["data"], other)
+    assert len(caught.value.differences) == 1  # the weights, nothing else
+    flipped = plain_cfg(tiny, "data.augment.flip_prob=0.5")
+    with pytest.raises(CacheMismatchError, match=r"meta\.transform\.augment\.flip_prob: cache has 0\.0, expected 0\.5"):
+        train_student(flipped, load_data(flipped.data, progress=False), tiny["teacher"], tmp_path / "s")
+    smaller = plain_cfg(tiny, "data.train_size=128")
+    with pytest.raises(CacheMismatchError, match=r"meta\.data\.settings\.train_size: cache has 256, expected 128"):
+        cached_teacher(smaller, load_data(smaller.data, progress=False), tiny["teacher"])
+    with pytest.raises(CacheMismatchError, match=r"meta\.transform\.views: cache has 1, expected 3"):
+        cached_teacher(plain_cfg(tiny, "cache.views=3"), tiny["data"], tiny["teacher"])
+
+
+def test_interrupted_build_resumes_to_the_same_cache(tiny, monkeypatch, tmp_path) -> None:
+    cfg = plain_cfg(tiny, "cache.shard_rows=96", "cache.batch_size=40", f"cache.path={tmp_path / 'resumed'}")
+    data, teacher = tiny["data"], tiny["teacher"]
+    write_shard = CacheWriter.write_shard
+
+    def fail_after_first(self, index, arrays):
+        if index > 0:
+            raise KeyboardInterrupt("interrupted")
+        write_shard(self, index, arrays)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", fail_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, data, teacher, tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(CacheIncompleteError, match="holds 1 of 3 shards"):
+        train_student(cfg, data, teacher, tmp_path / "student")
+    resumed = build_cache(cfg, data, teacher, tmp_path / "resumed", progress=False)
+    assert (resumed.shards_written, resumed.shards_total) == (2, 3)
+    loaded_by_a_worker = plain_cfg(tiny, "cache.shard_rows=96", "cache.batch_size=40", "cache.num_workers=1")
+    whole = build_cache(loaded_by_a_worker, data, teacher, tmp_path / "whole", progress=False)
+    assert whole.shards_written == 3
+
+    def files(folder):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return [shard["files"] for shard in manifest["shards"]], manifest["meta"]
+
+    assert files(tmp_path / "resumed") == files(tmp_path / "whole")
+    assert build_cache(cfg, data, teacher, tmp_path / "whole", progress=False).shards_written == 0
+
+
+# ---------------------------------------------------------------- CLI and config
+
+
+def test_cli_cache_builds_and_reports(tiny, tmp_path, capsys) -> None:
+    tiny_yaml = str(packaged_config("tiny"))
+    assert main(["cache", tiny_yaml, "--out", str(tmp_path / "c"), "--set", f"teacher.path={tiny['root'] / 'teacher'}"]) == 0
+    out = capsys.readouterr().out
+    assert "256 rows (256 pairs x 1 views)" in out and "128 bytes per sample" in out
+    assert CacheReader.open(tmp_path / "c").total_rows == 256
+    assert main(["cache", tiny_yaml, "--out", str(tmp_path / "d")]) == 2
+    assert "teacher.path is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cache.views=0", "cache.views must be >= 1"),
+    ("cache.dtype=int8", "cache.dtype must be one of float16, float32"),
+    ("cache.mode=maybe", "cache.mode must be one of auto, require"),
+    ("cache.num_workers=-1", "cache.num_workers must be >= 0"),
+    ("cache.shards=3", "unknown config key 'cache.shards'"),
+])
+def test_cache_config_errors_name_the_key(override, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(packaged_config("tiny"), [override])
