@@ -5,14 +5,18 @@ Row `sample_index * views + view` of field `teacher{k}/image` (`/text`) holds te
 of that view (regenerated exactly at distillation time, see data.pairs.make_view). The build goes
 shard by shard (a DataLoader over the next shard's rows, so loading overlaps the teachers' forward
 when `cache.num_workers` > 0); an interrupted build resumes at the first shard not yet written.
+Field `view_hash` holds each row's view fingerprint (data.pairs.view_hash), which distillation checks
+its regenerated views against. With `cache.batch_size: auto` the teachers' throughput is probed on real
+batches first and the fastest size is used.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +25,8 @@ from tqdm.auto import tqdm
 
 from vldistill.cache.meta import cache_meta
 from vldistill.cache.store import CacheReader, CacheWriter
-from vldistill.cache.teacher import TOWERS, field_name
-from vldistill.config import ExperimentConfig
+from vldistill.cache.teacher import TOWERS, VIEW_HASH, field_name
+from vldistill.config import AUTO_BATCH_SIZE, ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, PairSample
 from vldistill.data.preprocess import BatchPreprocessor
@@ -81,8 +85,83 @@ class RowCollator:
 
 
 def cache_fields(members: Sequence[TrainedModel], dtype: str) -> dict[str, tuple[int, str]]:
-    """The cache's fields: `teacher{k}/image` and `teacher{k}/text` of each teacher's embedding size."""
-    return {field_name(k, tower): (m.model.embed_dim, dtype) for k, m in enumerate(members) for tower in TOWERS}
+    """The cache's fields: `teacher{k}/image` and `teacher{k}/text` of each teacher's embedding size, and
+    `view_hash` (int64) fingerprinting the view each row was computed from."""
+    fields = {field_name(k, tower): (m.model.embed_dim, dtype) for k, m in enumerate(members) for tower in TOWERS}
+    return {**fields, VIEW_HASH: (1, "int64")}
+
+
+PROBE_SIZES = (64, 128, 256, 512, 1024)
+MIN_GAIN = 0.05  # a larger probe batch must raise images/s by at least this fraction to probe further
+
+
+def pick_batch_size(
+    measure: Callable[[int], float], sizes: Sequence[int] = PROBE_SIZES, min_gain: float = MIN_GAIN
+) -> tuple[int, dict[int, float]]:
+    """The size of the highest images/s (`measure(size)`) among `sizes`, probed in increasing order, and
+    every measured rate. Probing stops at a size that raises RuntimeError (e.g. out of memory) or whose
+    rate beats the previous size's by less than `min_gain`; a RuntimeError at the first size is raised."""
+    if not sizes:
+        raise ValueError("no batch sizes to probe")
+    rates: dict[int, float] = {}
+    for size in sizes:
+        try:
+            rate = measure(size)
+        except RuntimeError as error:
+            if not rates:
+                raise RuntimeError(f"cache.batch_size auto: the teachers failed on a probe batch of {size}: {error}") from error
+            break
+        previous = rates[next(reversed(rates))] if rates else None
+        rates[size] = rate
+        if previous is not None and rate < previous * (1 + min_gain):
+            break
+    best = max(rates, key=lambda size: (rates[size], -size))
+    return best, rates
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _throughput(
+    ensemble: TeacherEnsemble, collator: RowCollator, rows: ShardRows, device: torch.device, repeats: int = 2
+) -> Callable[[int], float]:
+    """A function timing the teachers' images/s on the first `size` rows of `rows` (one warm-up
+    forward, then the fastest of `repeats`; collation and the copy to `device` are not timed)."""
+
+    def measure(size: int) -> float:
+        batch = {key: value.to(device) for key, value in collator([rows[i] for i in range(size)]).items()}
+        seconds = math.inf
+        with torch.inference_mode():
+            ensemble.outputs(batch)
+            _sync(device)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                ensemble.outputs(batch)
+                _sync(device)
+                seconds = min(seconds, time.perf_counter() - start)
+        return size / max(seconds, 1e-9)
+
+    return measure
+
+
+def auto_batch_size(
+    ensemble: TeacherEnsemble, collator: RowCollator, pairs: InMemoryPairs, views: int, device: torch.device
+) -> int:
+    """The batch size `cache.batch_size: auto` builds with: the fastest of PROBE_SIZES (those no larger
+    than the cache's rows; all rows when fewer than the smallest) by `pick_batch_size`; prints the choice."""
+    total = len(pairs) * views
+    sizes = [size for size in PROBE_SIZES if size <= total]
+    if not sizes:
+        print(f"cache.batch_size auto: using {total}, the cache's {total} rows in one batch")
+        return total
+    best, rates = pick_batch_size(_throughput(ensemble, collator, ShardRows(pairs, views, 0, total), device), sizes)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    probed = ", ".join(f"{size}: {rate:.0f}" for size, rate in rates.items())
+    print(f"cache.batch_size auto: using {best} ({rates[best]:.0f} images/s; probed {probed} images/s)")
+    return best
 
 
 def _shard_arrays(
@@ -103,6 +182,7 @@ def _shard_arrays(
             for k, output in enumerate(ensemble.outputs(batch)):
                 for tower, embeds in zip(TOWERS, (output.image_embeds, output.text_embeds)):
                     arrays[field_name(k, tower)][filled : filled + count] = embeds.float().cpu().numpy()
+            arrays[VIEW_HASH][filled : filled + count, 0] = batch[VIEW_HASH].cpu().numpy()
             filled += count
             progress.update(count)
     if filled != rows:
@@ -114,7 +194,8 @@ def build_cache(
     cfg: ExperimentConfig, data: DataBundle, primary: TrainedModel, out: Path, progress: bool = True
 ) -> CacheBuildResult:
     """Build (or resume) the teacher cache of `primary` and `teacher.ensemble` over `data`'s training
-    split at `out`, with `cfg.cache`'s views, dtype, shard size, batch size and loader workers."""
+    split at `out`, with `cfg.cache`'s views, dtype, shard size, batch size (probed when `auto`, see
+    `auto_batch_size`) and loader workers."""
     start_time = time.perf_counter()
     check_teacher_fits_data(primary.model, cfg.data.image_size)
     settings = cfg.cache
@@ -130,13 +211,16 @@ def build_cache(
     writer = CacheWriter.open(out, cache_meta(cfg, data, members), fields, total, settings.shard_rows)
     first = writer.next_shard()
     done = total if first is None else first[0]
+    batch_size = settings.batch_size
+    if batch_size == AUTO_BATCH_SIZE and first is not None:
+        batch_size = auto_batch_size(ensemble, collator, pairs, settings.views, device)
     written = 0
     with tqdm(total=total, initial=done, desc="teacher cache", unit="row", disable=not progress, dynamic_ncols=True) as bar:
         while (span := writer.next_shard()) is not None:
             begin, stop = span
             loader = DataLoader(
                 ShardRows(pairs, settings.views, begin, stop),
-                batch_size=settings.batch_size,
+                batch_size=batch_size,
                 shuffle=False,
                 num_workers=settings.num_workers,
                 collate_fn=collator,

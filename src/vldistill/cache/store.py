@@ -58,6 +58,10 @@ class CacheMismatchError(CacheError):
         self.differences = differences
 
 
+class CacheViewMismatchError(CacheError):
+    """A batch's views are not the views the cache was built from (their stored `view_hash` differs)."""
+
+
 class CacheCorruptError(CacheError):
     """A file of the cache is missing, unreadable, of the wrong size or fails its sha256."""
 

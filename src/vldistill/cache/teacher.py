@@ -1,15 +1,18 @@
 """The teacher cache standing in for the teachers during distillation: `CachedTeacher` is called like
 a `TeacherEnsemble` (batch, needs) -> DualEncoderOutput, but reads the embeddings stored for the
-batch's samples and view instead of running any model."""
+batch's samples and view instead of running any model. Every batch's views are checked against the
+fingerprints (`view_hash`) stored when the cache was built, so the student is fed exactly the views the
+teachers saw."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from vldistill.cache.store import CacheReader
+from vldistill.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchError
 from vldistill.config import CacheConfig, ConfigError
 from vldistill.losses.base import LOSSES
 from vldistill.models.ensemble import COMBINE_METHODS, combine_outputs
@@ -17,6 +20,7 @@ from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput
 from vldistill.schedules import WeightingConfig
 
 TOWERS = ("image", "text")
+VIEW_HASH = "view_hash"  # the cache field (int64, dim 1) and batch key of each view's fingerprint (data.pairs.view_hash)
 
 
 def field_name(teacher: int, tower: str) -> str:
@@ -32,7 +36,8 @@ def cache_row(sample_index: torch.Tensor, view: torch.Tensor, views: int) -> tor
 class CachedTeacher(nn.Module):
     """The teachers' combined output read from a cache: per teacher k the rows of `teacher{k}/image`
     and `teacher{k}/text` for the batch's `sample_index` and `view`, as float32 on the batch's device,
-    with its logit scale (and bias) from the cache meta, combined as `TeacherEnsemble` combines."""
+    with its logit scale (and bias) from the cache meta, combined as `TeacherEnsemble` combines. Each
+    batch's `view_hash` must equal the cached rows' (else CacheViewMismatchError)."""
 
     def __init__(
         self,
@@ -49,9 +54,10 @@ class CachedTeacher(nn.Module):
         count = len(logit_scales)
         if len(weights) != count or (logit_biases is not None and len(logit_biases) != count):
             raise ValueError("weights, logit_scales and logit_biases must have one entry per cached teacher")
-        missing = [field_name(k, t) for k in range(count) for t in TOWERS if field_name(k, t) not in reader.fields]
+        wanted = [*(field_name(k, t) for k in range(count) for t in TOWERS), VIEW_HASH]
+        missing = [name for name in wanted if name not in reader.fields]
         if missing:
-            raise ValueError(f"teacher cache at {reader.root} lacks the fields {', '.join(missing)}")
+            raise ValueError(f"teacher cache at {reader.root} lacks the fields {', '.join(missing)}; {REBUILD_HINT}")
         self.reader = reader
         self.weights = list(weights)
         self.method = method
@@ -66,7 +72,7 @@ class CachedTeacher(nn.Module):
         return sum(dims) if len(dims) > 1 else dims[0]
 
     def _rows(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        for key in ("sample_index", "view"):
+        for key in ("sample_index", "view", VIEW_HASH):
             if key not in batch:
                 raise ValueError(f"a batch read from the teacher cache needs {key!r}; collate it with PairCollator from a dataset")
         view = batch["view"]
@@ -74,12 +80,28 @@ class CachedTeacher(nn.Module):
             raise ValueError(f"batch view {int(view.max())} is out of range: the teacher cache holds {self.views} views")
         return cache_row(batch["sample_index"], view, self.views)
 
+    def _check_views(self, batch: Mapping[str, torch.Tensor], rows: np.ndarray) -> None:
+        """Raise CacheViewMismatchError unless the batch's view fingerprints equal the cached rows'."""
+        found = batch[VIEW_HASH].cpu().numpy()
+        stored = self.reader.rows(VIEW_HASH, rows)[:, 0]
+        differ = np.flatnonzero(found != stored)
+        if differ.size:
+            j = int(differ[0])
+            sample, view = int(batch["sample_index"][j]), int(batch["view"][j])
+            raise CacheViewMismatchError(
+                f"teacher cache at {self.reader.root}: sample {sample} view {view} is not the view the teachers "
+                f"saw (view_hash {int(found[j])}, cache has {int(stored[j])}; {differ.size} of {len(rows)} views "
+                "in the batch differ): the cache was built from other views (e.g. another vldistill version's "
+                f"augmentation) and must be rebuilt: {REBUILD_HINT}"
+            )
+
     @torch.no_grad()
     def forward(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
         """The combined cached output for the batch; only embeddings are cached."""
         if needs - {TEACHER_EMBEDDINGS}:
             raise ValueError(f"the teacher cache holds embeddings only, not {', '.join(sorted(needs - {TEACHER_EMBEDDINGS}))}")
         rows = self._rows(batch).cpu().numpy()
+        self._check_views(batch, rows)
         device = batch["sample_index"].device
         outputs = []
         for k, (scale, bias) in enumerate(zip(self.logit_scales, self.logit_biases)):

@@ -81,6 +81,18 @@ def make_view(sample: PairSample, augment: Optional[AugmentConfig], seed: int, v
     return apply_augment(sample.image, sample.caption, params, sample.attributes)
 
 
+def view_hash(image: torch.Tensor, caption: str) -> int:
+    """63-bit fingerprint of a view as models are fed it (after augmentation, before preprocessing):
+    blake2b (8-byte digest) of its shape as "HxWxC:", its uint8 image bytes in C order, then its
+    caption as UTF-8, read little-endian and shifted right by one so it fits an int64."""
+    if image.dtype != torch.uint8:
+        raise ValueError(f"a view's image must be uint8 to fingerprint, got {image.dtype}")
+    digest = hashlib.blake2b(("x".join(map(str, image.shape)) + ":").encode(), digest_size=8)
+    digest.update(image.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(caption.encode("utf-8"))
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
 class PairCollator:
     """Collate samples into model inputs: `preprocess` makes the student's (and primary teacher's)
     unprefixed `pixel_values`/`input_ids`/`attention_mask`; each `extra[name]` makes the same keys
@@ -90,7 +102,8 @@ class PairCollator:
     `make_view`), so every model in the batch sees the same view. Calling the collator uses view
     `self.view` for every sample (`set_epoch` moves it: epoch e uses view e, or e % `views` when
     `views` is set, e.g. by a teacher cache holding that many views). When every sample carries its
-    index, the batch also holds `sample_index` and `view`, (B,) LongTensors.
+    index, the batch also holds `sample_index`, `view` and `view_hash` (each view's `view_hash`, the
+    fingerprint a teacher cache checks its stored rows against), (B,) LongTensors.
     """
 
     def __init__(
@@ -131,6 +144,7 @@ class PairCollator:
         if all(s.index is not None for s in samples):
             batch["sample_index"] = torch.tensor([s.index for s in samples], dtype=torch.long)
             batch["view"] = torch.tensor(list(views), dtype=torch.long)
+            batch["view_hash"] = torch.tensor([view_hash(i, c) for i, c in zip(images, captions)], dtype=torch.long)
         return batch
 
 

@@ -56,6 +56,6 @@ class BatchPreprocessor:
 
 def inputs_for(batch: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
     """One model's inputs from a collated batch: its `MODEL_INPUTS`, prefixed `key.` when `key`, else
-    the unprefixed ones (other batch entries, such as `sample_index` and `view`, are not inputs)."""
+    the unprefixed ones (other batch entries, such as `sample_index`, `view` and `view_hash`, are not inputs)."""
     prefix = f"{key}." if key else ""
     return {name: batch[prefix + name] for name in MODEL_INPUTS if prefix + name in batch}
