@@ -22,7 +22,7 @@ from vldistill.data.augment import (
     sample_text_params,
 )
 from vldistill.config import OptimConfig
-from vldistill.data.pairs import InMemoryPairs, PairCollator, view_generator
+from vldistill.data.pairs import InMemoryPairs, PairCollator, view_generator, view_hash
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.synthetic import POSITION_PHRASES, TRAIN_CAPTIONS, make_split, vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
@@ -274,7 +274,9 @@ def test_collator_batch_is_augmented_and_reproducible(shapes_and_tokenize) -> No
     plain = collate(data, tokenize, None)
     assert all(torch.equal(plain[k], v) for k, v in collate(data, tokenize, AugmentConfig()).items())
     first, again = collate(data, tokenize, ALL_ON, seed=1), collate(data, tokenize, ALL_ON, seed=1)
-    assert first.keys() == plain.keys() == {"pixel_values", "input_ids", "attention_mask", "sample_index", "view"}
+    assert first.keys() == plain.keys() == {
+        "pixel_values", "input_ids", "attention_mask", "sample_index", "view", "view_hash",
+    }
     assert first["sample_index"].tolist() == list(range(8)) and first["view"].tolist() == [0] * 8
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["pixel_values"], plain["pixel_values"])
@@ -293,6 +295,7 @@ def test_collator_batch_is_augmented_and_reproducible(shapes_and_tokenize) -> No
     expected = PairCollator(tokenize)([(image, caption, None) for image, caption in views])
     assert expected.keys() == {"pixel_values", "input_ids", "attention_mask"}  # pairs without an index
     assert all(torch.equal(first[k], expected[k]) for k in expected)
+    assert first["view_hash"].tolist() == [view_hash(image, caption) for image, caption in views]
 
 
 def test_in_memory_pairs_check_attribute_count() -> None:

@@ -1,26 +1,29 @@
 """The teacher cache end to end: deterministic per-sample views, building a cache of a two-teacher
 ensemble on the tiny config, reading it back in place of the teachers (checked against the online
-ensemble), distilling from it without running a teacher, when it is refused, and resuming a build."""
+ensemble), distilling from it without running a teacher, when it is refused (other settings or other
+views), resuming a build, and probing the build's batch size."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from conftest import build_clip, config_for
 
-from vldistill.cache import CacheIncompleteError, CacheMismatchError, CacheReader, CacheWriter
-from vldistill.cache.build import build_cache
+from vldistill.cache import CacheIncompleteError, CacheMismatchError, CacheReader, CacheViewMismatchError, CacheWriter
+from vldistill.cache.build import PROBE_SIZES, build_cache, pick_batch_size
 from vldistill.cache.teacher import CachedTeacher
 from vldistill.cli import main
 from vldistill.config import ConfigError, OptimConfig, load_config, packaged_config
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
 from vldistill.data.bundle import load_data
-from vldistill.data.pairs import InMemoryPairs, PairCollator, make_view, view_generator
+from vldistill.data import pairs as pairs_module
+from vldistill.data.pairs import InMemoryPairs, PairCollator, make_view, view_generator, view_hash
 from vldistill.data.preprocess import MODEL_INPUTS, BatchPreprocessor, inputs_for
 from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.ensemble import TeacherEnsemble
@@ -140,9 +143,9 @@ def test_cache_layout_and_meta(tiny) -> None:
     assert result.rows == reader.total_rows == 256 * 2 and result.shards_total == 3
     assert reader.fields == {
         "teacher0/image": (32, "float16"), "teacher0/text": (32, "float16"),
-        "teacher1/image": (24, "float16"), "teacher1/text": (24, "float16"),
+        "teacher1/image": (24, "float16"), "teacher1/text": (24, "float16"), "view_hash": (1, "int64"),
     }
-    assert result.bytes_per_sample == 2 * (32 + 32 + 24 + 24) * 2  # two views, fp16
+    assert result.bytes_per_sample == 2 * ((32 + 32 + 24 + 24) * 2 + 8)  # two views, fp16, an int64 hash
     meta = reader.meta
     assert meta["transform"]["views"] == 2 and meta["transform"]["seed"] == cfg.seed
     assert meta["transform"]["augment"]["flip_prob"] == 0.5
@@ -277,7 +280,7 @@ def test_cli_cache_builds_and_reports(tiny, tmp_path, capsys) -> None:
     tiny_yaml = str(packaged_config("tiny"))
     assert main(["cache", tiny_yaml, "--out", str(tmp_path / "c"), "--set", f"teacher.path={tiny['root'] / 'teacher'}"]) == 0
     out = capsys.readouterr().out
-    assert "256 rows (256 pairs x 1 views)" in out and "128 bytes per sample" in out
+    assert "256 rows (256 pairs x 1 views)" in out and "136 bytes per sample" in out
     assert CacheReader.open(tmp_path / "c").total_rows == 256
     assert main(["cache", tiny_yaml, "--out", str(tmp_path / "d")]) == 2
     assert "teacher.path is not set" in capsys.readouterr().err
@@ -289,7 +292,138 @@ def test_cli_cache_builds_and_reports(tiny, tmp_path, capsys) -> None:
     ("cache.mode=maybe", "cache.mode must be one of auto, require"),
     ("cache.num_workers=-1", "cache.num_workers must be >= 0"),
     ("cache.shards=3", "unknown config key 'cache.shards'"),
+    ("cache.batch_size=0", "cache.batch_size must be a positive int or 'auto', got 0"),
+    ("cache.batch_size=fast", "cache.batch_size must be a positive int or 'auto', got 'fast'"),
+    ("cache.batch_size=1.5", r"cache.batch_size must be int or str, got 1.5"),
+    ("cache.batch_size=true", r"cache.batch_size must be int or str, got True"),
 ])
 def test_cache_config_errors_name_the_key(override, message) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(packaged_config("tiny"), [override])
+
+
+def test_cache_batch_size_takes_an_int_or_auto() -> None:
+    assert load_config(packaged_config("tiny"), ["cache.batch_size=auto"]).cache.batch_size == "auto"
+    assert load_config(packaged_config("tiny"), ["cache.batch_size=32"]).cache.batch_size == 32
+
+
+# ---------------------------------------------------------------- view fingerprints
+
+
+def test_view_hash_is_a_stable_63_bit_blake2b_of_image_and_caption() -> None:
+    image = torch.arange(48, dtype=torch.uint8).reshape(4, 4, 3)
+    digest = hashlib.blake2b(b"4x4x3:" + bytes(range(48)) + "a red circle".encode(), digest_size=8).digest()
+    expected = int.from_bytes(digest, "little") >> 1
+    assert view_hash(image, "a red circle") == expected == view_hash(image.clone(), "a red circle")
+    assert 0 <= expected < 2**63
+    assert view_hash(image.flip(1), "a red circle") == view_hash(image.flip(1).contiguous(), "a red circle") != expected
+    assert view_hash(image, "a red circle.") != expected
+    assert view_hash(image.reshape(2, 8, 3), "a red circle") != expected  # same bytes, other shape
+    with pytest.raises(ValueError, match="must be uint8"):
+        view_hash(image.float(), "a red circle")
+
+
+def test_collated_and_cached_view_hashes_are_those_of_the_views(tiny) -> None:
+    cfg, data = tiny["ens_cfg"], tiny["ens_data"].train
+    pairs = InMemoryPairs(data.images, data.captions, data.attributes)
+    preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
+    collator = PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed)
+    ids, views = [9, 0, 131], [1, 0, 1]
+    batch = collator.collate([pairs[i] for i in ids], views)
+    expected = [view_hash(*make_view(pairs[i], cfg.data.augment, cfg.seed, v)) for i, v in zip(ids, views)]
+    assert batch["view_hash"].dtype == torch.long and batch["view_hash"].tolist() == expected
+    assert inputs_for(batch, "").keys() == set(MODEL_INPUTS)  # the hash never reaches a model
+    stored = CacheReader.open(tiny["result"].path).rows("view_hash", np.array(ids) * 2 + np.array(views))
+    assert stored[:, 0].tolist() == expected
+
+
+def test_views_changed_after_the_build_are_refused(tiny, monkeypatch) -> None:
+    cfg, data = tiny["ens_cfg"], tiny["ens_data"]
+    cached = cached_teacher(cfg, data, tiny["teacher"])
+    preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
+    _, extra = teacher_ensemble(cfg, tiny["teacher"], tiny["teacher"].model.input_spec)
+    collator = PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra, views=2)
+    pairs = InMemoryPairs(data.train.images, data.train.captions, data.train.attributes)
+    collator.set_epoch(1)
+    cached(collator([pairs[i] for i in (12, 40)]))  # the views the cache was built from pass
+    augment = pairs_module.apply_augment
+
+    def other_version(image, caption, params, attributes=None):  # e.g. another vldistill's augmentation
+        image, caption = augment(image, caption, params, attributes)
+        return image, caption + " ."
+
+    monkeypatch.setattr(pairs_module, "apply_augment", other_version)
+    with pytest.raises(CacheViewMismatchError, match=(
+        r"sample 12 view 1 is not the view the teachers saw .*2 of 2 views in the batch differ\): the cache was "
+        r"built from other views \(e\.g\. another vldistill version's augmentation\) and must be rebuilt"
+    )):
+        cached(collator([pairs[i] for i in (12, 40)]))
+    batch = collator([pairs[i] for i in (12, 40)])
+    del batch["view_hash"]
+    with pytest.raises(ValueError, match="needs 'view_hash'"):
+        cached(batch)
+
+
+def test_a_tampered_view_hash_is_refused_at_distillation(tiny, plain_cache, tmp_path) -> None:
+    reader = CacheReader.open(plain_cache.path)
+    arrays = {name: reader.rows(name, np.arange(reader.total_rows)) for name in reader.fields}
+    arrays["view_hash"][7, 0] ^= 1
+    writer = CacheWriter.open(tmp_path / "tampered", reader.meta, reader.fields, reader.total_rows, reader.shard_rows)
+    writer.write_shard(0, arrays)
+    writer.finish()
+    cfg = plain_cfg(tiny, f"cache.path={tmp_path / 'tampered'}")
+    with pytest.raises(CacheViewMismatchError, match=r"sample 7 view 0 is not the view the teachers saw.*must be rebuilt"):
+        train_student(cfg, tiny["data"], tiny["teacher"], tmp_path / "student")
+    # A cache without fingerprints (made before they were stored) is refused up front.
+    old = {name: spec for name, spec in reader.fields.items() if name != "view_hash"}
+    writer = CacheWriter.open(tmp_path / "old", reader.meta, old, reader.total_rows, reader.shard_rows)
+    writer.write_shard(0, {name: arrays[name] for name in old})
+    writer.finish()
+    with pytest.raises(ValueError, match=r"lacks the fields view_hash; delete the folder"):
+        cached_teacher(plain_cfg(tiny, f"cache.path={tmp_path / 'old'}"), tiny["data"], tiny["teacher"])
+
+
+# ---------------------------------------------------------------- batch size probing
+
+
+def fake_timing(rates: dict, calls: list):
+    """A measure function returning (or raising) `rates[size]`, recording each size asked for."""
+
+    def measure(size: int) -> float:
+        calls.append(size)
+        if isinstance(rates[size], Exception):
+            raise rates[size]
+        return rates[size]
+
+    return measure
+
+
+@pytest.mark.parametrize("rates, probed, best", [
+    ({64: 100.0, 128: 190.0, 256: 300.0, 512: 310.0, 1024: 900.0}, [64, 128, 256, 512], 512),  # +3%: stop
+    ({64: 100.0, 128: 190.0, 256: 300.0, 512: 315.0, 1024: 900.0}, [64, 128, 256, 512, 1024], 1024),  # +5%: go on
+    ({64: 100.0, 128: 150.0, 256: 200.0, 512: RuntimeError("CUDA out of memory"), 1024: 900.0}, [64, 128, 256, 512], 256),
+    ({64: 100.0, 128: 90.0, 256: 900.0, 512: 900.0, 1024: 900.0}, [64, 128], 64),  # slower: stop, keep 64
+    ({64: 100.0, 128: 200.0, 256: 400.0, 512: 800.0, 1024: 1600.0}, [64, 128, 256, 512, 1024], 1024),
+])
+def test_pick_batch_size_probes_until_no_gain_or_error(rates, probed, best) -> None:
+    calls = []
+    chosen, measured = pick_batch_size(fake_timing(rates, calls), PROBE_SIZES)
+    assert calls == probed and chosen == best
+    assert measured == {size: rates[size] for size in probed if not isinstance(rates[size], Exception)}
+
+
+def test_pick_batch_size_raises_when_the_smallest_batch_fails() -> None:
+    with pytest.raises(RuntimeError, match="the teachers failed on a probe batch of 64: out of memory"):
+        pick_batch_size(fake_timing({64: RuntimeError("out of memory")}, []), PROBE_SIZES)
+
+
+def test_auto_batch_size_build_prints_the_choice(tiny, plain_cache, tmp_path, capsys) -> None:
+    cfg = plain_cfg(tiny, "cache.batch_size=auto", f"cache.path={tmp_path / 'auto'}")
+    result = build_cache(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto", progress=False)
+    out = capsys.readouterr().out
+    assert re.search(r"cache.batch_size auto: using (64|128|256) \(\d+ images/s; probed 64: \d+", out)
+    assert not re.search(r"\b(512|1024): ", out)  # the cache has 256 rows: larger sizes are not probed
+    auto, plain = CacheReader.open(result.path), CacheReader.open(plain_cache.path)
+    rows = np.arange(plain.total_rows)
+    assert np.array_equal(auto.rows("view_hash", rows), plain.rows("view_hash", rows))
+    assert np.allclose(auto.rows("teacher0/image", rows), plain.rows("teacher0/image", rows), atol=2 * HALF_ULP)
