@@ -50,6 +50,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"{where}.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.dataset == "manifest":
@@ -79,6 +80,7 @@ class OptimConfig:
     log_every: int = 50
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.steps < 1:
             raise ConfigError(f"{where}.steps must be >= 1, got {self.steps}")
         if self.batch_size < 2:
@@ -113,6 +115,7 @@ class ExtraTeacherConfig:
     trust_remote_code: bool = False
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if not self.path:
             raise ConfigError(f"{where}.path is required")
         if self.weight < 0:
@@ -131,6 +134,7 @@ class TwoTowerTeacherConfig:
     text_pooling: str = "mean"
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         for name in ("vision", "text"):
             if not getattr(self, name):
                 raise ConfigError(f"{where}.{name} is required: a model folder or hub id")
@@ -158,6 +162,7 @@ class TeacherConfig:
     combine: str = "fixed"
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.combine not in COMBINE_METHODS:
             raise ConfigError(f"{where}.combine must be one of {', '.join(COMBINE_METHODS)}, got {self.combine!r}")
         if self.weight < 0:
@@ -188,6 +193,7 @@ class DistillConfig:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         try:
             specs = parse_loss_specs(self.losses, f"{where}.losses")
         except (KeyError, ValueError) as error:
@@ -206,6 +212,7 @@ class EvalConfig:
     throughput_batch_size: int = 256
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.retrieval_match not in RETRIEVAL_MATCHES:
             raise ConfigError(
                 f"{where}.retrieval_match must be one of {', '.join(RETRIEVAL_MATCHES)}, got {self.retrieval_match!r}"
@@ -234,6 +241,7 @@ class CacheConfig:
     mode: str = "auto"
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         for name in ("views", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
@@ -260,6 +268,7 @@ class SweepConfig:
     combinations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         try:
             for name in self.losses:
                 parse_loss_specs({name: self.loss_params.get(name, {})}, f"{where}.loss_params")
@@ -287,6 +296,7 @@ class ExperimentConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.teacher.path is not None:
             return  # the teacher's architecture is known only once its config is read
         if self.student.inherit:

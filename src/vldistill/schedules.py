@@ -38,6 +38,7 @@ class Schedule:
     milestones: Optional[list[float]] = None
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.kind not in SCHEDULE_KINDS:
             got = "it is missing" if not self.kind else f"got {self.kind!r}"
             raise ValueError(f"{where}.kind must be one of {', '.join(SCHEDULE_KINDS)}; {got}")
@@ -117,6 +118,7 @@ class WeightingConfig:
     every: int = 50
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.kind not in WEIGHTING_KINDS:
             raise ValueError(f"{where}.kind must be one of {', '.join(WEIGHTING_KINDS)}, got {self.kind!r}")
         if self.every < 1:

@@ -60,10 +60,12 @@ class AttentionDistillation(LayerwiseLoss):
 
     @dataclass
     class Params(LayerwiseParams):
+        """This loss's options: the YAML keys beside `weight`."""
         distance: str = "kl"
         heads: str = "average"
 
         def validate(self, where: str) -> None:
+            """Raise an error naming `where`.<field> when a value is impossible."""
             super().validate(where)
             if self.distance not in ATTENTION_DISTANCES:
                 raise ValueError(

@@ -42,6 +42,7 @@ class TemperatureParams:
     temperature: float = 1.0
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if self.temperature <= 0:
             raise ValueError(f"{where}.temperature must be > 0, got {self.temperature}")
 
@@ -58,6 +59,7 @@ class DistillLoss(nn.Module):
 
     @dataclass
     class Params:
+        """This loss's options: the YAML keys beside `weight`."""
         pass
 
     def __init__(self, params: "DistillLoss.Params", context: LossContext) -> None:
@@ -76,6 +78,7 @@ class DistillLoss(nn.Module):
     def forward(
         self, student: DualEncoderOutput, teacher: Optional[DualEncoderOutput]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         raise NotImplementedError
 
 

@@ -24,6 +24,7 @@ class CLIPLoss(DistillLoss):
     From Natural Language Supervision"). Needs no teacher."""
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         loss = clip_contrastive_loss(student.logits_per_image())
         return loss, {"clip": loss.detach()}
 
@@ -45,9 +46,11 @@ class SigLIPLoss(DistillLoss):
 
     @dataclass
     class Params:
+        """This loss's options: the YAML keys beside `weight`."""
         init_bias: float = -10.0
 
         def validate(self, where: str) -> None:
+            """Raise an error naming `where`.<field> when a value is impossible."""
             if not math.isfinite(self.init_bias):
                 raise ValueError(f"{where}.init_bias must be a finite number, got {self.init_bias}")
 
@@ -56,5 +59,6 @@ class SigLIPLoss(DistillLoss):
         self.bias = nn.Parameter(torch.tensor(float(params.init_bias)))
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         loss = sigmoid_pairwise_loss(student.logits_per_image() + self.bias)
         return loss, {"siglip": loss.detach(), "siglip_bias": self.bias.detach()}

@@ -41,9 +41,11 @@ class FeatureDistillation(DistillLoss):
 
     @dataclass
     class Params:
+        """This loss's options: the YAML keys beside `weight`."""
         distance: str = "cosine"
 
         def validate(self, where: str) -> None:
+            """Raise an error naming `where`.<field> when a value is impossible."""
             if self.distance not in FEATURE_DISTANCES:
                 raise ValueError(f"{where}.distance must be one of {', '.join(FEATURE_DISTANCES)}, got {self.distance!r}")
 
@@ -57,6 +59,7 @@ class FeatureDistillation(DistillLoss):
         return feature_distance(projected, teacher.detach(), self.params.distance)
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         image = self._distance(self.image_projection, student.image_embeds, teacher.image_embeds)
         text = self._distance(self.text_projection, student.text_embeds, teacher.text_embeds)
         return (image + text) / 2, {"feature_image": image.detach(), "feature_text": text.detach()}
@@ -88,6 +91,7 @@ class InteractiveContrastiveLearning(DistillLoss):
         self.text_projection = student_to_teacher_projection(context)
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         scale = teacher.logit_scale.detach()
         image = F.normalize(self.image_projection(student.image_embeds), dim=-1)
         text = F.normalize(self.text_projection(student.text_embeds), dim=-1)

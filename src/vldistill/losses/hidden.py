@@ -30,6 +30,7 @@ class LayerwiseParams:
     layer_map: Any = "uniform"
 
     def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
         if not self.towers or any(t not in TOWERS for t in self.towers) or len(set(self.towers)) != len(self.towers):
             raise ValueError(
                 f"{where}.towers must be a non-empty list of distinct {' / '.join(TOWERS)}, got {self.towers!r}"
@@ -126,6 +127,7 @@ class LayerwiseLoss(DistillLoss):
         raise NotImplementedError
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         parts = {f"{self.loss_name}_{tower}": self._tower_loss(tower, student, teacher) for tower in self.params.towers}
         loss = torch.stack(list(parts.values())).mean()
         return loss, {k: v.detach() for k, v in parts.items()}
@@ -156,6 +158,7 @@ class HiddenStateDistillation(LayerwiseLoss):
 
     @dataclass
     class Params(LayerwiseParams):
+        """This loss's options: the YAML keys beside `weight`."""
         pass
 
     def __init__(self, params: "HiddenStateDistillation.Params", context: LossContext) -> None:

@@ -28,6 +28,7 @@ class SoftTargetKD(DistillLoss):
     Params = TemperatureParams
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         t = self.temperature
         s_logits, t_logits = student.logits_per_image(), teacher.logits_per_image().detach()
         image_to_text = soft_target_kl(s_logits, t_logits, t)
@@ -54,6 +55,7 @@ class AffinityMimicking(DistillLoss):
     Params = TemperatureParams
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         t = self.temperature
         s_logits, t_logits = student.logits_per_image() / t, teacher.logits_per_image().detach() / t
         image_to_text = soft_cross_entropy(s_logits, t_logits)

@@ -42,6 +42,7 @@ class ContrastiveRelationalDistillation(DistillLoss):
 
     @dataclass
     class Params(TemperatureParams):
+        """This loss's options: the YAML keys beside `weight`."""
         temperature: float = 0.1
 
     def _relation_kl(self, student: torch.Tensor, teacher: torch.Tensor, drop_diagonal: bool) -> torch.Tensor:
@@ -51,6 +52,7 @@ class ContrastiveRelationalDistillation(DistillLoss):
         return soft_target_kl(student / t, teacher.detach() / t, temperature=1.0)
 
     def forward(self, student, teacher):
+        """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         s_img, s_txt = student.image_embeds, student.text_embeds
         t_img, t_txt = teacher.image_embeds, teacher.text_embeds
         image = self._relation_kl(cosine_matrix(s_img, s_img), cosine_matrix(t_img, t_img), drop_diagonal=True)
