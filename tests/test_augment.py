@@ -22,6 +22,7 @@ from vldistill.data.augment import (
     sample_text_params,
 )
 from vldistill.config import OptimConfig
+from vldistill.data.bundle import in_memory_bundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, view_generator, view_hash
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.synthetic import POSITION_PHRASES, TRAIN_CAPTIONS, make_split, vocabulary
@@ -310,6 +311,6 @@ def test_training_batches_apply_the_configured_augmentation(shapes_and_tokenize)
     tokenizer = build_word_tokenizer(vocabulary())
     preprocess = BatchPreprocessor(make_tokenize(tokenizer, 32))
     optim = OptimConfig(steps=1, batch_size=4, warmup_steps=0)
-    plain = next(_batches(data, preprocess, optim, 0, AugmentConfig()))
-    flipped = next(_batches(data, preprocess, optim, 0, AugmentConfig(flip_prob=1.0)))
+    plain = next(_batches(in_memory_bundle(data, data), preprocess, optim, 0, AugmentConfig()))
+    flipped = next(_batches(in_memory_bundle(data, data), preprocess, optim, 0, AugmentConfig(flip_prob=1.0)))
     assert torch.equal(flipped["pixel_values"], plain["pixel_values"].flip(-1))

@@ -91,8 +91,7 @@ def test_view_generator_is_seeded_by_seed_index_and_view_only() -> None:
 
 
 def test_views_do_not_depend_on_batch_composition_or_order(tiny) -> None:
-    data = tiny["data"].train
-    pairs = InMemoryPairs(data.images, data.captions, data.attributes)
+    pairs = tiny["data"].train
     preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
     collator = PairCollator(preprocess, augment=AUGMENT, seed=5)
     in_order = collator.collate([pairs[i] for i in range(8)], [1] * 8)
@@ -104,16 +103,16 @@ def test_views_do_not_depend_on_batch_composition_or_order(tiny) -> None:
     assert mixed["sample_index"].tolist() == [100, *shuffled_ids, 200] and mixed["view"].tolist() == [0, *[1] * 8, 2]
     # Each view is the augmentation replayed from params drawn with view_generator(seed, i, v).
     i = 3
-    params = sample_params(view_generator(5, i, 1), AUGMENT, 16, data.captions[i], data.attributes[i])
-    image, caption = apply_augment(torch.from_numpy(data.images[i]), data.captions[i], params, data.attributes[i])
+    sample = pairs[i]
+    params = sample_params(view_generator(5, i, 1), AUGMENT, 16, sample.caption, sample.attributes)
+    image, caption = apply_augment(sample.image, sample.caption, params, sample.attributes)
     assert torch.equal(in_order["pixel_values"][i], preprocess(image[None], [caption])["pixel_values"][0])
     assert unpadded(in_order, i) == unpadded(preprocess(image[None], [caption]), 0)
     assert inputs_for(in_order, "").keys() == set(MODEL_INPUTS)  # sample_index and view never reach a model
 
 
 def test_views_differ_with_augmentation_and_coincide_without(tiny) -> None:
-    data = tiny["data"].train
-    pairs = InMemoryPairs(data.images, data.captions, data.attributes)
+    pairs = tiny["data"].train
     differ = sum(
         not torch.equal(make_view(pairs[i], AUGMENT, 0, 0)[0], make_view(pairs[i], AUGMENT, 0, 1)[0]) for i in range(16)
     )
@@ -125,7 +124,7 @@ def test_views_differ_with_augmentation_and_coincide_without(tiny) -> None:
 
 
 def test_epoch_e_uses_view_e_or_e_mod_views(tiny) -> None:
-    data = tiny["data"].train
+    data = tiny["data"]
     preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
     optim = OptimConfig(steps=7, batch_size=128, warmup_steps=0)  # 2 batches an epoch
     fresh = [b["view"].unique().tolist() for b in _batches(data, preprocess, optim, 0, AUGMENT)]
@@ -170,7 +169,7 @@ def test_cached_teacher_matches_the_online_ensemble(tiny) -> None:
     assert isinstance(cached, CachedTeacher) and cached.embed_dim == online.embed_dim == 56
     preprocess = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
     collator = PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra, views=2)
-    pairs = InMemoryPairs(data.train.images, data.train.captions, data.train.attributes)
+    pairs = data.train
     for epoch, ids in ((0, [5, 200, 17, 3, 255, 64]), (3, [5, 0, 128, 99])):
         collator.set_epoch(epoch)  # epoch 3 reads view 1
         batch = collator([pairs[i] for i in ids])
@@ -324,8 +323,7 @@ def test_view_hash_is_a_stable_63_bit_blake2b_of_image_and_caption() -> None:
 
 
 def test_collated_and_cached_view_hashes_are_those_of_the_views(tiny) -> None:
-    cfg, data = tiny["ens_cfg"], tiny["ens_data"].train
-    pairs = InMemoryPairs(data.images, data.captions, data.attributes)
+    cfg, pairs = tiny["ens_cfg"], tiny["ens_data"].train
     preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
     collator = PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed)
     ids, views = [9, 0, 131], [1, 0, 1]
@@ -343,7 +341,7 @@ def test_views_changed_after_the_build_are_refused(tiny, monkeypatch) -> None:
     preprocess = BatchPreprocessor.for_model(tiny["teacher"].tokenizer, tiny["teacher"].model.input_spec)
     _, extra = teacher_ensemble(cfg, tiny["teacher"], tiny["teacher"].model.input_spec)
     collator = PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra, views=2)
-    pairs = InMemoryPairs(data.train.images, data.train.captions, data.train.attributes)
+    pairs = data.train
     collator.set_epoch(1)
     cached(collator([pairs[i] for i in (12, 40)]))  # the views the cache was built from pass
     augment = pairs_module.apply_augment

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import TEXT_LENGTH, build_clip, config_for, model_inputs
 
 from vldistill.config import ConfigError, OptimConfig, load_config
-from vldistill.data.bundle import DataBundle
+from vldistill.data.bundle import in_memory_bundle
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.synthetic import make_split
@@ -367,7 +367,7 @@ def test_training_learns_uncertainty_log_variances(tokenizer, teacher, make_batc
 
 def test_held_out_batch_comes_from_val_when_present(tokenizer) -> None:
     splits = {split: make_split(split, n, image_size=16) for split, n in (("train", 12), ("val", 5), ("test", 4))}
-    data = DataBundle("shapes", splits["train"], splits["test"], None, [], "x", val=splits["val"])
+    data = in_memory_bundle(splits["train"], splits["test"], val=splits["val"])
     pixels = lambda split: [row for row in to_pixel_values(splits[split].images)]  # noqa: E731
 
     def drawn_from(batch, split: str) -> bool:

@@ -53,7 +53,7 @@ def test_distill_from_clip_plus_two_tower_minilm_ensemble(tmp_path):
     primary = obtain_teacher(cfg, data, tmp_path / "unused")
     ensemble, extra = teacher_ensemble(cfg, primary, primary.model.input_spec)
     assert ensemble.input_keys == ["", "teacher1"] and ensemble.embed_dim == 32 + 24
-    batch = PairCollator(extra["teacher1"])([(torch.from_numpy(data.train.images[0]), "a red circle", None)])
+    batch = PairCollator(extra["teacher1"])([(data.train[0].image, "a red circle", None)])
     assert batch["input_ids"][0, 0].item() == 101  # MiniLM's own tokenizer: [CLS] first
     student = train_student(cfg, data, primary, tmp_path / "student")
     assert student.result.steps == cfg.distill.train.steps

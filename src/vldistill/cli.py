@@ -132,6 +132,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Decode every sample of a pair source (or a config's data.train and data.test) once and report bad input."""
+    from vldistill.data.quality import DataQuality
+    from vldistill.data.sources import open_pairs, scan
+
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    image_size = args.image_size
+    if Path(args.path).suffix.lower() in (".yaml", ".yml"):
+        data = load_config(args.path).data
+        sources = list(dict.fromkeys(p for p in (data.train, data.test) if p))
+        if not sources:
+            raise ConfigError(f"{args.path}: data.train and data.test are not set (data.dataset is {data.dataset})")
+        image_size = image_size or data.image_size
+    else:
+        sources = [args.path]
+    failed = False
+    for source in sources:
+        quality = DataQuality(threshold=args.threshold)
+        scan(open_pairs(source, image_size or 224, quality))
+        print(f"{source}: {quality.report()}")
+        failed |= quality.over_threshold()
+    return 1 if failed else 0
+
+
 def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool) -> None:
     if config_positional:
         parser.add_argument("config", help="experiment YAML file")
@@ -167,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", default=None, metavar="CACHE_DIR", help="cache folder (default: cache.path)")
     cache.set_defaults(func=cmd_cache)
     command("sweep", cmd_sweep, "ablation: one run per loss and per named combination")
+
+    data = sub.add_parser("data", help="inspect pair data").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="decode every sample once; count bad input by kind (exit 1 over the threshold)")
+    check.add_argument("path", help="manifest (.jsonl/.csv), image folder, save_to_disk folder, or experiment YAML (its data manifests)")
+    check.add_argument("--threshold", type=float, default=0.01, help="largest acceptable bad share (default 0.01)")
+    check.add_argument("--image-size", type=int, default=None, help="decode size (default: the config's data.image_size, else 224)")
+    check.set_defaults(func=cmd_data_check)
 
     listing = sub.add_parser("list", help="list registered losses, datasets or packaged configs")
     listing.add_argument("kind", choices=["losses", "datasets", "configs"])

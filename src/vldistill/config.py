@@ -23,7 +23,7 @@ from vldistill.schedules import WeightingConfig
 
 PRECISIONS = ("fp32", "bf16")
 RETRIEVAL_MATCHES = ("pair", "identical_caption")
-DATASETS = ("shapes", "manifest")
+DATASETS = ("shapes", "files")
 CACHE_DTYPES = ("float16", "float32")
 CACHE_MODES = ("auto", "require")
 AUTO_BATCH_SIZE = "auto"  # cache.batch_size: probe the teachers' throughput for the fastest size
@@ -36,8 +36,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     """Which pair data to train and evaluate on: the embedded synthetic `shapes` set (sizes and seed
-    below), or your own pairs listed in JSONL manifests (`dataset: manifest`); `augment` sets the
-    training views (teacher pretraining and distillation; evaluation never augments)."""
+    below), or your own `files`: `train` and `test` pairs (a JSONL/CSV manifest, a folder of images
+    with .txt captions, a saved Hugging Face dataset, or webdataset .tar shards), optionally `classes`
+    (a folder per class) for zero-shot classification and `templates` (a file, one prompt per line).
+    Broken samples are skipped and counted; a bad share above `max_bad_share` stops the run.
+    `augment` sets the training views (evaluation never augments)."""
 
     dataset: str = "shapes"
     image_size: int = 32
@@ -45,20 +48,26 @@ class DataConfig:
     val_size: int = 512
     test_size: int = 1000
     seed: int = 0
-    train_manifest: Optional[str] = None
-    test_manifest: Optional[str] = None
+    train: Optional[str] = None
+    test: Optional[str] = None
+    classes: Optional[str] = None
+    templates: Optional[str] = None
+    max_bad_share: float = 0.01
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"{where}.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        if self.dataset == "manifest":
-            for name in ("train_manifest", "test_manifest"):
+        if self.dataset == "files":
+            for name in ("train", "test"):
                 if not getattr(self, name):
-                    raise ConfigError(f"{where}.{name} is required when {where}.dataset is manifest")
-                if not Path(getattr(self, name)).is_file():
-                    raise ConfigError(f"{where}.{name}: file {getattr(self, name)!r} does not exist")
+                    raise ConfigError(f"{where}.{name} is required when {where}.dataset is files")
+        for name in ("train", "test", "classes", "templates"):
+            if getattr(self, name) and not Path(getattr(self, name)).exists():
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} does not exist")
+        if not 0 <= self.max_bad_share < 1:
+            raise ConfigError(f"{where}.max_bad_share must be in [0, 1), got {self.max_bad_share}")
         if self.image_size < 8:
             raise ConfigError(f"{where}.image_size must be >= 8, got {self.image_size}")
         for name in ("train_size", "val_size", "test_size"):

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from vldistill.cache.meta import cache_meta
@@ -28,7 +28,8 @@ from vldistill.cache.store import CacheReader, CacheWriter
 from vldistill.cache.teacher import TOWERS, VIEW_HASH, field_name
 from vldistill.config import AUTO_BATCH_SIZE, ExperimentConfig
 from vldistill.data.bundle import DataBundle
-from vldistill.data.pairs import InMemoryPairs, PairCollator, PairSample
+
+from vldistill.data.pairs import PairCollator, PairSample
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.train.runs import TrainedModel, check_teacher_fits_data, ensemble_members, teacher_ensemble
@@ -62,7 +63,7 @@ class CacheBuildResult:
 class ShardRows(Dataset):
     """Rows [start, stop) of a cache as (pair, view) items: row r is view r % views of pair r // views."""
 
-    def __init__(self, pairs: InMemoryPairs, views: int, start: int, stop: int) -> None:
+    def __init__(self, pairs: Dataset, views: int, start: int, stop: int) -> None:
         self.pairs, self.views, self.start, self.stop = pairs, views, start, stop
 
     def __len__(self) -> int:
@@ -91,6 +92,7 @@ def cache_fields(members: Sequence[TrainedModel], dtype: str) -> dict[str, tuple
     return {**fields, VIEW_HASH: (1, "int64")}
 
 
+MISSING_VIEW = -1  # view_hash of a row whose sample was bad input (real fingerprints are >= 0)
 PROBE_SIZES = (64, 128, 256, 512, 1024)
 MIN_GAIN = 0.05  # a larger probe batch must raise images/s by at least this fraction to probe further
 
@@ -147,7 +149,7 @@ def _throughput(
 
 
 def auto_batch_size(
-    ensemble: TeacherEnsemble, collator: RowCollator, pairs: InMemoryPairs, views: int, device: torch.device
+    ensemble: TeacherEnsemble, collator: RowCollator, pairs: Dataset, views: int, device: torch.device
 ) -> int:
     """The batch size `cache.batch_size: auto` builds with: the fastest of PROBE_SIZES (those no larger
     than the cache's rows; all rows when fewer than the smallest) by `pick_batch_size`; prints the choice."""
@@ -168,25 +170,28 @@ def _shard_arrays(
     ensemble: TeacherEnsemble,
     loader: DataLoader,
     fields: dict[str, tuple[int, str]],
-    rows: int,
+    rows: range,
+    views: int,
     device: torch.device,
     progress: tqdm,
 ) -> dict[str, np.ndarray]:
-    """Every field's (rows, dim) array for one shard, filled batch by batch from the teachers' outputs."""
-    arrays = {name: np.empty((rows, dim), dtype=dtype) for name, (dim, dtype) in fields.items()}
-    filled = 0
+    """Every field's (rows, dim) array for one shard, filled batch by batch from the teachers' outputs at
+    each sample's row. Rows of bad input (skipped by the collator) stay zero with `view_hash` -1, a value
+    no view has, so they are never mistaken for data (training never asks for them: bad samples are
+    dropped from its batches too)."""
+    arrays = {name: np.zeros((len(rows), dim), dtype=dtype) for name, (dim, dtype) in fields.items()}
+    arrays[VIEW_HASH][:] = MISSING_VIEW
     with torch.inference_mode():
         for batch in loader:
+            if not batch:
+                continue
             batch = {key: value.to(device) for key, value in batch.items()}
-            count = batch["sample_index"].shape[0]
+            local = (batch["sample_index"] * views + batch["view"]).cpu().numpy() - rows.start
             for k, output in enumerate(ensemble.outputs(batch)):
                 for tower, embeds in zip(TOWERS, (output.image_embeds, output.text_embeds)):
-                    arrays[field_name(k, tower)][filled : filled + count] = embeds.float().cpu().numpy()
-            arrays[VIEW_HASH][filled : filled + count, 0] = batch[VIEW_HASH].cpu().numpy()
-            filled += count
-            progress.update(count)
-    if filled != rows:
-        raise RuntimeError(f"the shard's loader gave {filled} rows, expected {rows}")
+                    arrays[field_name(k, tower)][local] = embeds.float().cpu().numpy()
+            arrays[VIEW_HASH][local, 0] = batch[VIEW_HASH].cpu().numpy()
+            progress.update(len(local))
     return arrays
 
 
@@ -205,7 +210,12 @@ def build_cache(
     ensemble = ensemble.to(device).eval()
     preprocess = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
     collator = RowCollator(PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra))
-    pairs = InMemoryPairs(data.train.images, data.train.captions, data.train.attributes)
+    pairs = data.train
+    if isinstance(pairs, IterableDataset):
+        raise ValueError(
+            "the teacher cache needs a map-style training set (addressed by sample index): webdataset shards "
+            "are streamed; use a manifest, image folder or HF dataset, or distill online"
+        )
     fields = cache_fields(members, settings.dtype)
     total = len(pairs) * settings.views
     writer = CacheWriter.open(out, cache_meta(cfg, data, members), fields, total, settings.shard_rows)
@@ -225,7 +235,7 @@ def build_cache(
                 num_workers=settings.num_workers,
                 collate_fn=collator,
             )
-            arrays = _shard_arrays(ensemble, loader, fields, stop - begin, device, bar)
+            arrays = _shard_arrays(ensemble, loader, fields, range(begin, stop), settings.views, device, bar)
             writer.write_shard(begin // writer.shard_rows, arrays)
             written += 1
     writer.finish()

@@ -8,8 +8,9 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from vldistill.data.quality import DataQuality
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
 
 
@@ -61,6 +62,11 @@ class InMemoryPairs(Dataset):
     def __getitem__(self, index: int) -> PairSample:
         attributes = self.attributes[index] if self.attributes is not None else None
         return PairSample(self.images[index], self.captions[index], attributes, int(index))
+
+
+def drop_bad(samples: Sequence[Optional[tuple]]) -> list[tuple]:
+    """The samples without the Nones a lazily decoding source returns for bad input."""
+    return [sample for sample in samples if sample is not None]
 
 
 def view_generator(seed: int, index: int, view: int) -> torch.Generator:
@@ -127,15 +133,19 @@ class PairCollator:
         """Use the view of training epoch `epoch` for the batches collated from now on."""
         self.view = epoch if self.views is None else epoch % self.views
 
-    def __call__(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[Optional[tuple]]) -> dict[str, torch.Tensor]:
         """The batch of view `self.view` of every sample."""
         return self.collate(samples, [self.view] * len(samples))
 
-    def collate(self, samples: Sequence[tuple], views: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The batch of view `views[j]` of each sample j (PairSamples, or (image, caption, attributes))."""
+    def collate(self, samples: Sequence[Optional[tuple]], views: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch of view `views[j]` of each sample j (PairSamples, or (image, caption, attributes));
+        None samples (bad input a lazy source skipped, see `drop_bad`) are left out of the batch."""
         if len(views) != len(samples):
             raise ValueError(f"{len(samples)} samples but {len(views)} view ids")
-        samples = [PairSample(*sample) for sample in samples]
+        kept = [(sample, view) for sample, view in zip(samples, views) if sample is not None]
+        if not kept:
+            return {}  # every sample was bad input (already counted): the batch is skipped
+        samples, views = [PairSample(*sample) for sample, _ in kept], [view for _, view in kept]
         images, captions = zip(*(make_view(s, self.augment, self.seed, v) for s, v in zip(samples, views)))
         images, captions = torch.stack(images), list(captions)
         batch = self.preprocess(images, captions)
@@ -149,23 +159,42 @@ class PairCollator:
 
 
 def pair_loader(dataset: Dataset, collate: PairCollator, batch_size: int, seed: int) -> DataLoader:
-    """A shuffling loader with a seeded order that drops the last incomplete batch."""
+    """A loader that drops the last incomplete batch: shuffled in a seeded order for a map-style
+    dataset; a streaming one (IterableDataset) shuffles its shards itself (`set_epoch`)."""
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=collate)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate, generator=generator)
 
 
-def repeat_batches(loader: DataLoader, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+def repeat_batches(
+    loader: DataLoader, steps: int, quality: Optional[DataQuality] = None, check_every: int = 50
+) -> Iterator[dict[str, torch.Tensor]]:
     """Yield exactly `steps` batches, starting a new (reshuffled) epoch whenever one ends; a
-    `PairCollator` is told each epoch (`set_epoch`) so it collates that epoch's views."""
-    if len(loader) == 0:
+    `PairCollator` (and a streaming dataset) is told each epoch (`set_epoch`) so it yields that
+    epoch's views and shard order. A batch whose every sample was bad input is skipped; with
+    `quality`, its threshold is checked every `check_every` batches and at each epoch's end
+    (DataQualityError when exceeded)."""
+    if not isinstance(loader.dataset, IterableDataset) and len(loader) == 0:
         raise ValueError("the dataset is smaller than one batch; lower the batch size or add data")
     produced, epoch = 0, 0
     while produced < steps:
         if isinstance(loader.collate_fn, PairCollator):
             loader.collate_fn.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        produced_before = produced
         for batch in loader:
+            if not batch:
+                continue
             yield batch
             produced += 1
+            if quality is not None and produced % check_every == 0:
+                quality.check()
             if produced == steps:
                 return
+        if quality is not None:
+            quality.check()
+        if produced == produced_before:
+            raise ValueError("a whole pass over the training data gave no usable batch; see the data quality report")
         epoch += 1

@@ -32,7 +32,7 @@ def evaluate_model(
 ) -> dict:
     """Zero-shot and retrieval records for `model` on `data.test`, plus a flat summary of key figures.
 
-    Zero-shot classification runs when the data has class names (else `acc1` is None in the summary).
+    Zero-shot classification runs on `data.zeroshot` when the data has one (else `acc1` is None).
     Retrieval counts a hit when the retrieved caption (or image) is equivalent to the ground truth,
     i.e. has an identical caption (`cfg.retrieval_match="identical_caption"`), or only the paired
     item (`"pair"`). Records are written to `results_dir/{model_name}_{task}.json` when given.
@@ -46,16 +46,19 @@ def evaluate_model(
     )
     records = {
         "zeroshot_retrieval": make_result(
-            data.name, model_name, "zeroshot_retrieval", retrieval, retrieval_match=cfg.retrieval_match
+            data.name, model_name, "zeroshot_retrieval", retrieval, retrieval_match=cfg.retrieval_match,
+            data_quality=data.quality.summary(),
         ),
     }
     zeroshot: dict[str, float] = {}
-    if data.classnames is not None:
+    if data.zeroshot is not None:
         zeroshot = evaluate_zero_shot(
-            model, tokenize, pixels, data.test.labels.tolist(), data.classnames, cfg.templates or data.templates,
-            batch_size=cfg.batch_size, progress=progress,
+            model, tokenize, to_pixel_values(data.zeroshot.images), data.zeroshot.labels.tolist(), data.classnames,
+            cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress,
         )
-        records["zeroshot_classification"] = make_result(data.name, model_name, "zeroshot_classification", zeroshot)
+        records["zeroshot_classification"] = make_result(
+            data.name, model_name, "zeroshot_classification", zeroshot, data_quality=data.quality.summary()
+        )
     if results_dir is not None:
         for task, record in records.items():
             write_result(record, Path(results_dir) / f"{model_name}_{task}.json")

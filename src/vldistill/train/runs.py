@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from accelerate.utils import set_seed
 from torch import nn
+from torch.utils.data import IterableDataset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill import __version__
@@ -21,6 +24,7 @@ from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
 from vldistill.data.preprocess import BatchPreprocessor
+from vldistill.data.quality import DataQualityError
 from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.losses import LossContext, build_objective
 from vldistill.losses.registry import losses_need
@@ -66,13 +70,13 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _batches(split, preprocess, optim, seed: int, augment: AugmentConfig, extra=None, views: Optional[int] = None):
-    """`optim.steps` training batches of `split`, each pair augmented per `augment` (one view for every
+def _batches(data: DataBundle, preprocess, optim, seed: int, augment: AugmentConfig, extra=None, views=None):
+    """`optim.steps` training batches of `data.train`, each pair augmented per `augment` (one view for every
     model), preprocessed for the student/primary teacher and, prefixed, for each `extra` teacher. Epoch e
-    uses view e (fresh views every epoch), or e % `views` when reading a teacher cache of that many."""
+    uses view e (fresh views every epoch), or e % `views` when reading a teacher cache of that many. Bad
+    input is skipped and counted; too much of it stops the run (DataQualityError)."""
     collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra, views=views)
-    pairs = InMemoryPairs(split.images, split.captions, split.attributes)
-    return repeat_batches(pair_loader(pairs, collate, optim.batch_size, seed), optim.steps)
+    return repeat_batches(pair_loader(data.train, collate, optim.batch_size, seed), optim.steps, data.quality)
 
 
 def _new_two_tower(cfg: ExperimentConfig) -> tuple[TwoTowerDualEncoder, PreTrainedTokenizerBase]:
@@ -111,16 +115,31 @@ def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log
 def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, tokenizer, out_dir: Path, log_dir) -> TrainedModel:
     objective = build_objective({"clip": {"weight": 1.0}}, LossContext(teacher.embed_dim))
     preprocess = BatchPreprocessor.for_model(tokenizer, teacher.input_spec)
-    batches = _batches(data.train, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment)
+    batches = _batches(data, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment)
     log_path = log_dir / "teacher.jsonl" if log_dir else None
-    result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
     metadata = {"role": "teacher", "fingerprint": teacher_fingerprint(cfg, data), "vldistill": __version__}
-    if isinstance(teacher, CLIPDualEncoder):
-        save_dual_encoder(teacher, tokenizer, out_dir, metadata=metadata)
-    else:
-        teacher.save_pretrained(out_dir)
-        write_text_atomic(Path(out_dir) / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+    def save(folder: Path) -> Path:
+        if isinstance(teacher, CLIPDualEncoder):
+            return save_dual_encoder(teacher, tokenizer, folder, metadata=metadata)
+        teacher.save_pretrained(folder)
+        write_text_atomic(Path(folder) / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        return Path(folder)
+
+    with saved_on_bad_data(lambda: save(Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted"))):
+        result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
+    save(out_dir)
     return TrainedModel(teacher, tokenizer, Path(out_dir), result)
+
+
+@contextmanager
+def saved_on_bad_data(save: Callable[[], Path]) -> Iterator[None]:
+    """Run the block; if too much bad input stops it (DataQualityError), first save the model trained so
+    far with `save`, then re-raise saying where it is."""
+    try:
+        yield
+    except DataQualityError as error:
+        raise DataQualityError(f"{error}\nthe model trained so far was saved to {save()}") from None
 
 
 def load_teacher(path: str, trust_remote_code: bool = False) -> TrainedModel:
@@ -206,12 +225,15 @@ def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -
 def held_out_batch(
     data: DataBundle, preprocess, batch_size: int, seed: int, extra: Optional[dict] = None
 ) -> dict[str, torch.Tensor]:
-    """A fixed, unaugmented batch for gap weighting: `batch_size` pairs (at most the split) drawn with
-    `seed` from the validation split when there is one, else from the training split."""
-    split = data.val if data.val is not None else data.train
-    pairs = InMemoryPairs(split.images, split.captions)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    return PairCollator(preprocess, extra=extra)([pairs[i] for i in order.tolist()])
+    """A fixed, unaugmented batch for gap weighting: up to `batch_size` good pairs drawn with `seed` from
+    the validation set when there is one, else from the training set (the first ones of a stream)."""
+    dataset = data.val if data.val is not None else data.train
+    if isinstance(dataset, IterableDataset):
+        samples = list(itertools.islice((s for s in dataset if s is not None), batch_size))
+    else:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:batch_size]
+        samples = [dataset[i] for i in order.tolist()]
+    return PairCollator(preprocess, extra=extra)(samples)
 
 
 def _loss_context(student: CLIPDualEncoder, teachers: Optional[nn.Module], primary: nn.Module) -> LossContext:
@@ -258,11 +280,8 @@ def train_student(
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     optim = cfg.distill.train
     views = cfg.cache.views if from_cache else None
-    batches = _batches(data.train, preprocess, optim, cfg.seed, cfg.data.augment, extra, views=views)
+    batches = _batches(data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views=views)
     held_out = held_out_batch(data, preprocess, optim.batch_size, cfg.seed, extra) if objective.needs_held_out else None
-    result = train(
-        student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path, held_out_batch=held_out
-    )
     metadata = {
         "role": "student",
         "teacher": str(teacher.path),
@@ -275,5 +294,10 @@ def train_student(
         "seed": cfg.seed,
         "vldistill": __version__,
     }
-    save_dual_encoder(student, teacher.tokenizer, out_dir, metadata=metadata)
+    interrupted = Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted")
+    with saved_on_bad_data(lambda: save_dual_encoder(student, teacher.tokenizer, interrupted, metadata=metadata)):
+        result = train(
+            student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path, held_out_batch=held_out
+        )
+    save_dual_encoder(student, teacher.tokenizer, out_dir, metadata={**metadata, "data_quality": data.quality.summary()})
     return TrainedModel(student, teacher.tokenizer, Path(out_dir), result)
