@@ -107,3 +107,41 @@ def test_files_config_errors(tmp_path):
         load_config(None, ["data.dataset=files", f"data.train={tmp_path}", f"data.test={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match=r"data.max_bad_share must be in \[0, 1\)"):
         load_config(None, ["data.max_bad_share=1.5"])
+
+
+def test_distill_from_streamed_webdataset_shards(tmp_path):
+    from vldistill.data.webdataset import write_synthetic_shards
+
+    clean = load_config(packaged_config("tiny"), files_overrides(tmp_path / "clean", broken=0))
+    clean_data = load_data(clean.data, progress=False)
+    teacher = obtain_teacher(clean, clean_data, tmp_path / "teacher")
+    write_synthetic_shards(tmp_path / "shards", num_pairs=96, pairs_per_shard=32, image_size=16)
+    cfg = load_config(packaged_config("tiny"), [
+        "data.dataset=files", f"data.train={tmp_path / 'shards'}", f"data.test={clean.data.test}", "data.image_size=16",
+    ])
+    data = load_data(cfg.data, progress=False)
+    student = train_student(cfg, data, teacher, tmp_path / "student")
+    assert student.result.steps == cfg.distill.train.steps  # 8 steps of 32 from 3 streamed shards: 3 epochs
+    assert data.quality.good >= cfg.distill.train.steps * cfg.distill.train.batch_size
+    with pytest.raises(ValueError, match="captions of a streaming WebDatasetPairs are unknown"):
+        data.words()
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_bad_input_counts_reach_the_main_process_from_loader_workers(tmp_path, workers):
+    from vldistill.config import OptimConfig
+    from vldistill.data.preprocess import BatchPreprocessor
+    from vldistill.data.synthetic import vocabulary
+    from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
+    from vldistill.train.runs import _batches
+
+    cfg = load_config(packaged_config("tiny"), files_overrides(tmp_path, broken=6, max_bad_share=0.5))
+    preprocess = BatchPreprocessor(make_tokenize(build_word_tokenizer(vocabulary()), 32))
+    optim = OptimConfig(steps=2, batch_size=32, warmup_steps=0)
+    tallies = []
+    for num_workers in (0, workers):
+        data = load_data(cfg.data, progress=False)
+        batches = list(_batches(data, preprocess, optim, 0, cfg.data.augment, num_workers=num_workers))
+        assert all("data_quality" not in batch for batch in batches)
+        tallies.append((data.quality.good, dict(data.quality.bad)))
+    assert tallies[0] == tallies[1] and sum(tallies[0][1].values()) > 0

@@ -40,6 +40,7 @@ class DataConfig:
     with .txt captions, a saved Hugging Face dataset, or webdataset .tar shards), optionally `classes`
     (a folder per class) for zero-shot classification and `templates` (a file, one prompt per line).
     Broken samples are skipped and counted; a bad share above `max_bad_share` stops the run.
+    `num_workers` processes decode training batches (0: in the training process).
     `augment` sets the training views (evaluation never augments)."""
 
     dataset: str = "shapes"
@@ -53,6 +54,7 @@ class DataConfig:
     classes: Optional[str] = None
     templates: Optional[str] = None
     max_bad_share: float = 0.01
+    num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
@@ -66,6 +68,8 @@ class DataConfig:
         for name in ("train", "test", "classes", "templates"):
             if getattr(self, name) and not Path(getattr(self, name)).exists():
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} does not exist")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_share < 1:
             raise ConfigError(f"{where}.max_bad_share must be in [0, 1), got {self.max_bad_share}")
         if self.image_size < 8:

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from vldistill.data.quality import DataQuality
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
@@ -110,6 +110,10 @@ class PairCollator:
     `views` is set, e.g. by a teacher cache holding that many views). When every sample carries its
     index, the batch also holds `sample_index`, `view` and `view_hash` (each view's `view_hash`, the
     fingerprint a teacher cache checks its stored rows against), (B,) LongTensors.
+
+    Inside a DataLoader worker, the bad-input counts the worker's copy of `quality` gathered since the
+    last batch travel with the batch as `batch["data_quality"]` (`repeat_batches` merges them into the
+    main process's `quality`).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class PairCollator:
         seed: int = 0,
         extra: Optional[Mapping[str, Preprocess]] = None,
         views: Optional[int] = None,
+        quality: Optional[DataQuality] = None,
     ) -> None:
         if views is not None and views < 1:
             raise ValueError(f"views must be >= 1 or None, got {views}")
@@ -128,14 +133,18 @@ class PairCollator:
         self.extra = dict(extra or {})
         self.views = views
         self.view = 0
+        self.quality = quality
 
     def set_epoch(self, epoch: int) -> None:
         """Use the view of training epoch `epoch` for the batches collated from now on."""
         self.view = epoch if self.views is None else epoch % self.views
 
     def __call__(self, samples: Sequence[Optional[tuple]]) -> dict[str, torch.Tensor]:
-        """The batch of view `self.view` of every sample."""
-        return self.collate(samples, [self.view] * len(samples))
+        """The batch of view `self.view` of every sample (with the worker's bad-input counts, in a worker)."""
+        batch = self.collate(samples, [self.view] * len(samples))
+        if self.quality is not None and get_worker_info() is not None:
+            batch["data_quality"] = self.quality.drain()
+        return batch
 
     def collate(self, samples: Sequence[Optional[tuple]], views: Sequence[int]) -> dict[str, torch.Tensor]:
         """The batch of view `views[j]` of each sample j (PairSamples, or (image, caption, attributes));
@@ -158,13 +167,31 @@ class PairCollator:
         return batch
 
 
-def pair_loader(dataset: Dataset, collate: PairCollator, batch_size: int, seed: int) -> DataLoader:
-    """A loader that drops the last incomplete batch: shuffled in a seeded order for a map-style
-    dataset; a streaming one (IterableDataset) shuffles its shards itself (`set_epoch`)."""
+class _EmptyWorkerTally:
+    """Worker start hook: empty the worker's copy of the tally, so it ships only what the worker counts."""
+
+    def __init__(self, quality: DataQuality) -> None:
+        self.quality = quality
+
+    def __call__(self, worker_id: int) -> None:
+        self.quality.drain()
+
+
+def pair_loader(
+    dataset: Dataset, collate: PairCollator, batch_size: int, seed: int, num_workers: int = 0
+) -> DataLoader:
+    """A loader that drops the last incomplete batch, decoding in `num_workers` processes: shuffled in a
+    seeded order for a map-style dataset; a streaming one (IterableDataset) shuffles its shards itself
+    (`set_epoch`) and splits them across the workers."""
+    workers = {"num_workers": num_workers}
+    if num_workers and collate.quality is not None:
+        workers["worker_init_fn"] = _EmptyWorkerTally(collate.quality)
     if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=collate)
+        return DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=collate, **workers)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate, generator=generator)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate, generator=generator, **workers
+    )
 
 
 def repeat_batches(
@@ -185,6 +212,9 @@ def repeat_batches(
             loader.dataset.set_epoch(epoch)
         produced_before = produced
         for batch in loader:
+            counts = batch.pop("data_quality", None)
+            if counts is not None and quality is not None:
+                quality.merge(counts)
             if not batch:
                 continue
             yield batch

@@ -68,6 +68,20 @@ class DataQuality:
                 lines.append(f"  {kind}: {self.bad[kind]}, e.g. " + "; ".join(self.examples.get(kind, [])))
         return "\n".join(lines)
 
+    def merge(self, other: "DataQuality") -> None:
+        """Add another tally's counts (and examples, up to the kept number per kind) to this one."""
+        self.good += other.good
+        for kind, count in other.bad.items():
+            self.bad[kind] += count
+            kept = self.examples.setdefault(kind, [])
+            kept.extend(other.examples.get(kind, [])[: EXAMPLES_PER_KIND - len(kept)])
+
+    def drain(self) -> "DataQuality":
+        """The counts gathered so far as a new tally, leaving this one empty (a worker's mailbox)."""
+        taken = DataQuality(self.threshold, self.good, self.bad, self.examples)
+        self.good, self.bad, self.examples = 0, Counter(), {}
+        return taken
+
     def check(self) -> None:
         """Raise DataQualityError with the report when the bad share exceeds the threshold."""
         if self.over_threshold():

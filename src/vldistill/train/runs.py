@@ -70,13 +70,16 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _batches(data: DataBundle, preprocess, optim, seed: int, augment: AugmentConfig, extra=None, views=None):
+def _batches(
+    data: DataBundle, preprocess, optim, seed: int, augment: AugmentConfig, extra=None, views=None, num_workers: int = 0
+):
     """`optim.steps` training batches of `data.train`, each pair augmented per `augment` (one view for every
     model), preprocessed for the student/primary teacher and, prefixed, for each `extra` teacher. Epoch e
     uses view e (fresh views every epoch), or e % `views` when reading a teacher cache of that many. Bad
     input is skipped and counted; too much of it stops the run (DataQualityError)."""
-    collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra, views=views)
-    return repeat_batches(pair_loader(data.train, collate, optim.batch_size, seed), optim.steps, data.quality)
+    collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra, views=views, quality=data.quality)
+    loader = pair_loader(data.train, collate, optim.batch_size, seed, num_workers)
+    return repeat_batches(loader, optim.steps, data.quality)
 
 
 def _new_two_tower(cfg: ExperimentConfig) -> tuple[TwoTowerDualEncoder, PreTrainedTokenizerBase]:
@@ -115,7 +118,7 @@ def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log
 def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, tokenizer, out_dir: Path, log_dir) -> TrainedModel:
     objective = build_objective({"clip": {"weight": 1.0}}, LossContext(teacher.embed_dim))
     preprocess = BatchPreprocessor.for_model(tokenizer, teacher.input_spec)
-    batches = _batches(data, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment)
+    batches = _batches(data, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment, num_workers=cfg.data.num_workers)
     log_path = log_dir / "teacher.jsonl" if log_dir else None
     metadata = {"role": "teacher", "fingerprint": teacher_fingerprint(cfg, data), "vldistill": __version__}
 
@@ -280,7 +283,7 @@ def train_student(
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     optim = cfg.distill.train
     views = cfg.cache.views if from_cache else None
-    batches = _batches(data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views=views)
+    batches = _batches(data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views, cfg.data.num_workers)
     held_out = held_out_batch(data, preprocess, optim.batch_size, cfg.seed, extra) if objective.needs_held_out else None
     metadata = {
         "role": "student",
