@@ -100,6 +100,14 @@ def test_too_much_bad_input_stops_the_run_after_saving_the_model(tmp_path):
     assert not (tmp_path / "student").exists()
 
 
+def test_class_names_from_a_json_map(tmp_path):
+    overrides = files_overrides(tmp_path)
+    folders = sorted(p.name for p in (tmp_path / "classes").iterdir())
+    (tmp_path / "names.json").write_text(json.dumps({f: f"class {i}" for i, f in enumerate(folders)}))
+    cfg = load_config(packaged_config("tiny"), [*overrides, f"data.classnames={tmp_path / 'names.json'}"])
+    assert load_data(cfg.data, progress=False).classnames == [f"class {i}" for i in range(len(folders))]
+
+
 def test_files_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.train is required when data.dataset is files"):
         load_config(None, ["data.dataset=files"])

@@ -46,8 +46,10 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out)
     _save_config(cfg, out)
-    pretrain_teacher(cfg, load_data(cfg.data), out / "teacher", log_dir=out / "logs")
+    data = load_data(cfg.data)
+    pretrain_teacher(cfg, data, out / "teacher", log_dir=out / "logs")
     print(f"teacher saved to {out / 'teacher'}")
+    print(f"data quality: {data.quality.report()}")
     return 0
 
 
@@ -66,6 +68,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher = obtain_teacher(cfg, data, out / "teacher")
     student = train_student(cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl")
     print(f"student saved to {student.path}")
+    print(f"data quality: {data.quality.report()}")
     if not args.no_eval:
         summary = evaluate_model(student.model, student.tokenizer, data, cfg.eval, "student", out / "results")["summary"]
         print(json.dumps(summary, indent=2))

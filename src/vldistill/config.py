@@ -38,7 +38,8 @@ class DataConfig:
     """Which pair data to train and evaluate on: the embedded synthetic `shapes` set (sizes and seed
     below), or your own `files`: `train` and `test` pairs (a JSONL/CSV manifest, a folder of images
     with .txt captions, a saved Hugging Face dataset, or webdataset .tar shards), optionally `classes`
-    (a folder per class) for zero-shot classification and `templates` (a file, one prompt per line).
+    (a folder per class; `classnames`: a JSON {folder: name} map, else folder names) for zero-shot
+    classification and `templates` (a file, one prompt per line).
     Broken samples are skipped and counted; a bad share above `max_bad_share` stops the run.
     `num_workers` processes decode training batches (0: in the training process).
     `augment` sets the training views (evaluation never augments)."""
@@ -52,6 +53,7 @@ class DataConfig:
     train: Optional[str] = None
     test: Optional[str] = None
     classes: Optional[str] = None
+    classnames: Optional[str] = None
     templates: Optional[str] = None
     max_bad_share: float = 0.01
     num_workers: int = 0
@@ -65,7 +67,7 @@ class DataConfig:
             for name in ("train", "test"):
                 if not getattr(self, name):
                     raise ConfigError(f"{where}.{name} is required when {where}.dataset is files")
-        for name in ("train", "test", "classes", "templates"):
+        for name in ("train", "test", "classes", "classnames", "templates"):
             if getattr(self, name) and not Path(getattr(self, name)).exists():
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} does not exist")
         if self.num_workers < 0:

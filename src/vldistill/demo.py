@@ -75,6 +75,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
         "train_seconds": {n: m.result.seconds for n, m in (("teacher", teacher), ("student", student), ("baseline", baseline)) if m.result},
         "retrieval_match": cfg.eval.retrieval_match,
         "dataset": data.name,
+        "data_quality": data.quality.summary(),
     }
     card = _card(cfg, student, teacher, summary["models"], data.name)
     write_text_atomic(out_dir / "student" / "README.md", card.content)

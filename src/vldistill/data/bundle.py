@@ -108,7 +108,7 @@ def _path_digest(path: Path) -> str:
 def data_fingerprint(cfg: DataConfig) -> str:
     """A short hash identifying the data a config gives (settings, file contents or listings, generator version)."""
     payload = {"config": asdict(cfg), "shapes_version": SHAPES_VERSION}
-    for key in ("train", "test", "classes", "templates"):
+    for key in ("train", "test", "classes", "classnames", "templates"):
         if getattr(cfg, key):
             payload[key] = _path_digest(Path(getattr(cfg, key)))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -169,7 +169,7 @@ def _files(cfg: DataConfig, progress: bool) -> DataBundle:
     test = decode_pairs(open_pairs(cfg.test, cfg.image_size, quality), "read test pairs", progress)
     zeroshot = classnames = None
     if cfg.classes:
-        classes = ImageFolderClasses(cfg.classes, cfg.image_size, quality)
+        classes = ImageFolderClasses(cfg.classes, cfg.image_size, quality, cfg.classnames)
         zeroshot, classnames = decode_classes(classes, progress), classes.classnames
     return DataBundle(
         name=Path(cfg.test).stem,
