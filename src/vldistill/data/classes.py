@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vldistill.data.quality import DataQuality
-from vldistill.data.sources import IMAGE_EXTENSIONS, BadImage, decode_image
+from vldistill.data.sources import IMAGE_EXTENSIONS, decode_counted, first_in_pass
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 
@@ -77,17 +77,8 @@ class ImageFolderClasses(Dataset):
         path, label = self.items[index]
         if len(self._counted) == len(self.items):
             self._counted.clear()  # a new pass (see vldistill.data.sources)
-        first = index not in self._counted
-        self._counted.add(index)
-        try:
-            image = decode_image(path, self.image_size)
-        except BadImage as bad:
-            if first:
-                self.quality.record_bad(bad.kind, f"{path}: {bad.reason}")
-            return None
-        if first:
-            self.quality.record_good()
-        return ClassSample(image, label, index)
+        image = decode_counted(path, self.image_size, self.quality, first_in_pass(self._counted, index), str(path))
+        return None if image is None else ClassSample(image, label, index)
 
 
 def load_templates(path: Optional[Union[str, Path]] = None) -> list[str]:

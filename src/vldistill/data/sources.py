@@ -65,6 +65,27 @@ def decode_image(source: Union[Path, BinaryIO, Image.Image], image_size: int) ->
         raise BadImage(kind, f"cannot be decoded ({error})") from None
 
 
+def first_in_pass(seen: set[int], index: int) -> bool:
+    """Whether `index` is fetched for the first time in this pass (and mark it as fetched)."""
+    first = index not in seen
+    seen.add(index)
+    return first
+
+
+def decode_counted(source, image_size: int, quality: DataQuality, count: bool, describe: str) -> Optional[torch.Tensor]:
+    """The decoded image, or None for bad input; when `count`, the outcome is recorded in `quality`
+    (bad ones as "`describe`: reason")."""
+    try:
+        image = decode_image(source, image_size)
+    except BadImage as bad:
+        if count:
+            quality.record_bad(bad.kind, f"{describe}: {bad.reason}")
+        return None
+    if count:
+        quality.record_good()
+    return image
+
+
 class LazyPairs(Dataset):
     """Base of the lazy sources: `pairs` lists (image reference, caption); subclasses open a reference
     (`_open`) and name it in messages (`_describe`). Bad captions found while indexing go to
@@ -96,17 +117,9 @@ class LazyPairs(Dataset):
         ref, caption = self.pairs[index]
         if len(self._counted) == len(self.pairs):
             self._start_pass()
-        first = index not in self._counted
-        self._counted.add(index)
-        try:
-            image = decode_image(self._open(ref), self.image_size)
-        except BadImage as bad:
-            if first:
-                self.quality.record_bad(bad.kind, f"{self._describe(ref)}: {bad.reason}")
-            return None
-        if first:
-            self.quality.record_good()
-        return PairSample(image, caption, None, index)
+        image = decode_counted(self._open(ref), self.image_size, self.quality, first_in_pass(self._counted, index),
+                               self._describe(ref))
+        return None if image is None else PairSample(image, caption, None, index)
 
 
 class ManifestPairs(LazyPairs):
