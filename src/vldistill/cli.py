@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import yaml
 
 from vldistill.config import ConfigError, ExperimentConfig, load_config, packaged_config
+from vldistill.train.loop import NonFiniteLossError
 
 
 def _config(args: argparse.Namespace, default: Optional[str] = None) -> ExperimentConfig:
@@ -215,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as error:
         if os.environ.get("VLDISTILL_DEBUG"):
             raise
         print(f"vldistill: error: {error}", file=sys.stderr)

@@ -83,7 +83,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, for a fixed number of steps."""
+    """AdamW with linear warmup then cosine decay, for a fixed number of steps. A step whose loss is NaN
+    or infinite is skipped (no update); `max_nonfinite` of them in a row stop the run."""
 
     steps: int = 600
     batch_size: int = 128
@@ -93,6 +94,7 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0
     precision: str = "fp32"
     log_every: int = 50
+    max_nonfinite: int = 10
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
@@ -110,6 +112,8 @@ class OptimConfig:
             raise ConfigError(f"{where}.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{where}.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.max_nonfinite < 1:
+            raise ConfigError(f"{where}.max_nonfinite must be >= 1, got {self.max_nonfinite}")
         if self.log_every < 1:
             raise ConfigError(f"{where}.log_every must be >= 1, got {self.log_every}")
 

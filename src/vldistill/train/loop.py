@@ -27,11 +27,17 @@ from vldistill.models.outputs import DualEncoderOutput
 
 @dataclass
 class TrainResult:
-    """What a run did: steps taken, wall seconds of the loop, and the logged history."""
+    """What a run did: steps taken, wall seconds of the loop, the logged history and how many steps were
+    skipped for a NaN or infinite loss."""
 
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    nonfinite_steps: int = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN or infinite loss."""
 
 
 class StudentWithObjective(nn.Module):
@@ -119,7 +125,7 @@ def train(
         log_file = open(log_path, "w")
     start = time.perf_counter()
     progress = tqdm(total=steps, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    step = 0
+    step = nonfinite = consecutive_nonfinite = 0
     try:
         for batch in batches:
             objective.set_progress(step, steps)
@@ -130,13 +136,25 @@ def train(
             teacher_output = teacher(batch, objective.needs) if objective.needs else None
             with accelerator.autocast():
                 loss, parts = module(batch, teacher_output)
-            accelerator.backward(loss)
-            if optim.grad_clip is not None:
-                accelerator.clip_grad_norm_(module.parameters(), optim.grad_clip)
-            optimizer.step()
+            if torch.isfinite(loss):
+                consecutive_nonfinite = 0
+                accelerator.backward(loss)
+                if optim.grad_clip is not None:
+                    accelerator.clip_grad_norm_(module.parameters(), optim.grad_clip)
+                optimizer.step()
+                accelerator.unwrap_model(module).student.clamp_logit_scale()
+            else:  # skip the update, count it, stop after too many in a row
+                nonfinite += 1
+                consecutive_nonfinite += 1
+                if consecutive_nonfinite >= optim.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{consecutive_nonfinite} non-finite losses in a row (last at step {step + 1}: "
+                        + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items() if k.startswith("loss/"))
+                        + f"); stopping (distill.train.max_nonfinite={optim.max_nonfinite}). The weights are those "
+                        "of the last finite step: lower the learning rate or check the data"
+                    )
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            accelerator.unwrap_model(module).student.clamp_logit_scale()
             step += 1
             progress.update(1)
             if step % optim.log_every == 0 or step == steps:
@@ -152,4 +170,4 @@ def train(
         progress.close()
         if log_file is not None:
             log_file.close()
-    return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history)
+    return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history, nonfinite_steps=nonfinite)
