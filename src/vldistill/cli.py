@@ -67,7 +67,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _save_config(cfg, out)
     data = load_data(cfg.data)
     teacher = obtain_teacher(cfg, data, out / "teacher")
-    student = train_student(cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl")
+    student = train_student(
+        cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl", resume=args.resume
+    )
     print(f"student saved to {student.path}")
     print(f"data quality: {data.quality.report()}")
     if not args.no_eval:
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("pretrain-teacher", cmd_pretrain_teacher, "pretrain a teacher with the CLIP loss")
     distill = command("distill", cmd_distill, "distill a student from teacher.path")
     distill.add_argument("--no-eval", action="store_true", help="skip evaluating the student at the end")
+    distill.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="PATH",
+        help="continue from the newest checkpoint in OUT/student-checkpoints, or from PATH",
+    )
     evaluate = command("eval", cmd_eval, "zero-shot and retrieval evaluation of a saved model", False, "results")
     evaluate.add_argument("model", help="model folder (or hub id)")
     evaluate.add_argument("--name", default=None, help="model name in the results (default: folder name)")

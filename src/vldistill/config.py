@@ -203,12 +203,29 @@ def _default_losses() -> dict[str, dict[str, Any]]:
 
 
 @dataclass
+class CheckpointConfig:
+    """Training checkpoints: every `every` steps (0: none) and at the end, the newest `keep` kept, in
+    `<out>-checkpoints/` beside the student folder; `vldistill distill --resume` continues from one."""
+
+    every: int = 0
+    keep: int = 2
+
+    def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
+        if self.every < 0:
+            raise ConfigError(f"{where}.every must be >= 0 (0: no checkpoints), got {self.every}")
+        if self.keep < 1:
+            raise ConfigError(f"{where}.keep must be >= 1, got {self.keep}")
+
+
+@dataclass
 class DistillConfig:
     """The distillation run: optimizer settings, the weighted losses (name -> {weight, params}; weights
     and temperatures may be schedules) and how the weights adapt (`weighting`)."""
 
     train: OptimConfig = field(default_factory=OptimConfig)
     losses: dict[str, dict[str, Any]] = field(default_factory=_default_losses)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     def validate(self, where: str) -> None:

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, get_worker_info
 
 from vldistill.data.quality import DataQuality
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
@@ -177,32 +177,56 @@ class _EmptyWorkerTally:
         self.quality.drain()
 
 
+class SkippingBatchSampler(Sampler):
+    """A batch sampler that can skip its next pass's first `skip` batches without fetching them (their
+    indices are still drawn, so the random order after them is unchanged)."""
+
+    def __init__(self, inner: BatchSampler) -> None:
+        self.inner = inner
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for number, indices in enumerate(self.inner):
+            if number >= skip:
+                yield indices
+
+
 def pair_loader(
     dataset: Dataset, collate: PairCollator, batch_size: int, seed: int, num_workers: int = 0
 ) -> DataLoader:
     """A loader that drops the last incomplete batch, decoding in `num_workers` processes: shuffled in a
-    seeded order for a map-style dataset; a streaming one (IterableDataset) shuffles its shards itself
-    (`set_epoch`) and splits them across the workers."""
+    seeded order for a map-style dataset (batches can be skipped to resume, see `repeat_batches`); a
+    streaming one (IterableDataset) shuffles its shards itself (`set_epoch`) and splits them across the
+    workers."""
     workers = {"num_workers": num_workers}
     if num_workers and collate.quality is not None:
         workers["worker_init_fn"] = _EmptyWorkerTally(collate.quality)
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=collate, **workers)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate, generator=generator, **workers
-    )
+    batches = SkippingBatchSampler(BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True))
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=generator, **workers)
 
 
 def repeat_batches(
-    loader: DataLoader, steps: int, quality: Optional[DataQuality] = None, check_every: int = 50
+    loader: DataLoader,
+    steps: int,
+    quality: Optional[DataQuality] = None,
+    check_every: int = 50,
+    start_step: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield exactly `steps` batches, starting a new (reshuffled) epoch whenever one ends; a
-    `PairCollator` (and a streaming dataset) is told each epoch (`set_epoch`) so it yields that
-    epoch's views and shard order. A batch whose every sample was bad input is skipped; with
-    `quality`, its threshold is checked every `check_every` batches and at each epoch's end
-    (DataQualityError when exceeded)."""
-    if not isinstance(loader.dataset, IterableDataset) and len(loader) == 0:
+    """Yield batches `start_step` to `steps` of the run, starting a new (reshuffled) epoch whenever one
+    ends; a `PairCollator` (and a streaming dataset) is told each epoch (`set_epoch`) so it yields that
+    epoch's views and shard order. Resuming (`start_step` > 0) reproduces the same order: a map-style
+    loader's earlier batches are drawn but not fetched; a stream's are read and dropped. A batch whose
+    every sample was bad input is skipped; with `quality`, its threshold is checked every `check_every`
+    batches and at each epoch's end (DataQualityError when exceeded)."""
+    streaming = isinstance(loader.dataset, IterableDataset)
+    if not streaming and len(loader) == 0:
         raise ValueError("the dataset is smaller than one batch; lower the batch size or add data")
     produced, epoch = 0, 0
     while produced < steps:
@@ -210,6 +234,16 @@ def repeat_batches(
             loader.collate_fn.set_epoch(epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
+        if not streaming and produced + len(loader) <= start_step:  # an epoch before the resume point
+            loader.batch_sampler.skip = len(loader)
+            for _ in loader:
+                pass
+            produced += len(loader)
+            epoch += 1
+            continue
+        if not streaming and produced < start_step:
+            loader.batch_sampler.skip = start_step - produced
+            produced = start_step
         produced_before = produced
         for batch in loader:
             counts = batch.pop("data_quality", None)
@@ -217,8 +251,9 @@ def repeat_batches(
                 quality.merge(counts)
             if not batch:
                 continue
-            yield batch
             produced += 1
+            if produced > start_step:
+                yield batch
             if quality is not None and produced % check_every == 0:
                 quality.check()
             if produced == steps:

@@ -17,6 +17,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from vldistill.cache.teacher import CachedTeacher
 from vldistill.config import OptimConfig
+from vldistill.train.checkpoint import TrainState, capture_rng, restore_rng, save_checkpoint
 from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
@@ -34,6 +35,21 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     nonfinite_steps: int = 0
+
+
+@dataclass
+class Checkpointer:
+    """Where and how often a run writes checkpoints (every `every` steps and at the end; the newest
+    `keep` kept), and the fingerprint that ties them to this run."""
+
+    folder: Path
+    every: int
+    keep: int
+    fingerprint: str
+
+    def due(self, step: int, steps: int) -> bool:
+        """Whether a checkpoint is written after `step`."""
+        return step == steps or step % self.every == 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,6 +101,8 @@ def train(
     optim: OptimConfig,
     *,
     teacher: Optional[nn.Module] = None,
+    checkpointer: Optional[Checkpointer] = None,
+    resume: Optional[TrainState] = None,
     desc: str = "train",
     log_path: Optional[Path] = None,
     held_out_batch: Optional[dict[str, torch.Tensor]] = None,
@@ -110,6 +128,11 @@ def train(
     # once per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
     module, optimizer = accelerator.prepare(module, optimizer)
+    if resume is not None:
+        accelerator.unwrap_model(module).load_state_dict(resume.weights)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        restore_rng(resume.rng)
     if teacher is not None and objective.needs:
         if not isinstance(teacher, (TeacherEnsemble, CachedTeacher)):
             teacher = TeacherEnsemble([teacher])
@@ -122,10 +145,12 @@ def train(
     log_file = None
     if log_path is not None and accelerator.is_main_process:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w")
+        log_file = open(log_path, "a" if resume is not None else "w")
     start = time.perf_counter()
-    progress = tqdm(total=steps, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    step = nonfinite = consecutive_nonfinite = 0
+    step = resume.step if resume is not None else 0
+    nonfinite = resume.nonfinite_steps if resume is not None else 0
+    consecutive_nonfinite = 0
+    progress = tqdm(total=steps, initial=step, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
     try:
         for batch in batches:
             objective.set_progress(step, steps)
@@ -164,6 +189,12 @@ def train(
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
+            if checkpointer is not None and checkpointer.due(step, steps) and accelerator.is_main_process:
+                state = TrainState(
+                    step, accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(),
+                    scheduler.state_dict(), capture_rng(), nonfinite,
+                )
+                save_checkpoint(checkpointer.folder, state, checkpointer.fingerprint, checkpointer.keep)
             if step == steps:
                 break
     finally:

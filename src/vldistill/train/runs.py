@@ -42,7 +42,8 @@ from vldistill.models.student import (
     student_config_for_tokens,
     student_config_from_teacher,
 )
-from vldistill.train.loop import TrainResult, train
+from vldistill.train.checkpoint import CheckpointError, TrainState, latest_checkpoint, load_checkpoint
+from vldistill.train.loop import Checkpointer, TrainResult, train
 
 TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions are truncated
 
@@ -71,7 +72,15 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
 
 
 def _batches(
-    data: DataBundle, preprocess, optim, seed: int, augment: AugmentConfig, extra=None, views=None, num_workers: int = 0
+    data: DataBundle,
+    preprocess,
+    optim,
+    seed: int,
+    augment: AugmentConfig,
+    extra=None,
+    views=None,
+    num_workers: int = 0,
+    start_step: int = 0,
 ):
     """`optim.steps` training batches of `data.train`, each pair augmented per `augment` (one view for every
     model), preprocessed for the student/primary teacher and, prefixed, for each `extra` teacher. Epoch e
@@ -79,7 +88,7 @@ def _batches(
     input is skipped and counted; too much of it stops the run (DataQualityError)."""
     collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra, views=views, quality=data.quality)
     loader = pair_loader(data.train, collate, optim.batch_size, seed, num_workers)
-    return repeat_batches(loader, optim.steps, data.quality)
+    return repeat_batches(loader, optim.steps, data.quality, start_step=start_step)
 
 
 def _new_two_tower(cfg: ExperimentConfig) -> tuple[TwoTowerDualEncoder, PreTrainedTokenizerBase]:
@@ -133,6 +142,26 @@ def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, token
         result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
     save(out_dir)
     return TrainedModel(teacher, tokenizer, Path(out_dir), result)
+
+
+def run_fingerprint(cfg: ExperimentConfig, losses: Mapping[str, Any], inherit: bool, teacher: Path) -> str:
+    """A hash of what determines a student run (config without checkpoint settings, losses, teacher,
+    version): a checkpoint from a run with another fingerprint is refused."""
+    config = cfg.to_dict()
+    config["distill"].pop("checkpoint")
+    payload = {"config": config, "losses": losses, "inherit": inherit, "teacher": str(teacher), "vldistill": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_state(resume: Optional[str], folder: Path, fingerprint: str) -> Optional[TrainState]:
+    """The state to resume from: None without `resume`; the newest checkpoint in `folder` for "latest";
+    else the checkpoint at the path `resume`."""
+    if resume is None:
+        return None
+    path = latest_checkpoint(folder) if resume == "latest" else Path(resume)
+    if path is None:
+        raise CheckpointError(f"--resume: no checkpoint in {folder} (set distill.checkpoint.every to write them)")
+    return load_checkpoint(path, fingerprint)
 
 
 @contextmanager
@@ -262,6 +291,7 @@ def train_student(
     inherit: Optional[bool] = None,
     desc: str = "distill student",
     log_path: Optional[Path] = None,
+    resume: Optional[str] = None,
 ) -> TrainedModel:
     """Build the configured student for the (primary) teacher, train it with `losses` (default:
     `cfg.distill.losses`) and save it. The teachers are used only if a loss needs them: read from the
@@ -283,7 +313,14 @@ def train_student(
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     optim = cfg.distill.train
     views = cfg.cache.views if from_cache else None
-    batches = _batches(data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views, cfg.data.num_workers)
+    fingerprint = run_fingerprint(cfg, losses, inherit, teacher.path)
+    folder = Path(out_dir).with_name(f"{Path(out_dir).name}-checkpoints")
+    checkpointer = Checkpointer(folder, cfg.distill.checkpoint.every, cfg.distill.checkpoint.keep, fingerprint)
+    state = resume_state(resume, folder, fingerprint)
+    start_step = state.step if state is not None else 0
+    batches = _batches(
+        data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views, cfg.data.num_workers, start_step
+    )
     held_out = held_out_batch(data, preprocess, optim.batch_size, cfg.seed, extra) if objective.needs_held_out else None
     metadata = {
         "role": "student",
@@ -300,7 +337,8 @@ def train_student(
     interrupted = Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted")
     with saved_on_bad_data(lambda: save_dual_encoder(student, teacher.tokenizer, interrupted, metadata=metadata)):
         result = train(
-            student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path, held_out_batch=held_out
+            student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path,
+            held_out_batch=held_out, checkpointer=checkpointer if checkpointer.every else None, resume=state,
         )
     save_dual_encoder(student, teacher.tokenizer, out_dir, metadata={**metadata, "data_quality": data.quality.summary()})
     return TrainedModel(student, teacher.tokenizer, Path(out_dir), result)

@@ -1,0 +1,121 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped, written
+atomically (a folder renamed into place), the last `keep` kept, refused when from another run."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vldistill import __version__
+from vldistill.fileio import atomic_directory
+
+FORMAT = "vldistill-checkpoint"
+VERSION = 1
+NAME = re.compile(r"^checkpoint-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, from another run or version, or incomplete."""
+
+
+@dataclass
+class TrainState:
+    """A run's state at a step: trainable weights (student and loss parameters), optimizer and
+    scheduler states, RNG states and counters. The data position is the step itself: batches are
+    drawn in a deterministic order, so resuming skips the first `step` batches."""
+
+    step: int
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    nonfinite_steps: int = 0
+
+
+def capture_rng() -> dict[str, Any]:
+    """The Python, NumPy and torch (CPU) random states."""
+    state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [state[0], state[1].tolist(), *state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Set the Python, NumPy and torch (CPU) random states captured by `capture_rng`."""
+    python = rng["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = rng["numpy"]
+    np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
+    torch.set_rng_state(rng["torch"])
+
+
+def save_checkpoint(folder: Path, state: TrainState, fingerprint: str, keep: int) -> Path:
+    """Write `state` as `folder/checkpoint-<step>` atomically, then delete all but the newest `keep`."""
+    target = Path(folder) / f"checkpoint-{state.step:08d}"
+    with atomic_directory(target) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.weights.items()}, tmp / "weights.safetensors")
+        save_file({"torch_rng": state.rng["torch"]}, tmp / "rng.safetensors")
+        torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler}, tmp / "optimizer.pt")
+        meta = {
+            "format": FORMAT, "version": VERSION, "vldistill": __version__, "fingerprint": fingerprint,
+            "step": state.step, "nonfinite_steps": state.nonfinite_steps,
+            "rng": {"python": state.rng["python"], "numpy": state.rng["numpy"]},
+        }
+        (tmp / "trainer.json").write_text(json.dumps(meta) + "\n")
+    for old in checkpoints(folder)[:-keep]:
+        for item in old.iterdir():
+            item.unlink()
+        old.rmdir()
+    return target
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest first (temp folders of an interrupted write are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if NAME.match(p.name) and (p / "trainer.json").is_file())
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    """The newest complete checkpoint in `folder`, or None."""
+    found = checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
+    """Read a checkpoint written by `save_checkpoint`, refusing one of another format, version or run."""
+    path = Path(path)
+    meta_path = path / "trainer.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a vldistill checkpoint (no trainer.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{VERSION}")
+    if meta.get("vldistill") != __version__:
+        raise CheckpointError(f"{path} was written by vldistill {meta.get('vldistill')}, this is {__version__}")
+    if meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path} belongs to another run (its config or teacher differ: fingerprint {meta.get('fingerprint')}, "
+            f"this run {fingerprint}); resume with the config it was written with"
+        )
+    trainer = torch.load(path / "optimizer.pt", weights_only=True)
+    rng = {**meta["rng"], "torch": load_file(path / "rng.safetensors")["torch_rng"]}
+    return TrainState(
+        step=meta["step"],
+        weights=load_file(path / "weights.safetensors"),
+        optimizer=trainer["optimizer"],
+        scheduler=trainer["scheduler"],
+        rng=rng,
+        nonfinite_steps=meta["nonfinite_steps"],
+    )

@@ -1,0 +1,79 @@
+"""Checkpoints: atomic, newest K kept, refused when from another run; a run killed with SIGKILL after
+a checkpoint resumes to the same student as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vldistill.cli import main
+from vldistill.config import packaged_config
+from vldistill.train.checkpoint import CheckpointError, TrainState, capture_rng, checkpoints, load_checkpoint, save_checkpoint
+
+TINY = str(packaged_config("tiny"))
+
+
+def distill_args(out, teacher, *extra):
+    return ["distill", TINY, "--out", str(out), "--no-eval", "--set", f"teacher.path={teacher}",
+            "--set", "distill.checkpoint.every=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["pretrain-teacher", TINY, "--out", str(out)]) == 0
+    return out / "teacher"
+
+
+def test_checkpoints_keep_the_newest_and_refuse_other_runs(tmp_path):
+    for step in (2, 4, 6):
+        state = TrainState(step, {"w": torch.full((2,), float(step))}, {"state": {}, "param_groups": []},
+                           {"last_epoch": step}, capture_rng())
+        save_checkpoint(tmp_path, state, "run-a", keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-00000004", "checkpoint-00000006"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    loaded = load_checkpoint(tmp_path / "checkpoint-00000006", "run-a")
+    assert loaded.step == 6 and torch.equal(loaded.weights["w"], torch.full((2,), 6.0))
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        load_checkpoint(tmp_path / "checkpoint-00000006", "run-b")
+    with pytest.raises(CheckpointError, match="not a vldistill checkpoint"):
+        load_checkpoint(tmp_path, "run-a")
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, teacher):
+    assert main(distill_args(tmp_path / "straight", teacher)) == 0
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import vldistill.train.loop as loop
+        from vldistill.cli import main
+        original = loop.save_checkpoint
+        def save_then_die(folder, state, fingerprint, keep):
+            path = original(folder, state, fingerprint, keep)
+            if state.step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return path
+        loop.save_checkpoint = save_then_die
+        sys.exit(main({distill_args(tmp_path / "killed", teacher)!r}))
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    folder = tmp_path / "killed" / "student-checkpoints"
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000004"]
+    assert not (tmp_path / "killed" / "student").exists()
+    assert main([*distill_args(tmp_path / "killed", teacher), "--resume"]) == 0
+    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "student" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, teacher, capsys):
+    assert main(distill_args(tmp_path / "run", teacher)) == 0
+    code = main([*distill_args(tmp_path / "run", teacher, "--set", "distill.train.lr=0.01"), "--resume"])
+    assert code == 2 and "belongs to another run" in capsys.readouterr().err
