@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import yaml
 
 from vldistill.config import ConfigError, ExperimentConfig, load_config, packaged_config
+from vldistill.distributed import process_rank
 from vldistill.train.loop import NonFiniteLossError
 
 
@@ -70,6 +71,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     student = train_student(
         cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl", resume=args.resume
     )
+    if process_rank()[0] != 0:
+        return 0  # the first process saves, reports and evaluates
     print(f"student saved to {student.path}")
     print(f"data quality: {data.quality.report()}")
     if not args.no_eval:

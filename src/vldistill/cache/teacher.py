@@ -14,6 +14,7 @@ from torch import nn
 
 from vldistill.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchError
 from vldistill.config import CacheConfig, ConfigError
+from vldistill.distributed import gather_embeddings
 from vldistill.losses.base import LOSSES
 from vldistill.models.ensemble import COMBINE_METHODS, combine_outputs
 from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput
@@ -115,7 +116,7 @@ class CachedTeacher(nn.Module):
                 logit_scale=torch.tensor(scale, dtype=torch.float32, device=device),
                 logit_bias=None if bias is None else torch.tensor(bias, dtype=torch.float32, device=device),
             ))
-        return combine_outputs(outputs, self.method, self.weights)
+        return combine_outputs([gather_embeddings(o, keep_grad=False) for o in outputs], self.method, self.weights)
 
 
 def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Sequence[float], method: str) -> CachedTeacher:

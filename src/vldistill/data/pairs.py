@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, get_worker_info
 
 from vldistill.data.quality import DataQuality
+from vldistill.distributed import process_rank
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
 
 
@@ -178,11 +179,14 @@ class _EmptyWorkerTally:
 
 
 class SkippingBatchSampler(Sampler):
-    """A batch sampler that can skip its next pass's first `skip` batches without fetching them (their
-    indices are still drawn, so the random order after them is unchanged)."""
+    """A batch sampler over global batches that yields this rank's slice of each (rank r of `world`
+    takes the r-th of `world` equal parts) and can skip its next pass's first `skip` batches without
+    fetching them (their indices are still drawn, so the random order after them is unchanged)."""
 
-    def __init__(self, inner: BatchSampler) -> None:
-        self.inner = inner
+    def __init__(self, inner: BatchSampler, rank: int = 0, world: int = 1) -> None:
+        if inner.batch_size % world:
+            raise ValueError(f"the batch size {inner.batch_size} must be divisible by the {world} processes")
+        self.inner, self.rank, self.world = inner, rank, world
         self.skip = 0
 
     def __len__(self) -> int:
@@ -190,25 +194,31 @@ class SkippingBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
+        part = self.inner.batch_size // self.world
         for number, indices in enumerate(self.inner):
             if number >= skip:
-                yield indices
+                yield indices[self.rank * part : (self.rank + 1) * part]
 
 
 def pair_loader(
     dataset: Dataset, collate: PairCollator, batch_size: int, seed: int, num_workers: int = 0
 ) -> DataLoader:
-    """A loader that drops the last incomplete batch, decoding in `num_workers` processes: shuffled in a
+    """A loader of this process's share of each global batch of `batch_size` (the same global batches for
+    any number of processes), dropping the last incomplete one, decoding in `num_workers` processes: shuffled in a
     seeded order for a map-style dataset (batches can be skipped to resume, see `repeat_batches`); a
     streaming one (IterableDataset) shuffles its shards itself (`set_epoch`) and splits them across the
     workers."""
     workers = {"num_workers": num_workers}
     if num_workers and collate.quality is not None:
         workers["worker_init_fn"] = _EmptyWorkerTally(collate.quality)
-    if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=collate, **workers)
+    rank, world = process_rank()
+    if batch_size % world:
+        raise ValueError(f"the batch size {batch_size} must be divisible by the {world} processes")
+    if isinstance(dataset, IterableDataset):  # the stream splits its shards across ranks itself
+        return DataLoader(dataset, batch_size=batch_size // world, drop_last=True, collate_fn=collate, **workers)
     generator = torch.Generator().manual_seed(seed)
-    batches = SkippingBatchSampler(BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True))
+    sampler = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
+    batches = SkippingBatchSampler(sampler, rank, world)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=generator, **workers)
 
 

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vldistill.data.transforms import fit_image
+from vldistill.distributed import process_rank
 from vldistill.data.pairs import PairSample
 from vldistill.data.quality import DataQuality
 from vldistill.data.synthetic import make_split
@@ -53,14 +54,11 @@ def list_shards(shards: list[str] | str) -> list[str]:
 
 
 def resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
-    """(rank, world_size): as given, else torch.distributed's when it is initialized, else (0, 1)."""
+    """(rank, world_size): as given, else the process's (see vldistill.distributed.process_rank)."""
     if (rank is None) != (world_size is None):
         raise ValueError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
     if rank is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world_size = 0, 1
+        rank, world_size = process_rank()
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size

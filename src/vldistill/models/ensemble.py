@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vldistill.data.preprocess import inputs_for
+from vldistill.distributed import gather_embeddings
 from vldistill.models.outputs import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES, DualEncoderOutput
 
 COMBINE_METHODS = ("fixed", "confidence", "average")
@@ -137,5 +138,6 @@ class TeacherEnsemble(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
-        """The teachers' outputs on the batch (see `outputs`), combined."""
-        return combine_outputs(self.outputs(batch, needs), self.method, self.weights)
+        """The teachers' outputs on the batch (see `outputs`), gathered from every rank, combined."""
+        outputs = [gather_embeddings(output, keep_grad=False) for output in self.outputs(batch, needs)]
+        return combine_outputs(outputs, self.method, self.weights)

@@ -22,6 +22,7 @@ from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.data.preprocess import inputs_for
+from vldistill.distributed import gather_embeddings
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.models.outputs import DualEncoderOutput
 
@@ -73,14 +74,14 @@ class StudentWithObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_output: Optional[DualEncoderOutput]):
         """The objective's total loss and its parts plus its current weights and temperatures, for logging."""
-        loss, parts = self.objective(self._student_output(batch), teacher_output)
+        loss, parts = self.objective(gather_embeddings(self._student_output(batch), keep_grad=True), teacher_output)
         return loss, {**parts, **self.objective.settings()}
 
     @torch.no_grad()
     def refresh_gap(self, batch: dict[str, torch.Tensor], teacher_output: DualEncoderOutput) -> None:
         """Re-measure the objective's gap weighting on a held-out batch, the student in eval mode meanwhile."""
         self.student.eval()
-        self.objective.refresh_gap(self._student_output(batch), teacher_output)
+        self.objective.refresh_gap(gather_embeddings(self._student_output(batch), keep_grad=False), teacher_output)
         self.student.train()
 
 

@@ -25,6 +25,7 @@ from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.quality import DataQualityError
+from vldistill.distributed import process_rank
 from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.losses import LossContext, build_objective
 from vldistill.losses.registry import losses_need
@@ -340,5 +341,6 @@ def train_student(
             student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path,
             held_out_batch=held_out, checkpointer=checkpointer if checkpointer.every else None, resume=state,
         )
-    save_dual_encoder(student, teacher.tokenizer, out_dir, metadata={**metadata, "data_quality": data.quality.summary()})
+    if process_rank()[0] == 0:  # one writer when several processes train together
+        save_dual_encoder(student, teacher.tokenizer, out_dir, metadata={**metadata, "data_quality": data.quality.summary()})
     return TrainedModel(student, teacher.tokenizer, Path(out_dir), result)

@@ -1,0 +1,71 @@
+"""Several processes (torchrun / accelerate launch): which rank this is, and gathering embeddings from
+every rank so contrastive and similarity losses see the global batch, as open_clip does."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+if TYPE_CHECKING:  # imported for annotations only: models/ imports this module
+    from vldistill.models.outputs import DualEncoderOutput
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size): torch.distributed's when initialized, else the launcher's RANK / WORLD_SIZE
+    environment (set by torchrun and accelerate launch before the process group exists), else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def gathering() -> bool:
+    """Whether there are several ranks to gather from."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_rows(x: torch.Tensor, keep_grad: bool) -> torch.Tensor:
+    """Every rank's rows of `x` concatenated in rank order. With `keep_grad`, gradients flow back to each
+    rank's own rows (the all-gather's backward sums every rank's gradient for them), so that ranks
+    computing the same global loss under DDP's gradient averaging give exactly the single-process
+    gradient of that loss."""
+    if not gathering():
+        return x
+    group = _gather_group()
+    if keep_grad:
+        return torch.cat(dist_fn.all_gather(x, group=group), dim=0)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+_GROUPS: dict[int, object] = {}
+
+
+def _gather_group():
+    """A process group of its own for gathering embeddings, created on first use (the same point on every
+    rank): its collectives, some run by the backward pass, then cannot interleave with DDP's gradient
+    all-reduces on the default group, which can deadlock gloo."""
+    key = id(dist.group.WORLD)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(backend=dist.get_backend())
+    return _GROUPS[key]
+
+
+def gather_embeddings(output: DualEncoderOutput, keep_grad: bool) -> DualEncoderOutput:
+    """The output with image and text embeddings of the global batch (hidden states and attention maps
+    stay local: the layer-wise losses are per-sample means, which DDP's averaging makes global)."""
+    if not gathering():
+        return output
+    if output.image_to_text_logits is not None:
+        raise ValueError("gather the teachers' outputs before combining them into an ensemble")
+    return dataclasses.replace(
+        output,
+        image_embeds=all_gather_rows(output.image_embeds, keep_grad),
+        text_embeds=all_gather_rows(output.text_embeds, keep_grad),
+    )
