@@ -54,3 +54,9 @@ def test_tiny_sweep_writes_ablation_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| both | clip + kd + 2·feature |" in table
     assert format_ablation_table(result["runs"]).count("\n") == 5
+
+
+def test_table_describes_scheduled_weights():
+    record = {"name": "warm", "losses": {"clip": {"weight": 1.0}, "kd": {"weight": {"kind": "linear", "start": 0.0, "end": 1.0}}},
+              "acc1": 0.5, "image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.125, "seconds": 2.0}
+    assert "| warm | clip + linear 0 -> 1·kd | 0.500 | 0.250 | 0.125 | 2.0 | - |" in format_ablation_table([record])

@@ -4,6 +4,8 @@ front so a bad key, type or value fails before any work with a message naming it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -354,6 +356,12 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (what `load_config` reads back)."""
         return dataclasses.asdict(self)
+
+
+def plain_digest(payload: Any, length: int = 16) -> str:
+    """The first `length` hex digits of the sha256 of plain data in canonical JSON (sorted keys; other
+    values such as paths as their str): a fingerprint of a config, a run or a vocabulary."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def _type_name(tp: Any) -> str:

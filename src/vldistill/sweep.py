@@ -13,6 +13,7 @@ from vldistill.data.bundle import load_data
 from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
 from vldistill.fileio import write_text_atomic
 from vldistill.losses import LOSSES
+from vldistill.schedules import describe_schedule
 from vldistill.train.runs import obtain_teacher, train_student
 
 TASK_LOSS = "clip"
@@ -38,7 +39,9 @@ def format_ablation_table(records: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in records:
-        losses = " + ".join(f"{w:g}·{n}" if (w := spec.get("weight", 1.0)) != 1 else n for n, spec in r["losses"].items())
+        losses = " + ".join(
+            n if (w := spec.get("weight", 1.0)) == 1 else f"{describe_schedule(w)}·{n}" for n, spec in r["losses"].items()
+        )
         relative = f"{r['cost_vs_kd']:.2f}" if r.get("cost_vs_kd") is not None else "-"
         lines.append(
             f"| {r['name']} | {losses} | {r['acc1']:.3f} | {r['image_retrieval_recall@1']:.3f} | "

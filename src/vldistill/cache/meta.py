@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from vldistill import __version__
-from vldistill.config import ExperimentConfig
+from vldistill.config import ExperimentConfig, plain_digest
 from vldistill.data.bundle import DataBundle
 from vldistill.models.two_tower import TwoTowerDualEncoder
 
@@ -66,7 +66,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the tokenizer's vocabulary and special tokens."""
     payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return plain_digest(payload, length=64)
 
 
 def logit_settings(model: nn.Module) -> dict[str, Optional[float]]:

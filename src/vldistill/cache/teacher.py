@@ -16,7 +16,7 @@ from vldistill.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchEr
 from vldistill.config import CacheConfig, ConfigError
 from vldistill.distributed import gather_embeddings
 from vldistill.losses.base import LOSSES
-from vldistill.models.ensemble import COMBINE_METHODS, combine_outputs
+from vldistill.models.ensemble import check_combine_method, combine_outputs
 from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput
 from vldistill.schedules import WeightingConfig
 
@@ -50,8 +50,7 @@ class CachedTeacher(nn.Module):
         views: int = 1,
     ) -> None:
         super().__init__()
-        if method not in COMBINE_METHODS:
-            raise ValueError(f"unknown combine method {method!r}; known: {', '.join(COMBINE_METHODS)}")
+        check_combine_method(method)
         count = len(logit_scales)
         if len(weights) != count or (logit_biases is not None and len(logit_biases) != count):
             raise ValueError("weights, logit_scales and logit_biases must have one entry per cached teacher")

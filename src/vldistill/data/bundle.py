@@ -5,7 +5,6 @@ the bad-input accounting of the run."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -15,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from vldistill.config import DataConfig
+from vldistill.config import DataConfig, plain_digest
 from vldistill.data import synthetic
 from vldistill.data.classes import ImageFolderClasses, load_templates
 from vldistill.data.pairs import InMemoryPairs, PairSplit
@@ -111,7 +110,7 @@ def data_fingerprint(cfg: DataConfig) -> str:
     for key in ("train", "test", "classes", "classnames", "templates"):
         if getattr(cfg, key):
             payload[key] = _path_digest(Path(getattr(cfg, key)))
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return plain_digest(payload)
 
 
 def decode_all(samples: Iterable, desc: str, progress: bool) -> list:

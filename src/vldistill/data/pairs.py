@@ -184,8 +184,6 @@ class SkippingBatchSampler(Sampler):
     fetching them (their indices are still drawn, so the random order after them is unchanged)."""
 
     def __init__(self, inner: BatchSampler, rank: int = 0, world: int = 1) -> None:
-        if inner.batch_size % world:
-            raise ValueError(f"the batch size {inner.batch_size} must be divisible by the {world} processes")
         self.inner, self.rank, self.world = inner, rank, world
         self.skip = 0
 

@@ -52,8 +52,9 @@ def evaluate_model(
     }
     zeroshot: dict[str, float] = {}
     if data.zeroshot is not None:
+        zeroshot_pixels = pixels if data.zeroshot is data.test else to_pixel_values(data.zeroshot.images)
         zeroshot = evaluate_zero_shot(
-            model, tokenize, to_pixel_values(data.zeroshot.images), data.zeroshot.labels.tolist(), data.classnames,
+            model, tokenize, zeroshot_pixels, data.zeroshot.labels.tolist(), data.classnames,
             cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress,
         )
         records["zeroshot_classification"] = make_result(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +43,7 @@ class CLIPDualEncoder(nn.Module):
             attn_implementation="eager" if attentions else "sdpa",
             trust_remote_code=trust_remote_code,
         )
-        local = Path(name_or_path) if Path(name_or_path).is_dir() else None
-        return cls(model, *image_normalization(local))
+        return cls(model, *image_normalization(name_or_path))
 
     @property
     def input_spec(self) -> InputSpec:

@@ -31,6 +31,12 @@ from vldistill.models.outputs import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES, 
 COMBINE_METHODS = ("fixed", "confidence", "average")
 
 
+def check_combine_method(method: str) -> None:
+    """Raise ValueError naming the known methods when `method` is not one of them."""
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"unknown combine method {method!r}; known: {', '.join(COMBINE_METHODS)}")
+
+
 def row_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each row's softmax distribution, (B,)."""
     return -(F.softmax(logits, dim=-1) * F.log_softmax(logits, dim=-1)).sum(dim=-1)
@@ -56,8 +62,7 @@ def combine_outputs(outputs: Sequence[DualEncoderOutput], method: str, weights: 
     """One virtual teacher output from several teachers' outputs on the same batch (see module doc)."""
     if len(outputs) == 1:
         return outputs[0]
-    if method not in COMBINE_METHODS:
-        raise ValueError(f"unknown combine method {method!r}; known: {', '.join(COMBINE_METHODS)}")
+    check_combine_method(method)
     batch = outputs[0].image_embeds.shape[0]
     i2t = [o.logits_per_image() for o in outputs]
     t2i = [o.logits_per_text() for o in outputs]
@@ -101,8 +106,7 @@ class TeacherEnsemble(nn.Module):
         weights: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
-        if method not in COMBINE_METHODS:
-            raise ValueError(f"unknown combine method {method!r}; known: {', '.join(COMBINE_METHODS)}")
+        check_combine_method(method)
         self.teachers = nn.ModuleList(teachers)
         self.input_keys = list(input_keys) if input_keys is not None else [""] * len(teachers)
         self.weights = list(weights) if weights is not None else [1.0] * len(teachers)

@@ -34,10 +34,13 @@ class InputSpec:
             raise ValueError(f"text_padding must be one of {', '.join(TEXT_PADDINGS)}, got {self.text_padding!r}")
 
 
-def image_normalization(model_dir: Optional[str | Path]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The image mean and std in a model folder's `preprocessor_config.json` (CLIP's when absent)."""
+def image_normalization(
+    model_dir: Optional[str | Path], mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image mean and std in a model folder's `preprocessor_config.json` (`mean`/`std` when the
+    folder, the file or the key is absent, e.g. for a hub id)."""
     path = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
     if path is None or not path.is_file():
-        return CLIP_MEAN, CLIP_STD
+        return tuple(mean), tuple(std)
     config = json.loads(path.read_text())
-    return tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
+    return tuple(config.get("image_mean", mean)), tuple(config.get("image_std", std))

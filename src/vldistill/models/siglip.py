@@ -27,7 +27,6 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from vldistill.fileio import atomic_directory
 from vldistill.models.common import (
-    PREPROCESSOR_FILE,
     clamp_log_scale_,
     eager_attention,
     load_tokenizer_if_present,
@@ -75,8 +74,7 @@ class SiglipDualEncoder(nn.Module):
             attn_implementation="eager" if attentions else "sdpa",
             trust_remote_code=trust_remote_code,
         )
-        path = Path(name_or_path)
-        mean, std = image_normalization(path) if (path / PREPROCESSOR_FILE).is_file() else (SIGLIP_MEAN, SIGLIP_STD)
+        mean, std = image_normalization(name_or_path, SIGLIP_MEAN, SIGLIP_STD)
         tokenizer = load_tokenizer_if_present(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, mean, std, tokenizer)
 

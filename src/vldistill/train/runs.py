@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 import itertools
 import json
@@ -19,7 +18,7 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 from vldistill import __version__
 from vldistill.cache.meta import cache_meta
 from vldistill.cache.teacher import CachedTeacher, open_cached_teacher, serve_from_cache
-from vldistill.config import ExperimentConfig
+from vldistill.config import ExperimentConfig, plain_digest
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
@@ -69,7 +68,7 @@ def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
         "data": data.fingerprint,
         "vldistill": __version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return plain_digest(payload)
 
 
 def _batches(
@@ -151,7 +150,7 @@ def run_fingerprint(cfg: ExperimentConfig, losses: Mapping[str, Any], inherit: b
     config = cfg.to_dict()
     config["distill"].pop("checkpoint")
     payload = {"config": config, "losses": losses, "inherit": inherit, "teacher": str(teacher), "vldistill": __version__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return plain_digest(payload)
 
 
 def resume_state(resume: Optional[str], folder: Path, fingerprint: str) -> Optional[TrainState]:
