@@ -49,7 +49,7 @@ def save_dual_encoder(
         spec = model.input_spec
         image_processor_for(spec.image_size, spec.image_mean, spec.image_std).save_pretrained(tmp)
         if metadata is not None:
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+            write_metadata(tmp, metadata)
         if card is not None:
             card.save(tmp / "README.md")
     return out_dir
@@ -65,6 +65,11 @@ def load_dual_encoder(
     model = CLIPDualEncoder.from_pretrained(name_or_path, attentions=attentions, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def write_metadata(folder: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """Write the run metadata `vldistill.json` into a model folder being assembled."""
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
 def read_metadata(model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from vldistill.models.common import (
     text_token_settings_from,
 )
 from vldistill.models.inputs import InputSpec
+from vldistill.models.io import write_metadata
 from vldistill.models.outputs import DualEncoderOutput
 
 TWO_TOWER_FILE = "two_tower.json"
@@ -182,9 +183,12 @@ class TwoTowerDualEncoder(nn.Module):
         model.load_heads(path / HEADS_FILE)
         return model
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write the folder described in the module docstring to `out_dir`, atomically."""
+    def save_pretrained(self, out_dir: str | os.PathLike, metadata: Optional[dict[str, Any]] = None) -> Path:
+        """Write the folder described in the module docstring to `out_dir`, atomically (with the run
+        metadata `vldistill.json` when given)."""
         with atomic_directory(out_dir) as tmp:
+            if metadata is not None:
+                write_metadata(tmp, metadata)
             config = {
                 "format": TWO_TOWER_FORMAT,
                 "version": TWO_TOWER_VERSION,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 import itertools
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -33,8 +32,7 @@ from vldistill.models.inherit import inherit_weights
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.models.inputs import InputSpec
 from vldistill.models.two_tower import TwoTowerDualEncoder
-from vldistill.fileio import write_text_atomic
-from vldistill.models.io import METADATA_FILE, read_metadata, save_dual_encoder
+from vldistill.models.io import read_metadata, save_dual_encoder
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.student import (
     clip_config_from_spec,
@@ -134,9 +132,7 @@ def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, token
     def save(folder: Path) -> Path:
         if isinstance(teacher, CLIPDualEncoder):
             return save_dual_encoder(teacher, tokenizer, folder, metadata=metadata)
-        teacher.save_pretrained(folder)
-        write_text_atomic(Path(folder) / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        return Path(folder)
+        return teacher.save_pretrained(folder, metadata=metadata)
 
     with saved_on_bad_data(lambda: save(Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted"))):
         result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
