@@ -32,13 +32,15 @@ def teacher(tmp_path_factory):
 
 def test_checkpoints_keep_the_newest_and_refuse_other_runs(tmp_path):
     for step in (2, 4, 6):
+        gap = {"gap_ratios": {"kd": 0.5 * step}, "gap_reference": {"kd": 2.0}}
         state = TrainState(step, {"w": torch.full((2,), float(step))}, {"state": {}, "param_groups": []},
-                           {"last_epoch": step}, capture_rng())
+                           {"last_epoch": step}, capture_rng(), weighting=gap)
         save_checkpoint(tmp_path, state, "run-a", keep=2)
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-00000004", "checkpoint-00000006"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
     loaded = load_checkpoint(tmp_path / "checkpoint-00000006", "run-a")
     assert loaded.step == 6 and torch.equal(loaded.weights["w"], torch.full((2,), 6.0))
+    assert loaded.weighting == {"gap_ratios": {"kd": 3.0}, "gap_reference": {"kd": 2.0}}
     with pytest.raises(CheckpointError, match="belongs to another run"):
         load_checkpoint(tmp_path / "checkpoint-00000006", "run-b")
     with pytest.raises(CheckpointError, match="not a vldistill checkpoint"):

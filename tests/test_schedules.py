@@ -295,6 +295,22 @@ def test_gap_weighting_follows_the_loss_ratios() -> None:
     assert objective.settings()["gap_ratio/kd"] == pytest.approx(r_kd, rel=1e-12)
 
 
+def test_gap_state_is_saved_and_restored() -> None:
+    """A resumed run keeps its reference losses: after loading, a refresh gives the original run's ratios."""
+    start, later, teacher = outputs(seed=9), outputs(seed=10), outputs(seed=11)
+    original = gap_objective()
+    original.refresh_gap(start, teacher)
+    resumed = gap_objective()
+    resumed.load_weighting_state(original.weighting_state())
+    assert resumed.gap_reference == original.gap_reference and resumed.gap_ratios == original.gap_ratios
+    original.refresh_gap(later, teacher)
+    resumed.refresh_gap(later, teacher)
+    assert resumed.gap_ratios == original.gap_ratios and resumed.gap_ratios["kd"] != 1.0
+    other = build_objective({"clip": {}, "kd": {}}, LossContext(DIM, DIM), weighting=WeightingConfig(kind="gap")).double()
+    with pytest.raises(ValueError, match="another configuration"):
+        other.load_weighting_state(original.weighting_state())
+
+
 def test_gap_refreshes_every_n_steps_and_only_for_gap() -> None:
     objective = gap_objective()
     assert objective.needs_held_out and [objective.gap_due(s) for s in range(5)] == [True, False, True, False, True]

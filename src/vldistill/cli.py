@@ -17,6 +17,12 @@ from vldistill.distributed import process_rank
 from vldistill.train.loop import NonFiniteLossError
 
 
+def show_progress() -> bool:
+    """Whether this process shows progress bars: only the first one when several run together
+    (torchrun / accelerate launch), so each bar is printed once."""
+    return process_rank()[0] == 0
+
+
 def _config(args: argparse.Namespace, default: Optional[str] = None) -> ExperimentConfig:
     path = args.config if args.config is not None else (packaged_config(default) if default else None)
     return load_config(path, args.overrides)
@@ -34,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vldistill.demo import print_summary, run_demo
 
     cfg = _config(args, default="demo")
-    summary = run_demo(cfg, Path(args.out))
+    summary = run_demo(cfg, Path(args.out), progress=show_progress())
     print_summary(summary)
     print(f"wrote {Path(args.out) / 'summary.json'} and the student to {Path(args.out) / 'student'}")
     return 0
@@ -48,7 +54,7 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out)
     _save_config(cfg, out)
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, progress=show_progress())
     pretrain_teacher(cfg, data, out / "teacher", log_dir=out / "logs")
     print(f"teacher saved to {out / 'teacher'}")
     print(f"data quality: {data.quality.report()}")
@@ -66,7 +72,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ConfigError("teacher.path is not set: point it at a CLIP folder or hub id (e.g. from `vldistill pretrain-teacher`)")
     out = Path(args.out)
     _save_config(cfg, out)
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, progress=show_progress())
     teacher = obtain_teacher(cfg, data, out / "teacher")
     student = train_student(
         cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl", resume=args.resume
@@ -94,7 +100,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if out is None:
         raise ConfigError("no cache folder: pass --out CACHE_DIR or set cache.path")
     teacher = load_teacher(cfg.teacher.path, cfg.teacher.trust_remote_code)
-    result = build_cache(cfg, load_data(cfg.data), teacher, Path(out))
+    progress = show_progress()
+    result = build_cache(cfg, load_data(cfg.data, progress=progress), teacher, Path(out), progress=progress)
     print(result.summary())
     print(f"distill from it with --set cache.path={out}")
     return 0
@@ -109,7 +116,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _config(args)
     model, tokenizer = load_dual_encoder(args.model)
     name = args.name or Path(args.model).name
-    evaluation = evaluate_model(model, tokenizer, load_data(cfg.data), cfg.eval, name, Path(args.out))
+    progress = show_progress()
+    data = load_data(cfg.data, progress=progress)
+    evaluation = evaluate_model(model, tokenizer, data, cfg.eval, name, Path(args.out), progress=progress)
     print(json.dumps(evaluation["summary"], indent=2))
     return 0
 
@@ -121,7 +130,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out)
     _save_config(cfg, out)
-    result = run_sweep(cfg, out)
+    result = run_sweep(cfg, out, progress=show_progress())
     print(format_ablation_table(result["runs"]))
     print(f"wrote {out / 'ablation.json'}")
     return 0
@@ -157,10 +166,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         image_size = image_size or data.image_size
     else:
         sources = [args.path]
-    failed = False
+    failed, progress = False, show_progress()
     for source in sources:
         quality = DataQuality(threshold=args.threshold)
-        scan(open_pairs(source, image_size or 224, quality))
+        scan(open_pairs(source, image_size or 224, quality), progress=progress)
         print(f"{source}: {quality.report()}")
         failed |= quality.over_threshold()
     return 1 if failed else 0

@@ -86,10 +86,13 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine decay, for a fixed number of steps. A step whose loss is NaN
-    or infinite is skipped (no update); `max_nonfinite` of them in a row stop the run."""
+    or infinite is skipped (no update); `max_nonfinite` of them in a row stop the run. `batch_size` is
+    the global batch of one optimizer step: split across processes and, with `accumulation_steps` > 1,
+    into that many micro-batches whose losses still see the whole batch (see train/loop.py)."""
 
     steps: int = 600
     batch_size: int = 128
+    accumulation_steps: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
@@ -104,6 +107,13 @@ class OptimConfig:
             raise ConfigError(f"{where}.steps must be >= 1, got {self.steps}")
         if self.batch_size < 2:
             raise ConfigError(f"{where}.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}")
+        if self.accumulation_steps < 1:
+            raise ConfigError(f"{where}.accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if self.batch_size % self.accumulation_steps:
+            raise ConfigError(
+                f"{where}.batch_size ({self.batch_size}) must be divisible by {where}.accumulation_steps "
+                f"({self.accumulation_steps})"
+            )
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:

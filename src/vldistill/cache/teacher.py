@@ -16,7 +16,7 @@ from vldistill.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchEr
 from vldistill.config import CacheConfig, ConfigError
 from vldistill.distributed import gather_embeddings
 from vldistill.losses.base import LOSSES
-from vldistill.models.ensemble import check_combine_method, combine_outputs
+from vldistill.models.ensemble import check_combine_method, teacher_output_over
 from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput
 from vldistill.schedules import WeightingConfig
 
@@ -95,9 +95,13 @@ class CachedTeacher(nn.Module):
                 f"augmentation) and must be rebuilt: {REBUILD_HINT}"
             )
 
-    @torch.no_grad()
     def forward(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
         """The combined cached output for the batch; only embeddings are cached."""
+        return teacher_output_over(self, [batch], needs)
+
+    @torch.no_grad()
+    def gathered_outputs(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[DualEncoderOutput]:
+        """Each cached teacher's output for the batch, with the embeddings of every rank."""
         if needs - {TEACHER_EMBEDDINGS}:
             raise ValueError(f"the teacher cache holds embeddings only, not {', '.join(sorted(needs - {TEACHER_EMBEDDINGS}))}")
         rows = self._rows(batch).cpu().numpy()
@@ -115,7 +119,7 @@ class CachedTeacher(nn.Module):
                 logit_scale=torch.tensor(scale, dtype=torch.float32, device=device),
                 logit_bias=None if bias is None else torch.tensor(bias, dtype=torch.float32, device=device),
             ))
-        return combine_outputs([gather_embeddings(o, keep_grad=False) for o in outputs], self.method, self.weights)
+        return [gather_embeddings(output, keep_grad=False) for output in outputs]
 
 
 def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Sequence[float], method: str) -> CachedTeacher:

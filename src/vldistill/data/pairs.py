@@ -179,44 +179,59 @@ class _EmptyWorkerTally:
 
 
 class SkippingBatchSampler(Sampler):
-    """A batch sampler over global batches that yields this rank's slice of each (rank r of `world`
-    takes the r-th of `world` equal parts) and can skip its next pass's first `skip` batches without
+    """A batch sampler over global batches that yields this rank's slices of each: the global batch is cut
+    into `micro_batches` consecutive parts (gradient accumulation), each part into `world` equal slices,
+    and rank r takes the r-th slice of every part. It can skip its next pass's first `skip` slices without
     fetching them (their indices are still drawn, so the random order after them is unchanged)."""
 
-    def __init__(self, inner: BatchSampler, rank: int = 0, world: int = 1) -> None:
-        self.inner, self.rank, self.world = inner, rank, world
+    def __init__(self, inner: BatchSampler, rank: int = 0, world: int = 1, micro_batches: int = 1) -> None:
+        self.inner, self.rank, self.world, self.micro_batches = inner, rank, world, micro_batches
         self.skip = 0
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return len(self.inner) * self.micro_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
-        part = self.inner.batch_size // self.world
-        for number, indices in enumerate(self.inner):
-            if number >= skip:
-                yield indices[self.rank * part : (self.rank + 1) * part]
+        micro = self.inner.batch_size // self.micro_batches
+        part = micro // self.world
+        number = 0
+        for indices in self.inner:
+            for start in range(0, self.inner.batch_size, micro):
+                if number >= skip:
+                    yield indices[start + self.rank * part : start + (self.rank + 1) * part]
+                number += 1
 
 
 def pair_loader(
-    dataset: Dataset, collate: PairCollator, batch_size: int, seed: int, num_workers: int = 0
+    dataset: Dataset,
+    collate: PairCollator,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    micro_batches: int = 1,
 ) -> DataLoader:
     """A loader of this process's share of each global batch of `batch_size` (the same global batches for
-    any number of processes), dropping the last incomplete one, decoding in `num_workers` processes: shuffled in a
-    seeded order for a map-style dataset (batches can be skipped to resume, see `repeat_batches`); a
-    streaming one (IterableDataset) shuffles its shards itself (`set_epoch`) and splits them across the
-    workers."""
+    any number of processes), cut into `micro_batches` consecutive micro-batches for gradient accumulation
+    (each yielded in turn), dropping the last incomplete batch, decoding in `num_workers` processes:
+    shuffled in a seeded order for a map-style dataset (batches can be skipped to resume, see
+    `repeat_batches`); a streaming one (IterableDataset) shuffles its shards itself (`set_epoch`) and
+    splits them across the workers."""
     workers = {"num_workers": num_workers}
     if num_workers and collate.quality is not None:
         workers["worker_init_fn"] = _EmptyWorkerTally(collate.quality)
     rank, world = process_rank()
-    if batch_size % world:
-        raise ValueError(f"the batch size {batch_size} must be divisible by the {world} processes")
+    if batch_size % (world * micro_batches):
+        raise ValueError(
+            f"the batch size {batch_size} must be divisible by the {world} processes x {micro_batches} "
+            "accumulation steps"
+        )
     if isinstance(dataset, IterableDataset):  # the stream splits its shards across ranks itself
-        return DataLoader(dataset, batch_size=batch_size // world, drop_last=True, collate_fn=collate, **workers)
+        size = batch_size // (world * micro_batches)
+        return DataLoader(dataset, batch_size=size, drop_last=True, collate_fn=collate, **workers)
     generator = torch.Generator().manual_seed(seed)
     sampler = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
-    batches = SkippingBatchSampler(sampler, rank, world)
+    batches = SkippingBatchSampler(sampler, rank, world, micro_batches)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=generator, **workers)
 
 

@@ -132,6 +132,21 @@ class DistillationObjective(nn.Module):
             reference = self.gap_reference.setdefault(name, value)
             self.gap_ratios[name] = value / reference if reference > 0 else 1.0
 
+    def weighting_state(self) -> dict[str, dict[str, float]]:
+        """Gap weighting's measured ratios and reference losses, for checkpoints (learned weights such as
+        uncertainty's log-variances are parameters, saved with the weights)."""
+        return {"gap_ratios": dict(self.gap_ratios), "gap_reference": dict(self.gap_reference)}
+
+    def load_weighting_state(self, state: dict[str, dict[str, float]]) -> None:
+        """Restore gap weighting's ratios and references saved by `weighting_state` for the same losses."""
+        if set(state["gap_ratios"]) != set(self.gap_ratios):
+            raise ValueError(
+                f"the checkpoint's gap weighting covers {sorted(state['gap_ratios'])}, this objective "
+                f"{sorted(self.gap_ratios)}: it comes from another configuration"
+            )
+        self.gap_ratios = dict(state["gap_ratios"])
+        self.gap_reference = dict(state["gap_reference"])
+
     def forward(
         self, student: DualEncoderOutput, teacher: Optional[DualEncoderOutput]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from vldistill.data.preprocess import inputs_for
 from vldistill.distributed import gather_embeddings
-from vldistill.models.outputs import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES, DualEncoderOutput
+from vldistill.models.outputs import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES, DualEncoderOutput, concat_outputs
 
 COMBINE_METHODS = ("fixed", "confidence", "average")
 
@@ -141,7 +141,19 @@ class TeacherEnsemble(nn.Module):
         ]
 
     @torch.no_grad()
+    def gathered_outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[DualEncoderOutput]:
+        """Each teacher's output on the batch (see `outputs`) with the embeddings of every rank."""
+        return [gather_embeddings(output, keep_grad=False) for output in self.outputs(batch, needs)]
+
     def forward(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
-        """The teachers' outputs on the batch (see `outputs`), gathered from every rank, combined."""
-        outputs = [gather_embeddings(output, keep_grad=False) for output in self.outputs(batch, needs)]
-        return combine_outputs(outputs, self.method, self.weights)
+        """The teachers' gathered outputs on the batch, combined."""
+        return teacher_output_over(self, [batch], needs)
+
+
+@torch.no_grad()
+def teacher_output_over(teacher, batches: Sequence[dict[str, torch.Tensor]], needs: frozenset[str]) -> DualEncoderOutput:
+    """The combined output of a `TeacherEnsemble` or `CachedTeacher` over several micro-batches taken as one
+    batch (gradient accumulation): each teacher's gathered outputs concatenated in micro-batch order, then
+    combined, so combined logits span the whole batch."""
+    per_batch = [teacher.gathered_outputs(batch, needs) for batch in batches]
+    return combine_outputs([concat_outputs(parts) for parts in zip(*per_batch)], teacher.method, teacher.weights)

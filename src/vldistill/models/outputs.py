@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 # What a loss may need from the teacher. An empty set means a task loss (no teacher at all).
@@ -79,3 +82,46 @@ class DualEncoderOutput:
             text_attention_mask=text_attention_mask,
             **extra,
         )
+
+
+def concat_outputs(outputs: Sequence[DualEncoderOutput]) -> DualEncoderOutput:
+    """Several micro-batches' outputs of one model as the output of one batch, rows in the given order
+    (gradient accumulation): embeddings, hidden states, attention maps and text masks concatenated along
+    the batch, text tokens zero-padded to the longest (mask 0 there); scale and bias are the first's."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if any(output.image_to_text_logits is not None for output in outputs):
+        raise ValueError("concatenate each teacher's own outputs before combining them into an ensemble")
+    first = outputs[0]
+    return dataclasses.replace(
+        first,
+        image_embeds=torch.cat([o.image_embeds for o in outputs]),
+        text_embeds=torch.cat([o.text_embeds for o in outputs]),
+        image_hidden_states=_cat_layers([o.image_hidden_states for o in outputs], token_dims=()),
+        text_hidden_states=_cat_layers([o.text_hidden_states for o in outputs], token_dims=(1,)),
+        image_attentions=_cat_layers([o.image_attentions for o in outputs], token_dims=()),
+        text_attentions=_cat_layers([o.text_attentions for o in outputs], token_dims=(2, 3)),
+        text_attention_mask=(
+            None if first.text_attention_mask is None
+            else _cat_padded([o.text_attention_mask for o in outputs], token_dims=(1,))
+        ),
+    )
+
+
+def _cat_layers(per_output: list[Optional[tuple[torch.Tensor, ...]]], token_dims: tuple[int, ...]):
+    """Layer-wise tuples of several outputs concatenated layer by layer (None when absent)."""
+    if per_output[0] is None:
+        return None
+    return tuple(_cat_padded(list(layer), token_dims) for layer in zip(*per_output))
+
+
+def _cat_padded(tensors: list[torch.Tensor], token_dims: tuple[int, ...]) -> torch.Tensor:
+    """`tensors` concatenated along dim 0 after zero-padding each of `token_dims` to the longest."""
+    longest = {dim: max(t.shape[dim] for t in tensors) for dim in token_dims}
+    padded = []
+    for tensor in tensors:
+        pad = [0] * (2 * tensor.ndim)
+        for dim, size in longest.items():  # F.pad lists (left, right) pairs from the last dimension
+            pad[2 * (tensor.ndim - 1 - dim) + 1] = size - tensor.shape[dim]
+        padded.append(F.pad(tensor, pad) if any(pad) else tensor)
+    return torch.cat(padded)

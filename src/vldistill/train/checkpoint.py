@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +18,7 @@ from vldistill import __version__
 from vldistill.fileio import atomic_directory
 
 FORMAT = "vldistill-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: adds the objective's weighting state
 NAME = re.compile(r"^checkpoint-(\d{8})$")
 
 
@@ -30,7 +30,8 @@ class CheckpointError(ValueError):
 class TrainState:
     """A run's state at a step: trainable weights (student and loss parameters), optimizer and
     scheduler states, RNG states and counters. The data position is the step itself: batches are
-    drawn in a deterministic order, so resuming skips the first `step` batches."""
+    drawn in a deterministic order, so resuming skips the first `step` batches. `weighting` is the
+    objective's measured loss-weight state (gap weighting's ratios and references)."""
 
     step: int
     weights: dict[str, torch.Tensor]
@@ -38,6 +39,7 @@ class TrainState:
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     nonfinite_steps: int = 0
+    weighting: dict[str, Any] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -70,6 +72,7 @@ def save_checkpoint(folder: Path, state: TrainState, fingerprint: str, keep: int
             "format": FORMAT, "version": VERSION, "vldistill": __version__, "fingerprint": fingerprint,
             "step": state.step, "nonfinite_steps": state.nonfinite_steps,
             "rng": {"python": state.rng["python"], "numpy": state.rng["numpy"]},
+            "weighting": state.weighting,
         }
         (tmp / "trainer.json").write_text(json.dumps(meta) + "\n")
     for old in checkpoints(folder)[:-keep]:
@@ -118,4 +121,5 @@ def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
         scheduler=trainer["scheduler"],
         rng=rng,
         nonfinite_steps=meta["nonfinite_steps"],
+        weighting=meta["weighting"],
     )

@@ -1,16 +1,27 @@
 """The one training loop (accelerate): pretraining a teacher and distilling a student both run here,
-unchanged on CPU, one GPU or several processes."""
+unchanged on CPU, one GPU or several processes.
+
+Gradient accumulation (`accumulation_steps` = K > 1) keeps the semantics of the whole batch, as open_clip's
+`accum_freq` does: the student first embeds all K micro-batches without gradients; then, one micro-batch
+at a time, its live outputs take their place among the others' cached outputs and the loss of the whole
+window (K micro-batches x every process) is backpropagated through that micro-batch only. Negatives,
+similarity matrices, the teacher's combined logits and per-sample means therefore span the global batch
+of the optimizer step, and the summed gradient equals that of one pass over it (up to float rounding;
+dropout would differ between the passes). The price is one extra student forward pass per micro-batch."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -22,9 +33,12 @@ from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.data.preprocess import inputs_for
-from vldistill.distributed import gather_embeddings
-from vldistill.models.ensemble import TeacherEnsemble
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.distributed import finite_on_every_rank, gather_embeddings, settle_collectives
+from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
+from vldistill.models.outputs import DualEncoderOutput, concat_outputs
+
+
+LOSS_SIDE_NAMES = ("logit_scale", "logit_bias")
 
 
 @dataclass
@@ -72,10 +86,35 @@ class StudentWithObjective(nn.Module):
             output_attentions=TEACHER_ATTENTIONS in self.objective.needs,
         )
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_output: Optional[DualEncoderOutput]):
-        """The objective's total loss and its parts plus its current weights and temperatures, for logging."""
-        loss, parts = self.objective(gather_embeddings(self._student_output(batch), keep_grad=True), teacher_output)
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        teacher_output: Optional[DualEncoderOutput],
+        cached: Sequence[DualEncoderOutput] = (),
+        position: int = 0,
+    ):
+        """The objective's total loss and its parts plus its current weights and temperatures, for logging.
+        With `cached` outputs of an accumulation window, the live outputs of `batch` take `position` among
+        them (the logit scale and bias are the live ones) and the loss is that of the whole window."""
+        student = gather_embeddings(self._student_output(batch), keep_grad=True)
+        if cached:
+            window = concat_outputs([*cached[:position], student, *cached[position + 1 :]])
+            student = dataclasses.replace(window, logit_scale=student.logit_scale, logit_bias=student.logit_bias)
+        loss, parts = self.objective(student, teacher_output)
         return loss, {**parts, **self.objective.settings()}
+
+    @torch.no_grad()
+    def cached_output(self, batch: dict[str, torch.Tensor]) -> DualEncoderOutput:
+        """The student's gathered output on `batch` without gradients: it stands for that micro-batch of an
+        accumulation window while the gradient of another micro-batch is taken."""
+        return gather_embeddings(self._student_output(batch), keep_grad=False)
+
+    def loss_side_parameters(self) -> list[nn.Parameter]:
+        """Parameters the loss uses directly rather than through the embedded micro-batch (the objective's
+        own and the student's logit scale and bias): every pass of an accumulation window gives them the
+        whole window's gradient."""
+        scales = [p for name, p in self.student.named_parameters() if any(key in name for key in LOSS_SIDE_NAMES)]
+        return [*self.objective.parameters(), *scales]
 
     @torch.no_grad()
     def refresh_gap(self, batch: dict[str, torch.Tensor], teacher_output: DualEncoderOutput) -> None:
@@ -108,7 +147,9 @@ def train(
     log_path: Optional[Path] = None,
     held_out_batch: Optional[dict[str, torch.Tensor]] = None,
 ) -> TrainResult:
-    """Train `student` (and the objective's own parameters) for `optim.steps` batches, AdamW + warmup-cosine.
+    """Train `student` (and the objective's own parameters) for `optim.steps` optimizer steps, AdamW +
+    warmup-cosine, each step over `optim.accumulation_steps` consecutive micro-batches of `batches` (see
+    the module docstring for what accumulation keeps global).
 
     When the objective needs a teacher (a dual encoder, a `TeacherEnsemble`, or a `CachedTeacher` reading
     stored outputs), it is called on every batch in eval mode without gradients.
@@ -122,7 +163,17 @@ def train(
     if objective.needs_held_out and held_out_batch is None:
         raise ValueError("gap weighting (distill.weighting.kind: gap) needs a held_out_batch to measure the gap on")
     steps = optim.steps
-    accelerator = Accelerator(mixed_precision="bf16" if optim.precision == "bf16" else "no")
+    # cpu=True on a machine without an accelerator: accelerate then runs several processes as DDP over gloo
+    # (without it, processes started by torchrun would each train alone).
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(), mixed_precision="bf16" if optim.precision == "bf16" else "no"
+    )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "FSDP (accelerate launch --use_fsdp) is not supported: vldistill replicates the student with DDP, and "
+            "its checkpoints and saved students read whole parameters, which FSDP shards. Launch without "
+            "--use_fsdp; to save memory, cache the teacher's outputs (vldistill cache) instead"
+        )
     module = StudentWithObjective(student, objective)
     optimizer = torch.optim.AdamW(parameter_groups(module, optim.weight_decay), lr=optim.lr)
     # The scheduler is stepped once per optimizer step by us (not prepared: accelerate would step it
@@ -131,6 +182,7 @@ def train(
     module, optimizer = accelerator.prepare(module, optimizer)
     if resume is not None:
         accelerator.unwrap_model(module).load_state_dict(resume.weights)
+        objective.load_weighting_state(resume.weighting)
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
         restore_rng(resume.rng)
@@ -153,18 +205,16 @@ def train(
     consecutive_nonfinite = 0
     progress = tqdm(total=steps, initial=step, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
     try:
-        for batch in batches:
+        for window in _windows(batches, optim.accumulation_steps):
             objective.set_progress(step, steps)
             if objective.gap_due(step):
                 with accelerator.autocast():
                     accelerator.unwrap_model(module).refresh_gap(held_out_batch, held_out_teacher)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            teacher_output = teacher(batch, objective.needs) if objective.needs else None
-            with accelerator.autocast():
-                loss, parts = module(batch, teacher_output)
-            if torch.isfinite(loss):
+            window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
+            teacher_output = teacher_output_over(teacher, window, objective.needs) if objective.needs else None
+            loss, parts = backward_window(accelerator, module, window, teacher_output)
+            if loss is not None:
                 consecutive_nonfinite = 0
-                accelerator.backward(loss)
                 if optim.grad_clip is not None:
                     accelerator.clip_grad_norm_(module.parameters(), optim.grad_clip)
                 optimizer.step()
@@ -193,7 +243,7 @@ def train(
             if checkpointer is not None and checkpointer.due(step, steps) and accelerator.is_main_process:
                 state = TrainState(
                     step, accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(),
-                    scheduler.state_dict(), capture_rng(), nonfinite,
+                    scheduler.state_dict(), capture_rng(), nonfinite, objective.weighting_state(),
                 )
                 save_checkpoint(checkpointer.folder, state, checkpointer.fingerprint, checkpointer.keep)
             if step == steps:
@@ -202,4 +252,47 @@ def train(
         progress.close()
         if log_file is not None:
             log_file.close()
+    settle_collectives()
     return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history, nonfinite_steps=nonfinite)
+
+
+def _windows(batches: Iterable[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The micro-batches grouped into accumulation windows of `size` (one optimizer step each)."""
+    iterator = iter(batches)
+    while window := list(itertools.islice(iterator, size)):
+        if len(window) < size:
+            raise ValueError(f"the data ended inside an accumulation window ({len(window)} of {size} micro-batches)")
+        yield window
+
+
+def backward_window(
+    accelerator: Accelerator,
+    module: nn.Module,
+    window: list[dict[str, torch.Tensor]],
+    teacher_output: Optional[DualEncoderOutput],
+) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    """Accumulate the gradient of the window's loss (see the module docstring) and return the loss and its
+    parts; the loss is None when it was NaN or infinite on any rank (then nothing was backpropagated).
+    DDP synchronizes gradients only on the window's last backward pass."""
+    if len(window) == 1:
+        with accelerator.autocast():
+            loss, parts = module(window[0], teacher_output)
+        if not finite_on_every_rank(loss):
+            return None, parts
+        accelerator.backward(loss)
+        return loss, parts
+    inner = accelerator.unwrap_model(module)
+    with accelerator.autocast():
+        cached = [inner.cached_output(batch) for batch in window]
+    for position, batch in enumerate(window):
+        last = position == len(window) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(module):
+            with accelerator.autocast():
+                loss, parts = module(batch, teacher_output, cached, position)
+            if position == 0 and not finite_on_every_rank(loss):
+                return None, parts
+            accelerator.backward(loss)
+    for param in inner.loss_side_parameters():  # each pass gave them the whole window's gradient
+        if param.grad is not None:
+            param.grad.div_(len(window))
+    return loss, parts

@@ -80,13 +80,15 @@ def _batches(
     num_workers: int = 0,
     start_step: int = 0,
 ):
-    """`optim.steps` training batches of `data.train`, each pair augmented per `augment` (one view for every
-    model), preprocessed for the student/primary teacher and, prefixed, for each `extra` teacher. Epoch e
-    uses view e (fresh views every epoch), or e % `views` when reading a teacher cache of that many. Bad
-    input is skipped and counted; too much of it stops the run (DataQualityError)."""
+    """`optim.steps` training batches of `data.train`, each as `optim.accumulation_steps` micro-batches, each
+    pair augmented per `augment` (one view for every model), preprocessed for the student/primary teacher
+    and, prefixed, for each `extra` teacher. Epoch e uses view e (fresh views every epoch), or e % `views`
+    when reading a teacher cache of that many. Bad input is skipped and counted; too much of it stops the
+    run (DataQualityError)."""
     collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra, views=views, quality=data.quality)
-    loader = pair_loader(data.train, collate, optim.batch_size, seed, num_workers)
-    return repeat_batches(loader, optim.steps, data.quality, start_step=start_step)
+    micro = optim.accumulation_steps
+    loader = pair_loader(data.train, collate, optim.batch_size, seed, num_workers, micro_batches=micro)
+    return repeat_batches(loader, optim.steps * micro, data.quality, start_step=start_step * micro)
 
 
 def _new_two_tower(cfg: ExperimentConfig) -> tuple[TwoTowerDualEncoder, PreTrainedTokenizerBase]:
@@ -136,7 +138,8 @@ def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, token
 
     with saved_on_bad_data(lambda: save(Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted"))):
         result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
-    save(out_dir)
+    if process_rank()[0] == 0:  # one writer when several processes train together
+        save(out_dir)
     return TrainedModel(teacher, tokenizer, Path(out_dir), result)
 
 

@@ -1,0 +1,94 @@
+"""Gradient accumulation keeps the whole batch's semantics: K micro-batches give the loss and gradients of
+one pass over their union (negatives, similarity matrices, combined teacher logits and per-sample means
+span the window), and K-step training ends where whole-batch training does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, teacher_spec
+
+from vldistill.config import OptimConfig
+from vldistill.data.synthetic import make_split
+from vldistill.data.tokenizer import make_tokenize
+from vldistill.data.transforms import to_pixel_values
+from vldistill.losses import LossContext, build_objective
+from vldistill.models import DualEncoderSpec, TowerSpec
+from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
+from vldistill.train.loop import StudentWithObjective, backward_window, train
+
+STUDENT = DualEncoderSpec(vision=TowerSpec(layers=1, width=16, heads=1, patch_size=8),
+                          text=TowerSpec(layers=1, width=16, heads=1), projection_dim=16)
+EVERY_SIGNAL = {
+    "clip": {}, "kd": {"temperature": 2.0}, "affinity": {}, "feature": {}, "crd": {}, "icl": {},
+    "hidden": {"weight": 0.5}, "attention": {"weight": 0.5},
+}
+
+
+def batches(tokenizer, n: int, parts: int, seed: int = 0) -> tuple[dict, list[dict]]:
+    """n pairs as one batch and as `parts` micro-batches, each tokenized (and padded) on its own."""
+    data = make_split("train", n, seed=seed, image_size=IMAGE_SIZE)
+    captions = [" ".join(c.split()[: 3 + (i * 7) % 11]) for i, c in enumerate(data.captions)]  # varied lengths
+    tokenize = make_tokenize(tokenizer, TEXT_LENGTH)
+
+    def batch(rows: slice) -> dict:
+        return {"pixel_values": to_pixel_values(data.images[rows]), **tokenize(captions[rows])}
+
+    size = n // parts
+    return batch(slice(0, n)), [batch(slice(k * size, (k + 1) * size)) for k in range(parts)]
+
+
+def student_and_objective(tokenizer, losses) -> StudentWithObjective:
+    student = build_clip(config_for(STUDENT, tokenizer), seed=1).train()
+    torch.manual_seed(2)
+    objective = build_objective(losses, LossContext(16, 32, STUDENT, teacher_spec()))
+    return StudentWithObjective(student, objective)
+
+
+def gradients(module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("losses, teachers, method", [
+    (EVERY_SIGNAL, 1, "fixed"),
+    ({"kd": {"temperature": 2.0}, "affinity": {}}, 2, "confidence"),  # combined logits over the window
+])
+def test_micro_batches_give_the_whole_batch_loss_and_gradients(tokenizer, losses, teachers, method):
+    teacher = TeacherEnsemble(
+        [build_clip(config_for(teacher_spec(), tokenizer), seed=10 + k) for k in range(teachers)], method=method
+    )
+    whole, micro = batches(tokenizer, 12, parts=3)
+    assert len({b["input_ids"].shape[1] for b in micro}) > 1  # micro-batches padded to different lengths
+    reference = student_and_objective(tokenizer, losses)
+    needs = reference.objective.needs
+    loss, _ = reference(whole, teacher_output_over(teacher, [whole], needs))
+    loss.backward()
+    accumulated = student_and_objective(tokenizer, losses)
+    window_loss, _ = backward_window(Accelerator(cpu=True), accumulated, micro, teacher_output_over(teacher, micro, needs))
+    assert window_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    expected, found = gradients(reference), gradients(accumulated)
+    assert found.keys() == expected.keys() and len(found) > 20
+    assert any("logit_scale" in name for name in found)  # the loss-side parameters are compared too
+    for name, grad in expected.items():  # float32 sums in another order: relative to the tensor's scale
+        assert (found[name] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-6, name
+
+
+def test_training_with_accumulation_ends_where_whole_batch_training_does(tokenizer):
+    teacher = build_clip(config_for(teacher_spec(), tokenizer), seed=10)
+    losses = {"clip": {}, "kd": {"temperature": 2.0}, "feature": {}}
+    steps = [batches(tokenizer, 8, parts=2, seed=s) for s in range(3)]
+    finals = []
+    for accumulation, data in ((1, [w for w, _ in steps]), (2, [m for _, ms in steps for m in ms])):
+        module = student_and_objective(tokenizer, losses)
+        optim = OptimConfig(steps=3, batch_size=8, accumulation_steps=accumulation, warmup_steps=1, lr=1e-3,
+                            log_every=1, grad_clip=0.5)
+        result = train(module.student, module.objective, data, optim, teacher=teacher)
+        assert result.steps == 3 and len(result.history) == 3
+        finals.append((module.state_dict(), [r["loss/total"] for r in result.history]))
+    (whole_state, whole_losses), (micro_state, micro_losses) = finals
+    assert micro_losses == pytest.approx(whole_losses, rel=1e-5)
+    for name, value in whole_state.items():
+        if name.endswith("k_proj.bias"):  # exact gradient 0 (softmax ignores a shift); Adam scales float noise up
+            continue
+        assert torch.allclose(micro_state[name], value, atol=1e-5), name
