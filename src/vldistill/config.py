@@ -23,7 +23,7 @@ from vldistill.models.spec import DualEncoderSpec, TowerSpec
 from vldistill.models.two_tower import TEXT_POOLINGS, VISION_POOLINGS
 from vldistill.schedules import WeightingConfig
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 on a GPU that supports it, else fp32
 RETRIEVAL_MATCHES = ("pair", "identical_caption")
 DATASETS = ("shapes", "files")
 CACHE_DTYPES = ("float16", "float32")

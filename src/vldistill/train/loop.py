@@ -12,13 +12,14 @@ dropout would differ between the passes). The price is one extra student forward
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import time
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -124,6 +125,17 @@ class StudentWithObjective(nn.Module):
         self.student.train()
 
 
+def uses_bf16(precision: str) -> bool:
+    """Whether a config's `precision` autocasts to bfloat16: "bf16" always (refused on a GPU without bf16),
+    "auto" on a GPU that supports it (CPUs without bf16 units run it slower than fp32), "fp32" never."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return cuda and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision bf16: this GPU does not support bfloat16; use fp32 (or auto)")
+    return precision == "bf16"
+
+
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups as in open_clip: no decay on biases, norms, embeddings' gains and the logit scale."""
     decay, no_decay = [], []
@@ -155,8 +167,8 @@ def train(
     stored outputs), it is called on every batch in eval mode without gradients.
     Before each step the objective's weight and temperature schedules move to that step; under gap
     weighting its weights are re-measured on `held_out_batch` (required then) every `every` steps from the
-    first. Losses, weights, temperatures and the learning rate are logged every `optim.log_every` steps to
-    the history and `log_path` (JSONL).
+    first. Losses, weights, temperatures, the learning rate and the loop's seconds so far are logged every
+    `optim.log_every` steps to the history and `log_path` (JSONL).
     """
     if objective.needs and teacher is None:
         raise ValueError(f"the selected losses need a teacher ({', '.join(sorted(objective.needs))}), but none was given")
@@ -165,8 +177,11 @@ def train(
     steps = optim.steps
     # cpu=True on a machine without an accelerator: accelerate then runs several processes as DDP over gloo
     # (without it, processes started by torchrun would each train alone).
-    accelerator = Accelerator(
-        cpu=not torch.accelerator.is_available(), mixed_precision="bf16" if optim.precision == "bf16" else "no"
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    # Our own autocast, not accelerate's mixed_precision: that is fixed once per process, and one process may
+    # pretrain a teacher in fp32 and then distill in bf16.
+    autocast = functools.partial(
+        torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=uses_bf16(optim.precision)
     )
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError(
@@ -208,11 +223,12 @@ def train(
         for window in _windows(batches, optim.accumulation_steps):
             objective.set_progress(step, steps)
             if objective.gap_due(step):
-                with accelerator.autocast():
+                with autocast():
                     accelerator.unwrap_model(module).refresh_gap(held_out_batch, held_out_teacher)
             window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
-            teacher_output = teacher_output_over(teacher, window, objective.needs) if objective.needs else None
-            loss, parts = backward_window(accelerator, module, window, teacher_output)
+            with autocast():
+                teacher_output = teacher_output_over(teacher, window, objective.needs) if objective.needs else None
+            loss, parts = backward_window(accelerator, module, window, teacher_output, autocast)
             if loss is not None:
                 consecutive_nonfinite = 0
                 if optim.grad_clip is not None:
@@ -234,7 +250,10 @@ def train(
             step += 1
             progress.update(1)
             if step % optim.log_every == 0 or step == steps:
-                record = {"step": step, "lr": scheduler.get_last_lr()[0], **{k: float(v) for k, v in parts.items()}}
+                record = {
+                    "step": step, "seconds": round(time.perf_counter() - start, 3), "lr": scheduler.get_last_lr()[0],
+                    **{k: float(v) for k, v in parts.items()},
+                }
                 history.append(record)
                 progress.set_postfix(loss=f"{record['loss/total']:.3f}")
                 if log_file is not None:
@@ -270,24 +289,25 @@ def backward_window(
     module: nn.Module,
     window: list[dict[str, torch.Tensor]],
     teacher_output: Optional[DualEncoderOutput],
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
     """Accumulate the gradient of the window's loss (see the module docstring) and return the loss and its
     parts; the loss is None when it was NaN or infinite on any rank (then nothing was backpropagated).
-    DDP synchronizes gradients only on the window's last backward pass."""
+    Forward passes run under `autocast`; DDP synchronizes gradients only on the window's last backward pass."""
     if len(window) == 1:
-        with accelerator.autocast():
+        with autocast():
             loss, parts = module(window[0], teacher_output)
         if not finite_on_every_rank(loss):
             return None, parts
         accelerator.backward(loss)
         return loss, parts
     inner = accelerator.unwrap_model(module)
-    with accelerator.autocast():
+    with autocast():
         cached = [inner.cached_output(batch) for batch in window]
     for position, batch in enumerate(window):
         last = position == len(window) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(module):
-            with accelerator.autocast():
+            with autocast():
                 loss, parts = module(batch, teacher_output, cached, position)
             if position == 0 and not finite_on_every_rank(loss):
                 return None, parts
