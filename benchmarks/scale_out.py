@@ -47,7 +47,8 @@ def run(args: list[str], env: dict[str, str]) -> None:
 def distill(out: Path, teacher: Path, steps: int, launcher: list[str], env: dict[str, str], *sets: str) -> dict:
     """Distill into `out` and return the loop's seconds, the last logged loss and the student's tensors."""
     args = [*launcher, "distill", DEMO, "--no-eval", "--out", str(out), "--set", f"teacher.path={teacher}",
-            "--set", f"distill.train.steps={steps}", "--set", f"distill.train.log_every={steps}"]
+            "--set", f"distill.train.steps={steps}", "--set", f"distill.train.warmup_steps={min(steps, 10)}",
+            "--set", f"distill.train.log_every={steps}"]
     for item in sets:
         args += ["--set", item]
     run(args, env)
@@ -71,7 +72,8 @@ def main() -> None:
     teacher = work / "teacher"
     if not (teacher / "teacher").is_dir():
         run([sys.executable, "-m", "vldistill", "pretrain-teacher", DEMO, "--out", str(teacher),
-             "--set", f"teacher.train.steps={args.teacher_steps}"], {})
+             "--set", f"teacher.train.steps={args.teacher_steps}",
+             "--set", f"teacher.train.warmup_steps={min(args.teacher_steps, 10)}"], {})
     teacher = teacher / "teacher"
     single = [sys.executable, "-m", "vldistill"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vldistill"]

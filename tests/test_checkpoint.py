@@ -47,8 +47,15 @@ def test_checkpoints_keep_the_newest_and_refuse_other_runs(tmp_path):
         load_checkpoint(tmp_path, "run-a")
 
 
-def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, teacher):
-    assert main(distill_args(tmp_path / "straight", teacher)) == 0
+GAP_AND_ACCUMULATION = [  # gap ratios measured at step 3 must come back from the checkpoint at step 4
+    "--set", "distill.weighting.kind=gap", "--set", "distill.weighting.every=3",
+    "--set", "distill.train.accumulation_steps=2",
+]
+
+
+@pytest.mark.parametrize("extra", [[], GAP_AND_ACCUMULATION], ids=["plain", "gap-accumulation"])
+def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, teacher, extra):
+    assert main(distill_args(tmp_path / "straight", teacher, *extra)) == 0
     script = textwrap.dedent(f"""
         import os, signal, sys
         import vldistill.train.loop as loop
@@ -60,14 +67,14 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
                 os.kill(os.getpid(), signal.SIGKILL)
             return path
         loop.save_checkpoint = save_then_die
-        sys.exit(main({distill_args(tmp_path / "killed", teacher)!r}))
+        sys.exit(main({distill_args(tmp_path / "killed", teacher, *extra)!r}))
     """)
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     folder = tmp_path / "killed" / "student-checkpoints"
     assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000004"]
     assert not (tmp_path / "killed" / "student").exists()
-    assert main([*distill_args(tmp_path / "killed", teacher), "--resume"]) == 0
+    assert main([*distill_args(tmp_path / "killed", teacher, *extra), "--resume"]) == 0
     straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "student" / "model.safetensors")
     assert straight.keys() == resumed.keys()

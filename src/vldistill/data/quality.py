@@ -62,6 +62,8 @@ class DataQuality:
 
     def report(self) -> str:
         """A few human-readable lines: totals, then each bad kind with its count and examples."""
+        if not self.good and not any(self.bad.values()):
+            return "nothing checked (no pairs were decoded from files: generated data)"
         lines = [f"{self.good} good, {sum(self.bad.values())} bad ({100 * self.bad_share:.2f}%; threshold {100 * self.threshold:g}%)"]
         for kind in BAD_KINDS:
             if self.bad[kind]:

@@ -43,22 +43,25 @@ class TrainState:
 
 
 def capture_rng() -> dict[str, Any]:
-    """The Python, NumPy and torch (CPU) random states."""
+    """The Python, NumPy, torch CPU and (when present) every CUDA device's random states."""
     state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [state[0], state[1].tolist(), *state[2:]],
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
-    """Set the Python, NumPy and torch (CPU) random states captured by `capture_rng`."""
+    """Set the random states captured by `capture_rng` (CUDA ones only on a machine with as many devices)."""
     python = rng["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     numpy = rng["numpy"]
     np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
     torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(rng["cuda"]):
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def save_checkpoint(folder: Path, state: TrainState, fingerprint: str, keep: int) -> Path:
@@ -66,7 +69,8 @@ def save_checkpoint(folder: Path, state: TrainState, fingerprint: str, keep: int
     target = Path(folder) / f"checkpoint-{state.step:08d}"
     with atomic_directory(target) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.weights.items()}, tmp / "weights.safetensors")
-        save_file({"torch_rng": state.rng["torch"]}, tmp / "rng.safetensors")
+        cuda = {f"cuda_rng_{k}": device_state for k, device_state in enumerate(state.rng["cuda"])}
+        save_file({"torch_rng": state.rng["torch"], **cuda}, tmp / "rng.safetensors")
         torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler}, tmp / "optimizer.pt")
         meta = {
             "format": FORMAT, "version": VERSION, "vldistill": __version__, "fingerprint": fingerprint,
@@ -113,7 +117,9 @@ def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
             f"this run {fingerprint}); resume with the config it was written with"
         )
     trainer = torch.load(path / "optimizer.pt", weights_only=True)
-    rng = {**meta["rng"], "torch": load_file(path / "rng.safetensors")["torch_rng"]}
+    states = load_file(path / "rng.safetensors")
+    cuda = [states[f"cuda_rng_{k}"] for k in range(sum(key.startswith("cuda_rng_") for key in states))]
+    rng = {**meta["rng"], "torch": states["torch_rng"], "cuda": cuda}
     return TrainState(
         step=meta["step"],
         weights=load_file(path / "weights.safetensors"),

@@ -257,13 +257,17 @@ def held_out_batch(
     data: DataBundle, preprocess, batch_size: int, seed: int, extra: Optional[dict] = None
 ) -> dict[str, torch.Tensor]:
     """A fixed, unaugmented batch for gap weighting: up to `batch_size` good pairs drawn with `seed` from
-    the validation set when there is one, else from the training set (the first ones of a stream)."""
+    the validation set when there is one, else from the training set (the first ones of a stream, which
+    each process reads from its own shards). Several processes each take their share, which the losses
+    gather back into the whole batch."""
     dataset = data.val if data.val is not None else data.train
+    rank, world = process_rank()
+    share = batch_size // world
     if isinstance(dataset, IterableDataset):
-        samples = list(itertools.islice((s for s in dataset if s is not None), batch_size))
+        samples = list(itertools.islice((s for s in dataset if s is not None), share))
     else:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:batch_size]
-        samples = [dataset[i] for i in order.tolist()]
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: share * world]
+        samples = [dataset[i] for i in order[rank * share : (rank + 1) * share].tolist()]
     return PairCollator(preprocess, extra=extra)(samples)
 
 
