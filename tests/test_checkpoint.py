@@ -82,6 +82,35 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
 
 
+def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterrupted_run(tmp_path, teacher):
+    """SIGTERM (a scheduler's preemption) during step 3: the step completes, checkpoint 3 is written although
+    checkpoints are due every 2 steps, the run exits with 143, and --resume ends where a straight run does."""
+    assert main(distill_args(tmp_path / "straight", teacher)) == 0
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import vldistill.train.loop as loop
+        from vldistill.cli import main
+        original, calls = loop.backward_window, []
+        def terminate_in_step_3(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args, **kwargs)
+        loop.backward_window = terminate_in_step_3
+        sys.exit(main({distill_args(tmp_path / "stopped", teacher)!r}))
+    """)
+    stopped = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM after step 3 of 8" in stopped.stderr and "--resume" in stopped.stderr
+    folder = tmp_path / "stopped" / "student-checkpoints"
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000003"]
+    assert main([*distill_args(tmp_path / "stopped", teacher), "--resume"]) == 0
+    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "student" / "model.safetensors")
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, teacher, capsys):
     assert main(distill_args(tmp_path / "run", teacher)) == 0
     code = main([*distill_args(tmp_path / "run", teacher, "--set", "distill.train.lr=0.01"), "--resume"])

@@ -22,7 +22,7 @@ from vldistill.cli import main
 from vldistill.config import packaged_config
 from vldistill.data.synthetic import vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer
-from vldistill.distributed import settle_collectives
+from vldistill.distributed import on_every_rank, settle_collectives
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.train.loop import backward_window
 
@@ -63,9 +63,11 @@ def rank_worker(rank: int, world: int, port: int, out: str) -> None:
         loss, _ = backward_window(accelerator, module, window, teacher_output_over(teacher, window, needs))
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean")  # the per-process hidden parts differ
         results[micro_batches] = {"loss": mean_loss, "grads": gradients(accelerator.unwrap_model(module))}
+    # a flag false on one rank (a NaN loss, a stop signal) is false on all: every rank takes the same branch
+    agreed = (on_every_rank(rank == 0, accelerator.device), on_every_rank(True, accelerator.device))
     settle_collectives()
     if rank == 0:
-        torch.save(results, out)
+        torch.save({"agreed": agreed, "results": results}, out)
 
 
 def free_port() -> int:
@@ -91,7 +93,8 @@ def test_two_processes_match_one_on_the_whole_batch(tmp_path):
                 process.kill()
             pytest.fail(f"two-process run did not finish in {TIMEOUT} s (hung collective)")
     distributed = torch.load(out, weights_only=True)
-    for micro_batches, found in distributed.items():  # 2 x 6 pairs, and 2 x 2 micro-batches x 3 pairs
+    assert distributed["agreed"] == (False, True)
+    for micro_batches, found in distributed["results"].items():  # 2 x 6 pairs, and 2 x 2 micro-batches x 3 pairs
         assert found["loss"].item() == pytest.approx(loss.item(), rel=1e-5), micro_batches
         assert found["grads"].keys() == expected.keys() and len(expected) > 20
         for name, grad in expected.items():  # float32 sums in another order: relative to the tensor's scale

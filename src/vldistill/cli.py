@@ -15,6 +15,7 @@ import yaml
 from vldistill.config import ConfigError, ExperimentConfig, load_config, packaged_config
 from vldistill.distributed import process_rank
 from vldistill.train.loop import NonFiniteLossError
+from vldistill.train.stop import TrainingStopped
 
 
 def show_progress() -> bool:
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; configuration and input errors print one clear line and exit with status 2
-    (set VLDISTILL_DEBUG=1 to see the traceback instead)."""
+    (set VLDISTILL_DEBUG=1 to see the traceback instead); a run stopped by SIGTERM exits with 143
+    after checkpointing."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -239,6 +241,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"vldistill: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:  # a clean stop on SIGTERM: the shell's code for that signal
+        print(f"vldistill: {stopped}", file=sys.stderr)
+        return 128 + stopped.signal_number
 
 
 if __name__ == "__main__":

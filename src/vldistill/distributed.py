@@ -72,13 +72,14 @@ def gather_embeddings(output: DualEncoderOutput, keep_grad: bool) -> DualEncoder
     )
 
 
-def finite_on_every_rank(loss: torch.Tensor) -> bool:
-    """Whether `loss` is finite on every rank (just here with one process), so that all ranks skip a
-    step together when any of them saw a NaN or inf and none waits in a collective the others skipped."""
-    finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (just here with one process), so that all ranks take the same
+    branch, e.g. skip a step or stop, and none waits in a collective the others skipped. `device` is
+    where the process group's tensors live (the training device)."""
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     if gathering():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=_gather_group())
-    return bool(finite.item())
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_gather_group())
+    return bool(value.item())
 
 
 def settle_collectives() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import itertools
 import json
+import signal
 import time
 import dataclasses
 from dataclasses import dataclass, field
@@ -30,11 +31,12 @@ from transformers import get_cosine_schedule_with_warmup
 from vldistill.cache.teacher import CachedTeacher
 from vldistill.config import OptimConfig
 from vldistill.train.checkpoint import TrainState, capture_rng, restore_rng, save_checkpoint
+from vldistill.train.stop import StopRequests, TrainingStopped
 from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.data.preprocess import inputs_for
-from vldistill.distributed import finite_on_every_rank, gather_embeddings, settle_collectives
+from vldistill.distributed import gather_embeddings, on_every_rank, settle_collectives
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.models.outputs import DualEncoderOutput, concat_outputs
 
@@ -219,6 +221,17 @@ def train(
     nonfinite = resume.nonfinite_steps if resume is not None else 0
     consecutive_nonfinite = 0
     progress = tqdm(total=steps, initial=step, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+
+    def write_checkpoint() -> None:
+        if checkpointer is not None and accelerator.is_main_process:
+            state = TrainState(
+                step, accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(),
+                scheduler.state_dict(), capture_rng(), nonfinite, objective.weighting_state(),
+            )
+            save_checkpoint(checkpointer.folder, state, checkpointer.fingerprint, checkpointer.keep)
+
+    stop = StopRequests()
+    stop.install()
     try:
         for window in _windows(batches, optim.accumulation_steps):
             objective.set_progress(step, steps)
@@ -259,20 +272,34 @@ def train(
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
-            if checkpointer is not None and checkpointer.due(step, steps) and accelerator.is_main_process:
-                state = TrainState(
-                    step, accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(),
-                    scheduler.state_dict(), capture_rng(), nonfinite, objective.weighting_state(),
-                )
-                save_checkpoint(checkpointer.folder, state, checkpointer.fingerprint, checkpointer.keep)
+            due = checkpointer is not None and checkpointer.due(step, steps)
+            if due:
+                write_checkpoint()
             if step == steps:
                 break
+            if not on_every_rank(not stop.requested, accelerator.device):  # a signal reached some rank
+                if not due:
+                    write_checkpoint()
+                settle_collectives()
+                raise TrainingStopped(_stopped_message(stop, step, steps, checkpointer), stop.signal_number or signal.SIGTERM)
     finally:
+        stop.restore()
         progress.close()
         if log_file is not None:
             log_file.close()
     settle_collectives()
     return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history, nonfinite_steps=nonfinite)
+
+
+def _stopped_message(stop: StopRequests, step: int, steps: int, checkpointer: Optional[Checkpointer]) -> str:
+    """What a run stopped by a signal tells the user: where it stopped and how to continue."""
+    cause = signal.Signals(stop.signal_number).name if stop.requested else "a stop signal on another process"
+    if checkpointer is None:
+        return f"stopped by {cause} after step {step} of {steps}; no checkpoints (distill.checkpoint.every), so a rerun starts over"
+    return (
+        f"stopped by {cause} after step {step} of {steps}; checkpoint written to {checkpointer.folder}: "
+        "run the same command with --resume to continue"
+    )
 
 
 def _windows(batches: Iterable[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -297,7 +324,7 @@ def backward_window(
     if len(window) == 1:
         with autocast():
             loss, parts = module(window[0], teacher_output)
-        if not finite_on_every_rank(loss):
+        if not on_every_rank(bool(torch.isfinite(loss)), loss.device):
             return None, parts
         accelerator.backward(loss)
         return loss, parts
@@ -309,7 +336,7 @@ def backward_window(
         with contextlib.nullcontext() if last else accelerator.no_sync(module):
             with autocast():
                 loss, parts = module(batch, teacher_output, cached, position)
-            if position == 0 and not finite_on_every_rank(loss):
+            if position == 0 and not on_every_rank(bool(torch.isfinite(loss)), loss.device):
                 return None, parts
             accelerator.backward(loss)
     for param in inner.loss_side_parameters():  # each pass gave them the whole window's gradient
