@@ -245,14 +245,14 @@ def test_cache_of_other_teacher_or_data_is_refused(tiny, plain_cache, tmp_path) 
 def test_interrupted_build_resumes_to_the_same_cache(tiny, monkeypatch, tmp_path) -> None:
     cfg = plain_cfg(tiny, "cache.shard_rows=96", "cache.batch_size=40", f"cache.path={tmp_path / 'resumed'}")
     data, teacher = tiny["data"], tiny["teacher"]
-    write_shard = CacheWriter.write_shard
+    record_shard = CacheWriter.record_shard
 
-    def fail_after_first(self, index, arrays):
+    def fail_after_first(self, index, files):
         if index > 0:
             raise KeyboardInterrupt("interrupted")
-        write_shard(self, index, arrays)
+        record_shard(self, index, files)
 
-    monkeypatch.setattr(CacheWriter, "write_shard", fail_after_first)
+    monkeypatch.setattr(CacheWriter, "record_shard", fail_after_first)
     with pytest.raises(KeyboardInterrupt):
         build_cache(cfg, data, teacher, tmp_path / "resumed", progress=False)
     monkeypatch.undo()

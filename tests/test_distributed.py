@@ -1,15 +1,18 @@
 """Two CPU processes (gloo) give what one process gives on the whole batch: embeddings are gathered
 across ranks, so negatives and similarity matrices are global, with or without gradient accumulation;
-and `vldistill distill` under torchrun trains the same student as a single process."""
+`vldistill distill` under torchrun trains the same student as a single process, and `vldistill cache`
+builds the same teacher cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,6 +21,7 @@ from conftest import build_clip, config_for, teacher_spec
 from safetensors.torch import load_file
 from test_accumulation import STUDENT, batches, gradients, student_and_objective
 
+from vldistill.cache.store import CacheReader
 from vldistill.cli import main
 from vldistill.config import packaged_config
 from vldistill.data.synthetic import vocabulary
@@ -122,3 +126,18 @@ def test_torchrun_two_processes_train_the_student_one_process_trains(tmp_path, t
         if name.endswith("k_proj.bias"):  # exact gradient 0 (softmax ignores a shift); Adam scales float noise up
             continue
         assert torch.allclose(two[name], value, atol=1e-4), name
+
+
+def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, teacher_dir):
+    args = ["cache", TINY, "--set", f"teacher.path={teacher_dir}", "--set", "cache.shard_rows=60"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vldistill"]
+    done = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (CacheReader.open(tmp_path / run, verify=True) for run in ("one", "two"))
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert [shard["index"] for shard in manifest["shards"]] == [0, 1, 2, 3, 4] and manifest["complete"]  # 256 / 60
+    rows = np.arange(one.total_rows)
+    for field in one.fields:
+        assert np.allclose(two.rows(field, rows), one.rows(field, rows), atol=2e-3), field  # fp16, other threads

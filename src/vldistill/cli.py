@@ -103,6 +103,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     teacher = load_teacher(cfg.teacher.path, cfg.teacher.trust_remote_code)
     progress = show_progress()
     result = build_cache(cfg, load_data(cfg.data, progress=progress), teacher, Path(out), progress=progress)
+    if process_rank()[0] != 0:
+        return 0  # the first process reports
     print(result.summary())
     print(f"distill from it with --set cache.path={out}")
     return 0

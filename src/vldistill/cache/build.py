@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
@@ -28,7 +30,6 @@ from vldistill.cache.store import CacheReader, CacheWriter
 from vldistill.cache.teacher import TOWERS, VIEW_HASH, field_name
 from vldistill.config import AUTO_BATCH_SIZE, ExperimentConfig
 from vldistill.data.bundle import DataBundle
-
 from vldistill.data.pairs import PairCollator, PairSample
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.models.ensemble import TeacherEnsemble
@@ -149,20 +150,24 @@ def _throughput(
 
 
 def auto_batch_size(
-    ensemble: TeacherEnsemble, collator: RowCollator, pairs: Dataset, views: int, device: torch.device
+    ensemble: TeacherEnsemble, collator: RowCollator, pairs: Dataset, views: int, device: torch.device,
+    report: bool = True,
 ) -> int:
     """The batch size `cache.batch_size: auto` builds with: the fastest of PROBE_SIZES (those no larger
-    than the cache's rows; all rows when fewer than the smallest) by `pick_batch_size`; prints the choice."""
+    than the cache's rows; all rows when fewer than the smallest) by `pick_batch_size`; prints the choice
+    when `report`."""
     total = len(pairs) * views
     sizes = [size for size in PROBE_SIZES if size <= total]
     if not sizes:
-        print(f"cache.batch_size auto: using {total}, the cache's {total} rows in one batch")
+        if report:
+            print(f"cache.batch_size auto: using {total}, the cache's {total} rows in one batch")
         return total
     best, rates = pick_batch_size(_throughput(ensemble, collator, ShardRows(pairs, views, 0, total), device), sizes)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     probed = ", ".join(f"{size}: {rate:.0f}" for size, rate in rates.items())
-    print(f"cache.batch_size auto: using {best} ({rates[best]:.0f} images/s; probed {probed} images/s)")
+    if report:
+        print(f"cache.batch_size auto: using {best} ({rates[best]:.0f} images/s; probed {probed} images/s)")
     return best
 
 
@@ -200,45 +205,61 @@ def build_cache(
 ) -> CacheBuildResult:
     """Build (or resume) the teacher cache of `primary` and `teacher.ensemble` over `data`'s training
     split at `out`, with `cfg.cache`'s views, dtype, shard size, batch size (probed when `auto`, see
-    `auto_batch_size`) and loader workers."""
+    `auto_batch_size`) and loader workers. Under torchrun / accelerate launch the processes share the
+    work: in each round process r builds the r-th of the next shards and writes its files, and the first
+    process lists the round's shards in the manifest in order (so an interrupted build resumes as
+    one started by a single process would)."""
     start_time = time.perf_counter()
     check_teacher_fits_data(primary.model, cfg.data.image_size)
     settings = cfg.cache
-    members = ensemble_members(cfg, primary)
-    ensemble, extra = teacher_ensemble(cfg, primary, primary.model.input_spec, members)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ensemble = ensemble.to(device).eval()
-    preprocess = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
-    collator = RowCollator(PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra))
     pairs = data.train
     if isinstance(pairs, IterableDataset):
         raise ValueError(
             "the teacher cache needs a map-style training set (addressed by sample index): webdataset shards "
             "are streamed; use a manifest, image folder or HF dataset, or distill online"
         )
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    members = ensemble_members(cfg, primary)
+    ensemble, extra = teacher_ensemble(cfg, primary, primary.model.input_spec, members)
+    ensemble = ensemble.to(state.device).eval()
+    preprocess = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
+    collator = RowCollator(PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra))
     fields = cache_fields(members, settings.dtype)
     total = len(pairs) * settings.views
-    writer = CacheWriter.open(out, cache_meta(cfg, data, members), fields, total, settings.shard_rows)
+    with state.main_process_first():  # the first process creates (or cleans) the folder, then the others open it
+        writer = CacheWriter.open(out, cache_meta(cfg, data, members), fields, total, settings.shard_rows)
+    state.wait_for_everyone()  # nobody writes shard files while another process still cleans the folder
     first = writer.next_shard()
-    done = total if first is None else first[0]
     batch_size = settings.batch_size
     if batch_size == AUTO_BATCH_SIZE and first is not None:
-        batch_size = auto_batch_size(ensemble, collator, pairs, settings.views, device)
+        batch_size = auto_batch_size(ensemble, collator, pairs, settings.views, state.device, report=state.is_main_process)
     written = 0
+    done = total if first is None else first[0]
     with tqdm(total=total, initial=done, desc="teacher cache", unit="row", disable=not progress, dynamic_ncols=True) as bar:
-        while (span := writer.next_shard()) is not None:
-            begin, stop = span
-            loader = DataLoader(
-                ShardRows(pairs, settings.views, begin, stop),
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=settings.num_workers,
-                collate_fn=collator,
-            )
-            arrays = _shard_arrays(ensemble, loader, fields, range(begin, stop), settings.views, device, bar)
-            writer.write_shard(begin // writer.shard_rows, arrays)
-            written += 1
-    writer.finish()
+        for round_start in range(writer.next_index(), writer.num_shards, state.num_processes):
+            index = round_start + state.process_index
+            files = None
+            if index < writer.num_shards:
+                begin, stop = writer.shard_range(index)
+                loader = DataLoader(
+                    ShardRows(pairs, settings.views, begin, stop),
+                    batch_size=batch_size,
+                    shuffle=False,
+                    num_workers=settings.num_workers,
+                    collate_fn=collator,
+                )
+                arrays = _shard_arrays(ensemble, loader, fields, range(begin, stop), settings.views, state.device, bar)
+                files = writer.write_shard_files(index, arrays)
+            for offset, shard_files in enumerate(gather_object([files])):  # every process's, in rank order
+                if shard_files is not None and state.is_main_process:
+                    writer.record_shard(round_start + offset, shard_files)
+                    written += 1
+                    if offset != state.process_index:  # the others' rows, for the progress bar
+                        begin, stop = writer.shard_range(round_start + offset)
+                        bar.update(stop - begin)
+    if state.is_main_process:
+        writer.finish()
+    state.wait_for_everyone()
     reader = CacheReader.open(out)
     return CacheBuildResult(
         path=Path(out),

@@ -276,19 +276,29 @@ class CacheWriter:
 
     def next_shard(self) -> Optional[tuple[int, int]]:
         """The row range [start, stop) of the next shard to write, or None once all are written."""
-        index = len(self._manifest["shards"])
-        if index == self.num_shards:
-            return None
+        index = self.next_index()
+        return None if index == self.num_shards else self.shard_range(index)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        """The row range [start, stop) of shard `index`."""
         return _shard_range(index, self.total_rows, self.shard_rows)
+
+    def next_index(self) -> int:
+        """The index of the first shard the manifest does not list yet (`num_shards` once all are)."""
+        return len(self._manifest["shards"])
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write shard `index` (which must be the next one) from one (rows, dim) array per field,
         then list it in the manifest with each file's size and sha256."""
-        expected_index = len(self._manifest["shards"])
-        if index != expected_index:
-            due = "none: all shards are written" if expected_index == self.num_shards else f"shard {expected_index}"
-            raise ValueError(f"cannot write shard {index}: shards are written in order and the next is {due}")
-        start, stop = _shard_range(index, self.total_rows, self.shard_rows)
+        self._check_next(index, "write")
+        self.record_shard(index, self.write_shard_files(index, arrays))
+
+    def write_shard_files(self, index: int, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+        """Write shard `index`'s files (atomically) without listing them; return what `record_shard` lists.
+        Several processes building one cache each write their shards' files; one of them records them."""
+        if not self.next_index() <= index < self.num_shards:
+            raise ValueError(f"cannot write shard {index}: shards {self.next_index()} to {self.num_shards - 1} are left")
+        start, stop = self.shard_range(index)
         self._check_arrays(arrays, stop - start)
         files = {}
         for name in self.fields:
@@ -297,8 +307,20 @@ class CacheWriter:
             write_bytes_atomic(self.root / file_name, data)
             files[name] = {"name": file_name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         _fsync_dir(self.root)
-        self._manifest["shards"].append({"index": index, "start": start, "stop": stop, "files": files})
+        return files
+
+    def record_shard(self, index: int, files: Mapping[str, Mapping[str, Any]]) -> None:
+        """List shard `index` (which must be the next one) with its written files in the manifest."""
+        self._check_next(index, "record")
+        start, stop = self.shard_range(index)
+        self._manifest["shards"].append({"index": index, "start": start, "stop": stop, "files": dict(files)})
         _write_manifest(self.root, self._manifest)
+
+    def _check_next(self, index: int, verb: str) -> None:
+        expected_index = self.next_index()
+        if index != expected_index:
+            due = "none: all shards are written" if expected_index == self.num_shards else f"shard {expected_index}"
+            raise ValueError(f"cannot {verb} shard {index}: shards go in order and the next is {due}")
 
     def _check_arrays(self, arrays: Mapping[str, np.ndarray], rows: int) -> None:
         missing = [name for name in self.fields if name not in arrays]
