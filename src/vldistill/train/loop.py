@@ -108,8 +108,8 @@ class StudentWithObjective(nn.Module):
 
     @torch.no_grad()
     def cached_output(self, batch: dict[str, torch.Tensor]) -> DualEncoderOutput:
-        """The student's gathered output on `batch` without gradients: it stands for that micro-batch of an
-        accumulation window while the gradient of another micro-batch is taken."""
+        """The student's gathered output on `batch` without gradients: for gap weighting's measurements, and
+        standing for its micro-batch of an accumulation window while another one's gradient is taken."""
         return gather_embeddings(self._student_output(batch), keep_grad=False)
 
     def loss_side_parameters(self) -> list[nn.Parameter]:
@@ -123,7 +123,7 @@ class StudentWithObjective(nn.Module):
     def refresh_gap(self, batch: dict[str, torch.Tensor], teacher_output: DualEncoderOutput) -> None:
         """Re-measure the objective's gap weighting on a held-out batch, the student in eval mode meanwhile."""
         self.student.eval()
-        self.objective.refresh_gap(gather_embeddings(self._student_output(batch), keep_grad=False), teacher_output)
+        self.objective.refresh_gap(self.cached_output(batch), teacher_output)
         self.student.train()
 
 
