@@ -112,29 +112,36 @@ def teacher_dir(tmp_path_factory):
     return out / "teacher"
 
 
-def test_torchrun_two_processes_train_the_student_one_process_trains(tmp_path, teacher_dir):
+def torchrun(*args: str) -> None:
+    """Run `python -m vldistill ARGS` as 2 processes under torchrun (one thread each); fail on error."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vldistill"]
+    done = subprocess.run([*command, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(tmp_path, teacher_dir):
     args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vldistill"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*torchrun, *args, "--set", "distill.train.accumulation_steps=2", "--out", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (load_file(tmp_path / run / "student" / "model.safetensors") for run in ("one", "two"))
-    assert one.keys() == two.keys()
+    two = [*args, "--set", "distill.train.accumulation_steps=2", "--set", "distill.checkpoint.every=2"]
+    torchrun(*two, "--out", str(tmp_path / "two"))
+    one, two_processes = (load_file(tmp_path / run / "student" / "model.safetensors") for run in ("one", "two"))
+    assert one.keys() == two_processes.keys()
     for name, value in one.items():
         if name.endswith("k_proj.bias"):  # exact gradient 0 (softmax ignores a shift); Adam scales float noise up
             continue
-        assert torch.allclose(two[name], value, atol=1e-4), name
+        assert torch.allclose(two_processes[name], value, atol=1e-4), name
+    halfway = tmp_path / "two" / "student-checkpoints" / "checkpoint-00000002"
+    torchrun(*two, "--out", str(tmp_path / "resumed"), "--resume", str(halfway))  # both processes resume
+    resumed = load_file(tmp_path / "resumed" / "student" / "model.safetensors")
+    for name, value in two_processes.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name
 
 
 def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, teacher_dir):
     args = ["cache", TINY, "--set", f"teacher.path={teacher_dir}", "--set", "cache.shard_rows=60"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vldistill"]
-    done = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(*args, "--out", str(tmp_path / "two"))
     one, two = (CacheReader.open(tmp_path / run, verify=True) for run in ("one", "two"))
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert [shard["index"] for shard in manifest["shards"]] == [0, 1, 2, 3, 4] and manifest["complete"]  # 256 / 60
