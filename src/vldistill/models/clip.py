@@ -10,7 +10,7 @@ from torch import nn
 from transformers import CLIPModel
 
 from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
-from vldistill.models.common import clamp_log_scale_, eager_attention
+from vldistill.models.common import clamp_log_scale_, joint_forward
 from vldistill.models.inputs import InputSpec, image_normalization
 from vldistill.models.outputs import DualEncoderOutput
 
@@ -95,18 +95,9 @@ class CLIPDualEncoder(nn.Module):
     ) -> DualEncoderOutput:
         """Embed a batch of paired images and texts, with hidden states / attention maps on request
         (attention maps need eager attention: the model switches to it for that call only)."""
-        with eager_attention(self.model, enabled=output_attentions):
-            out = self.model(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-            )
-        vision, text = out.vision_model_output, out.text_model_output
-        return DualEncoderOutput.from_towers(
-            out.image_embeds, out.text_embeds, self.logit_scale, vision, text, attention_mask,
-            hidden_states=output_hidden_states, attentions=output_attentions,
+        return joint_forward(
+            self.model, pixel_values, input_ids, attention_mask, self.logit_scale,
+            mask_text=True, hidden_states=output_hidden_states, attentions=output_attentions,
         )
 
     def clamp_logit_scale(self) -> None:

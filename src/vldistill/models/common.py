@@ -1,5 +1,6 @@
-"""Pieces the Hugging Face teacher adapters share: eager attention on request, the logit-scale clamp,
-the tokenizer a folder may hold, and the token settings a CLIP student needs for that tokenizer."""
+"""Pieces the Hugging Face teacher adapters share: eager attention on request, the joint forward pass
+of a CLIP-like model, the logit-scale clamp, the tokenizer a folder may hold, and the token settings a
+CLIP student needs for that tokenizer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from vldistill.models.outputs import DualEncoderOutput
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -34,6 +37,36 @@ def eager_attention(*models: PreTrainedModel, enabled: bool = True) -> Iterator[
         for model, impl in zip(models, previous):
             if model.config._attn_implementation != impl:
                 model.set_attn_implementation(impl)
+
+
+def joint_forward(
+    model: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    *,
+    mask_text: bool,
+    hidden_states: bool,
+    attentions: bool,
+    **extra: torch.Tensor,
+) -> DualEncoderOutput:
+    """One forward pass of a Hugging Face image-text model with both towers (CLIPModel, SiglipModel) as a
+    DualEncoderOutput: the text tower reads `attention_mask` only with `mask_text`; hidden states and
+    attention maps on request (eager attention for this call only); `extra` fields such as logit_bias."""
+    text_inputs = {"attention_mask": attention_mask} if mask_text else {}
+    with eager_attention(model, enabled=attentions):
+        out = model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            output_hidden_states=hidden_states,
+            output_attentions=attentions,
+            **text_inputs,
+        )
+    return DualEncoderOutput.from_towers(
+        out.image_embeds, out.text_embeds, logit_scale, out.vision_model_output, out.text_model_output,
+        attention_mask, hidden_states=hidden_states, attentions=attentions, **extra,
+    )
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from vldistill.fileio import atomic_directory
 from vldistill.models.common import (
     clamp_log_scale_,
-    eager_attention,
+    joint_forward,
     load_tokenizer_if_present,
     square_image_size,
     text_token_settings_from,
@@ -143,17 +143,10 @@ class SiglipDualEncoder(nn.Module):
     ) -> DualEncoderOutput:
         """Embed a batch of paired images and texts (logits = logit_scale * cos + logit_bias), with
         hidden states / attention maps on request (eager attention for that call only)."""
-        with eager_attention(self.model, enabled=output_attentions):
-            out = self.model(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-            )
-        vision, text = out.vision_model_output, out.text_model_output
-        return DualEncoderOutput.from_towers(
-            out.image_embeds, out.text_embeds, self.logit_scale, vision, text, attention_mask,
-            hidden_states=output_hidden_states, attentions=output_attentions, logit_bias=self.logit_bias,
+        return joint_forward(
+            self.model, pixel_values, input_ids, attention_mask, self.logit_scale,
+            mask_text=False, hidden_states=output_hidden_states, attentions=output_attentions,
+            logit_bias=self.logit_bias,
         )
 
     def clamp_logit_scale(self) -> None:
