@@ -1,6 +1,7 @@
 """Stopping a run cleanly on request. SIGTERM, what schedulers (SLURM, Kubernetes) send before they kill
 a job and what torchrun forwards to its workers, lets the current step finish; the loop then writes a
-checkpoint of that step and ends with `TrainingStopped`, and `--resume` continues from there."""
+checkpoint of that step and ends with `TrainingStopped`, and `--resume` continues from there. A second
+SIGTERM is handled as it would be without vldistill (by default the process dies at once)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ class StopRequests:
         self._previous: dict[int, object] = {}
 
     def _record(self, signal_number: int, frame) -> None:
+        if self.signal_number is not None:  # asked twice: act as the handler before us would (default: die)
+            self.restore()
+            signal.raise_signal(signal_number)
+            return
         self.signal_number = signal_number
 
     def install(self) -> None:
