@@ -115,3 +115,17 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, teacher, capsys
     assert main(distill_args(tmp_path / "run", teacher)) == 0
     code = main([*distill_args(tmp_path / "run", teacher, "--set", "distill.train.lr=0.01"), "--resume"])
     assert code == 2 and "belongs to another run" in capsys.readouterr().err
+
+
+def test_resume_auto_starts_or_continues_and_a_fresh_run_refuses_old_checkpoints(tmp_path, teacher, capsys):
+    """`--resume auto` suits a command a scheduler may restart: the first start trains from scratch, a
+    restart continues; a run without --resume refuses a folder holding another run's checkpoints."""
+    args = distill_args(tmp_path / "run", teacher)
+    assert main([*args, "--resume", "auto"]) == 0  # nothing to resume: starts
+    first = load_file(tmp_path / "run" / "student" / "model.safetensors")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "holds checkpoints of an earlier run (newest: checkpoint-00000008)" in capsys.readouterr().err
+    assert main([*args, "--resume", "auto"]) == 0  # continues from the last checkpoint: nothing left to train
+    again = load_file(tmp_path / "run" / "student" / "model.safetensors")
+    assert all(torch.equal(first[key], again[key]) for key in first)

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--no-eval", action="store_true", help="skip evaluating the student at the end")
     distill.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="PATH",
-        help="continue from the newest checkpoint in OUT/student-checkpoints, or from PATH",
+        help="continue from the newest checkpoint in OUT/student-checkpoints, or from PATH; 'auto': from the "
+        "newest if there is one, else start (for commands a scheduler may restart)",
     )
     evaluate = command("eval", cmd_eval, "zero-shot and retrieval evaluation of a saved model", False, "results")
     evaluate.add_argument("model", help="model folder (or hub id)")

@@ -153,11 +153,19 @@ def run_fingerprint(cfg: ExperimentConfig, losses: Mapping[str, Any], inherit: b
 
 
 def resume_state(resume: Optional[str], folder: Path, fingerprint: str) -> Optional[TrainState]:
-    """The state to resume from: None without `resume`; the newest checkpoint in `folder` for "latest";
-    else the checkpoint at the path `resume`."""
-    if resume is None:
+    """The state to resume from: the newest checkpoint in `folder` for "latest" (an error when there is
+    none) or "auto" (None when there is none: a command that a scheduler may restart); the checkpoint at
+    the path `resume`; without `resume`, None, refusing a `folder` that holds another run's checkpoints
+    (a fresh run would interleave its checkpoints with them)."""
+    newest = latest_checkpoint(folder)
+    if resume is None or (resume == "auto" and newest is None):
+        if resume is None and newest is not None:
+            raise CheckpointError(
+                f"{folder} holds checkpoints of an earlier run (newest: {newest.name}): continue it with --resume, "
+                "or delete the folder (or choose another --out) to start over"
+            )
         return None
-    path = latest_checkpoint(folder) if resume == "latest" else Path(resume)
+    path = newest if resume in ("latest", "auto") else Path(resume)
     if path is None:
         raise CheckpointError(f"--resume: no checkpoint in {folder} (set distill.checkpoint.every to write them)")
     return load_checkpoint(path, fingerprint)
