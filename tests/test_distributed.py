@@ -28,6 +28,7 @@ from vldistill.data.synthetic import vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.distributed import on_every_rank, settle_collectives
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
+from vldistill.train.checkpoint import checkpoints
 from vldistill.train.loop import backward_window
 
 # Layer-wise losses stay per process (DDP averages them): exact for image tokens, whose count is the same
@@ -136,6 +137,41 @@ def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(
     resumed = load_file(tmp_path / "resumed" / "student" / "model.safetensors")
     for name, value in two_processes.items():
         assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+
+CRASH = """
+import os, sys
+import vldistill.train.loop as loop
+from vldistill.cli import main
+original, calls = loop.backward_window, []
+def crash_in_step_3(*args, **kwargs):  # rank 1 dies in step 3, as a failing machine would
+    calls.append(1)
+    if len(calls) == 3 and os.environ["RANK"] == "1":
+        os._exit(1)
+    return original(*args, **kwargs)
+loop.backward_window = crash_in_step_3
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_crashed_two_process_run_reruns_with_resume_auto_to_the_uninterrupted_student(tmp_path, teacher_dir):
+    """A process dies mid-run and torchrun fails; the same command again (as a scheduler's requeue would run
+    it, `--resume auto`) continues from the last checkpoint to the student of an uninterrupted run."""
+    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4",
+            "--set", "distill.checkpoint.every=2", "--resume", "auto"]
+    torchrun(*args, "--out", str(tmp_path / "straight"))
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *args, "--out", str(tmp_path / "crashed")]
+    crashed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    assert crashed.returncode != 0 and not (tmp_path / "crashed" / "student").exists()
+    assert [p.name for p in checkpoints(tmp_path / "crashed" / "student-checkpoints")] == ["checkpoint-00000002"]
+    torchrun(*args, "--out", str(tmp_path / "crashed"))
+    straight, rerun = (load_file(tmp_path / run / "student" / "model.safetensors") for run in ("straight", "crashed"))
+    for name, value in straight.items():
+        assert torch.allclose(rerun[name], value, atol=1e-6), name
 
 
 def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, teacher_dir):
