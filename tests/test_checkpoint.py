@@ -47,6 +47,24 @@ def test_checkpoints_keep_the_newest_and_refuse_other_runs(tmp_path):
         load_checkpoint(tmp_path, "run-a")
 
 
+def test_a_failed_checkpoint_write_keeps_the_earlier_ones_and_says_so(tmp_path, monkeypatch):
+    def state(step):
+        return TrainState(step, {"w": torch.full((2,), float(step))}, {"state": {}, "param_groups": []},
+                          {"last_epoch": step}, capture_rng())
+
+    save_checkpoint(tmp_path, state(2), "run-a", keep=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("vldistill.train.checkpoint.save_file", disk_full)
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000004: \[Errno 28\] No space left on device; the newest "
+                                              r"complete one, checkpoint-00000002, is intact"):
+        save_checkpoint(tmp_path, state(4), "run-a", keep=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-00000002"]  # no half-written folder left
+    assert load_checkpoint(tmp_path / "checkpoint-00000002", "run-a").step == 2
+
+
 GAP_AND_ACCUMULATION = [  # gap ratios measured at step 3 must come back from the checkpoint at step 4
     "--set", "distill.weighting.kind=gap", "--set", "distill.weighting.every=3",
     "--set", "distill.train.accumulation_steps=2",

@@ -65,8 +65,26 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, state: TrainState, fingerprint: str, keep: int) -> Path:
-    """Write `state` as `folder/checkpoint-<step>` atomically, then delete all but the newest `keep`."""
+    """Write `state` as `folder/checkpoint-<step>` atomically, then delete all but the newest `keep`.
+    A failed write (a full disk) leaves the earlier checkpoints as they were and raises CheckpointError."""
     target = Path(folder) / f"checkpoint-{state.step:08d}"
+    try:
+        _write_checkpoint(target, state, fingerprint)
+    except OSError as error:
+        newest = latest_checkpoint(folder)
+        kept = f"the newest complete one, {newest.name}, is intact" if newest else "there is no earlier one"
+        raise CheckpointError(
+            f"could not write checkpoint {target}: {error}; {kept}. Free space (or fix the folder) and continue "
+            "with --resume"
+        ) from error
+    for old in checkpoints(folder)[:-keep]:
+        for item in old.iterdir():
+            item.unlink()
+        old.rmdir()
+    return target
+
+
+def _write_checkpoint(target: Path, state: TrainState, fingerprint: str) -> None:
     with atomic_directory(target) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.weights.items()}, tmp / "weights.safetensors")
         cuda = {f"cuda_rng_{k}": device_state for k, device_state in enumerate(state.rng["cuda"])}
@@ -79,11 +97,6 @@ def save_checkpoint(folder: Path, state: TrainState, fingerprint: str, keep: int
             "weighting": state.weighting,
         }
         (tmp / "trainer.json").write_text(json.dumps(meta) + "\n")
-    for old in checkpoints(folder)[:-keep]:
-        for item in old.iterdir():
-            item.unlink()
-        old.rmdir()
-    return target
 
 
 def checkpoints(folder: Path) -> list[Path]:
