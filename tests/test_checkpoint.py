@@ -147,3 +147,22 @@ def test_resume_auto_starts_or_continues_and_a_fresh_run_refuses_old_checkpoints
     assert main([*args, "--resume", "auto"]) == 0  # continues from the last checkpoint: nothing left to train
     again = load_file(tmp_path / "run" / "student" / "model.safetensors")
     assert all(torch.equal(first[key], again[key]) for key in first)
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, teacher, capsys):
+    """The newest checkpoint's weights were truncated on disk (a crash of the storage): --resume warns and
+    continues from the one before, ending with the uninterrupted run's student."""
+    assert main(distill_args(tmp_path / "straight", teacher)) == 0
+    args = distill_args(tmp_path / "run", teacher, "--set", "distill.checkpoint.keep=3")
+    assert main(args) == 0
+    folder = tmp_path / "run" / "student-checkpoints"
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000004", "checkpoint-00000006", "checkpoint-00000008"]
+    weights = folder / "checkpoint-00000008" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "checkpoint-00000008 is damaged" in capsys.readouterr().err
+    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
+    resumed = load_file(tmp_path / "run" / "student" / "model.safetensors")
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key

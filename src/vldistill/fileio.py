@@ -34,12 +34,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 @contextmanager
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside `out_dir` that replaces `out_dir` only if the block succeeds."""
+    """Yield a temp folder beside `out_dir` that replaces `out_dir` only if the block succeeds. Its files
+    are flushed to disk before the rename, so after a power loss `out_dir` is the old or the whole new one."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -47,4 +49,22 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file below `folder`, then the folders themselves."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(root)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (its renames), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from vldistill.fileio import write_bytes_atomic, write_text_atomic
+from vldistill.fileio import fsync_path, write_bytes_atomic, write_text_atomic
 
 FORMAT = "vldistill-teacher-cache"
 VERSION = 1
@@ -148,15 +148,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames inside `folder` durable before the manifest refers to them."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
@@ -306,7 +297,7 @@ class CacheWriter:
             file_name = shard_file_name(name, index)
             write_bytes_atomic(self.root / file_name, data)
             files[name] = {"name": file_name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        _fsync_dir(self.root)
+        fsync_path(self.root)  # the renames are durable before the manifest refers to them
         return files
 
     def record_shard(self, index: int, files: Mapping[str, Mapping[str, Any]]) -> None:

@@ -26,6 +26,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, from another run or version, or incomplete."""
 
 
+class CheckpointDamagedError(CheckpointError):
+    """A checkpoint whose files cannot be read back (truncated or overwritten on disk)."""
+
+
 @dataclass
 class TrainState:
     """A run's state at a step: trainable weights (student and loss parameters), optimizer and
@@ -119,7 +123,10 @@ def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
     meta_path = path / "trainer.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a vldistill checkpoint (no trainer.json)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointDamagedError(f"{path}: trainer.json is damaged ({error})") from error
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')} v{meta.get('version')}, expected {FORMAT} v{VERSION}")
     if meta.get("vldistill") != __version__:
@@ -129,16 +136,18 @@ def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
             f"{path} belongs to another run (its config or teacher differ: fingerprint {meta.get('fingerprint')}, "
             f"this run {fingerprint}); resume with the config it was written with"
         )
-    trainer = torch.load(path / "optimizer.pt", weights_only=True)
-    states = load_file(path / "rng.safetensors")
-    cuda = [states[f"cuda_rng_{k}"] for k in range(sum(key.startswith("cuda_rng_") for key in states))]
-    rng = {**meta["rng"], "torch": states["torch_rng"], "cuda": cuda}
-    return TrainState(
-        step=meta["step"],
-        weights=load_file(path / "weights.safetensors"),
-        optimizer=trainer["optimizer"],
-        scheduler=trainer["scheduler"],
-        rng=rng,
-        nonfinite_steps=meta["nonfinite_steps"],
-        weighting=meta["weighting"],
-    )
+    try:
+        trainer = torch.load(path / "optimizer.pt", weights_only=True)
+        states = load_file(path / "rng.safetensors")
+        cuda = [states[f"cuda_rng_{k}"] for k in range(sum(key.startswith("cuda_rng_") for key in states))]
+        return TrainState(
+            step=meta["step"],
+            weights=load_file(path / "weights.safetensors"),
+            optimizer=trainer["optimizer"],
+            scheduler=trainer["scheduler"],
+            rng={**meta["rng"], "torch": states["torch_rng"], "cuda": cuda},
+            nonfinite_steps=meta["nonfinite_steps"],
+            weighting=meta["weighting"],
+        )
+    except Exception as error:  # a truncated or overwritten file: torch, safetensors and KeyError alike
+        raise CheckpointDamagedError(f"{path} is damaged: {type(error).__name__}: {error}") from error

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 import itertools
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -40,7 +41,9 @@ from vldistill.models.student import (
     student_config_for_tokens,
     student_config_from_teacher,
 )
-from vldistill.train.checkpoint import CheckpointError, TrainState, latest_checkpoint, load_checkpoint
+from vldistill.train.checkpoint import (
+    CheckpointDamagedError, CheckpointError, TrainState, checkpoints, latest_checkpoint, load_checkpoint,
+)
 from vldistill.train.loop import Checkpointer, TrainResult, train
 
 TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions are truncated
@@ -165,10 +168,22 @@ def resume_state(resume: Optional[str], folder: Path, fingerprint: str) -> Optio
                 "or delete the folder (or choose another --out) to start over"
             )
         return None
-    path = newest if resume in ("latest", "auto") else Path(resume)
-    if path is None:
+    if resume not in ("latest", "auto"):
+        return load_checkpoint(Path(resume), fingerprint)
+    if newest is None:
         raise CheckpointError(f"--resume: no checkpoint in {folder} (set distill.checkpoint.every to write them)")
-    return load_checkpoint(path, fingerprint)
+    return _newest_readable(folder, fingerprint)
+
+
+def _newest_readable(folder: Path, fingerprint: str) -> TrainState:
+    """The newest checkpoint in `folder` that reads back whole, saying which damaged ones were passed over."""
+    found = checkpoints(folder)
+    for path in reversed(found):
+        try:
+            return load_checkpoint(path, fingerprint)
+        except CheckpointDamagedError as error:
+            print(f"vldistill: warning: {error}; trying the checkpoint before it", file=sys.stderr)
+    raise CheckpointError(f"--resume: every checkpoint in {folder} is damaged ({len(found)})")
 
 
 @contextmanager
