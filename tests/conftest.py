@@ -1,13 +1,16 @@
-"""Shared, seeded fixtures: the offline word tokenizer, a tiny CLIP teacher and real-caption batches."""
+"""Shared, seeded fixtures: the offline word tokenizer, a tiny CLIP teacher and real-caption batches; and
+a comparison of two runs' saved students."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
 from vldistill.data.synthetic import make_split, vocabulary
@@ -88,3 +91,14 @@ def make_batch(tokenizer) -> Callable[..., dict[str, torch.Tensor]]:
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
     """Only the tensors a dual encoder's forward takes."""
     return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+
+
+def assert_same_student(found: Path, expected: Path, atol: float, key_biases: bool = True) -> None:
+    """The students saved by two runs (`<out>/student`) have the same tensors within `atol`. Runs that sum
+    in another order (other process counts) differ in the key-projection biases (`key_biases=False` skips
+    them): their exact gradient is 0 (softmax ignores a shift) and Adam scales float noise up to full steps."""
+    found_weights, expected_weights = (load_file(run / "student" / "model.safetensors") for run in (found, expected))
+    assert found_weights.keys() == expected_weights.keys()
+    for name, value in expected_weights.items():
+        if key_biases or not name.endswith("k_proj.bias"):
+            assert torch.allclose(found_weights[name], value, atol=atol), name

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import assert_same_student
 from safetensors.torch import load_file
 
 from vldistill.cli import main
@@ -93,11 +94,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
     assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000004"]
     assert not (tmp_path / "killed" / "student").exists()
     assert main([*distill_args(tmp_path / "killed", teacher, *extra), "--resume"]) == 0
-    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
-    resumed = load_file(tmp_path / "killed" / "student" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+    assert_same_student(tmp_path / "killed", tmp_path / "straight", atol=1e-6)
 
 
 def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterrupted_run(tmp_path, teacher):
@@ -123,10 +120,7 @@ def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterr
     folder = tmp_path / "stopped" / "student-checkpoints"
     assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000003"]
     assert main([*distill_args(tmp_path / "stopped", teacher), "--resume"]) == 0
-    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
-    resumed = load_file(tmp_path / "stopped" / "student" / "model.safetensors")
-    for key in straight:
-        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+    assert_same_student(tmp_path / "stopped", tmp_path / "straight", atol=1e-6)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, teacher, capsys):
@@ -162,7 +156,4 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, teacher, capsy
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     assert "checkpoint-00000008 is damaged" in capsys.readouterr().err
-    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
-    resumed = load_file(tmp_path / "run" / "student" / "model.safetensors")
-    for key in straight:
-        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+    assert_same_student(tmp_path / "run", tmp_path / "straight", atol=1e-6)
