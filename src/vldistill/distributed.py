@@ -76,9 +76,10 @@ def on_every_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` holds on every rank (just here with one process), so that all ranks take the same
     branch, e.g. skip a step or stop, and none waits in a collective the others skipped. `device` is
     where the process group's tensors live (the training device)."""
+    if not gathering():
+        return flag
     value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    if gathering():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_gather_group())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_gather_group())
     return bool(value.item())
 
 
