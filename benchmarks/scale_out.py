@@ -6,13 +6,16 @@ cost and whether they change the result. Prints ONE JSON line:
      "two_processes_max_weight_diff", "two_processes_final_loss_diff",
      "accumulation2_s", "accumulation2_overhead", "accumulation2_max_weight_diff",
      "two_processes_accumulation2_max_weight_diff",
-     "checkpoint_every", "checkpoint_s", "checkpoint_overhead", "checkpoint_mb"}
+     "checkpoint_every", "checkpoint_s", "checkpoint_overhead", "checkpoint_mb",
+     "memory_global_batch", "peak_rss_mb_accumulation1", "peak_rss_mb_accumulation8"}
 
 Each run distills the demo student from the same teacher (the demo config's, pretrained for
 --teacher-steps into --work-dir or reused from there) for --steps steps at the demo's global batch, in a
 fresh process: `vldistill distill` alone, under `torchrun --nproc_per_node 2` (one thread per process),
 with `distill.train.accumulation_steps: 2`, and with a checkpoint every --checkpoint-every steps. Times
 are the training loop's wall seconds (logged by the run), so data generation and start-up are left out.
+Memory: peak resident set of a whole `vldistill distill` process (data, models and all) for 3 steps at a
+global batch of --memory-batch, in one pass and as 8 accumulated micro-batches.
 Weight differences are the largest absolute difference over every tensor of the saved students against
 the single-process run (float32; Adam turns rounding into small weight differences). Everything else goes
 to stderr. Run it with nothing else on the machine.
@@ -37,11 +40,15 @@ from vldistill.config import packaged_config
 DEMO = str(packaged_config("demo"))
 
 
-def run(args: list[str], env: dict[str, str]) -> None:
-    """Run a vldistill command line in a fresh process, its output to stderr; fail loudly."""
-    done = subprocess.run(args, env={**os.environ, **env}, stdout=sys.stderr, stderr=sys.stderr)
-    if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(args)}")
+def run(args: list[str], env: dict[str, str]) -> float:
+    """Run a command line in a fresh process, its output to stderr, failing loudly; return the process's
+    peak resident set in MB."""
+    child = subprocess.Popen(args, env={**os.environ, **env}, stdout=sys.stderr, stderr=sys.stderr)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"failed ({child.returncode}): {' '.join(args)}")
+    return usage.ru_maxrss / 1024  # KB on Linux
 
 
 def distill(out: Path, teacher: Path, steps: int, launcher: list[str], env: dict[str, str], *sets: str) -> dict:
@@ -51,9 +58,12 @@ def distill(out: Path, teacher: Path, steps: int, launcher: list[str], env: dict
             "--set", f"distill.train.log_every={steps}"]
     for item in sets:
         args += ["--set", item]
-    run(args, env)
+    peak_mb = run(args, env)
     last = [json.loads(line) for line in (out / "logs" / "distill.jsonl").read_text().splitlines()][-1]
-    return {"seconds": last["seconds"], "loss": last["loss/total"], "weights": load_file(out / "student" / "model.safetensors")}
+    return {
+        "seconds": last["seconds"], "loss": last["loss/total"], "peak_mb": peak_mb,
+        "weights": load_file(out / "student" / "model.safetensors"),
+    }
 
 
 def max_weight_diff(a: dict, b: dict) -> float:
@@ -66,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--teacher-steps", type=int, default=100)
     parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--memory-batch", type=int, default=2048)
     parser.add_argument("--work-dir", default="bench_scale_out")
     args = parser.parse_args()
     work = Path(args.work_dir)
@@ -86,6 +97,11 @@ def main() -> None:
     checkpointed = distill(work / "checkpointed", teacher, args.steps, single, {},
                            f"distill.checkpoint.every={args.checkpoint_every}")
     checkpoint = next((work / "checkpointed" / "student-checkpoints").iterdir())
+    memory = {
+        k: distill(work / f"memory-{k}", teacher, 3, single, {}, f"distill.train.batch_size={args.memory_batch}",
+                   f"distill.train.accumulation_steps={k}")["peak_mb"]
+        for k in (1, 8)
+    }
     print(json.dumps({
         "steps": args.steps,
         "global_batch": 128,
@@ -102,6 +118,9 @@ def main() -> None:
         "checkpoint_s": round(checkpointed["seconds"], 2),
         "checkpoint_overhead": round(checkpointed["seconds"] / base["seconds"] - 1, 3),
         "checkpoint_mb": round(sum(f.stat().st_size for f in checkpoint.iterdir()) / 1e6, 2),
+        "memory_global_batch": args.memory_batch,
+        "peak_rss_mb_accumulation1": round(memory[1]),
+        "peak_rss_mb_accumulation8": round(memory[8]),
     }))
 
 
