@@ -147,9 +147,9 @@ import os, sys
 import vldistill.train.loop as loop
 from vldistill.cli import main
 original, calls = loop.backward_window, []
-def crash_in_step_3(*args, **kwargs):  # rank 1 dies in step 3, as a failing machine would
+def crash_in_step_3(*args, **kwargs):  # rank 1 dies in step 3 of a launch's first attempt, as a failing machine would
     calls.append(1)
-    if len(calls) == 3 and os.environ["RANK"] == "1":
+    if len(calls) == 3 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         os._exit(1)
     return original(*args, **kwargs)
 loop.backward_window = crash_in_step_3
@@ -157,22 +157,30 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_crashed_two_process_run_reruns_with_resume_auto_to_the_uninterrupted_student(tmp_path, teacher_dir):
-    """A process dies mid-run and torchrun fails; the same command again (as a scheduler's requeue would run
-    it, `--resume auto`) continues from the last checkpoint to the student of an uninterrupted run."""
+def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_path, teacher_dir):
+    """A process dies in step 3. Without restarts torchrun fails, and the same command again (a scheduler's
+    requeue) continues from checkpoint 2 with `--resume auto`; with `--max-restarts 1` torchrun restarts both
+    processes, which do the same. Both end with the student of an uninterrupted run."""
     args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4",
             "--set", "distill.checkpoint.every=2", "--resume", "auto"]
     torchrun(*args, "--out", str(tmp_path / "straight"))
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-               *args, "--out", str(tmp_path / "crashed")]
-    crashed = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                             timeout=TIMEOUT)
-    assert crashed.returncode != 0 and not (tmp_path / "crashed" / "student").exists()
-    assert [p.name for p in checkpoints(tmp_path / "crashed" / "student-checkpoints")] == ["checkpoint-00000002"]
-    torchrun(*args, "--out", str(tmp_path / "crashed"))
-    assert_same_student(tmp_path / "crashed", tmp_path / "straight", atol=1e-6)
+
+    def crashing_run(out: str, *launcher_options: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   *launcher_options, str(script), *args, "--out", str(tmp_path / out)]
+        return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+
+    assert crashing_run("requeued").returncode != 0 and not (tmp_path / "requeued" / "student").exists()
+    assert [p.name for p in checkpoints(tmp_path / "requeued" / "student-checkpoints")] == ["checkpoint-00000002"]
+    torchrun(*args, "--out", str(tmp_path / "requeued"))
+    assert_same_student(tmp_path / "requeued", tmp_path / "straight", atol=1e-6)
+    restarted = crashing_run("restarted", "--max-restarts", "1")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "failed (exitcode: 1) local_rank: 1" in restarted.stderr  # the first attempt did crash
+    assert_same_student(tmp_path / "restarted", tmp_path / "straight", atol=1e-6)
 
 
 def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, teacher_dir):

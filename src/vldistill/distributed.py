@@ -25,6 +25,30 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def join_process_group() -> None:
+    """Under torchrun (and `accelerate launch`, which runs it), join the process group before accelerate
+    does, under store keys of this restart attempt: the launcher keeps its store across `--max-restarts`
+    attempts, and a restarted process otherwise reads an address of the previous attempt's processes
+    (gloo "connectFullMesh ... Connection refused"; PyTorch issue #167288). Does nothing with one process,
+    outside torchrun's agent store, or when the group exists."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+        timeout=dist.constants.default_pg_timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl"
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"vldistill/attempt-{attempt}", store), rank=int(os.environ["RANK"]),
+        world_size=world,
+    )
+
+
 def gathering() -> bool:
     """Whether there are several ranks to gather from."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -32,6 +32,7 @@ from vldistill.config import AUTO_BATCH_SIZE, ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import PairCollator, PairSample
 from vldistill.data.preprocess import BatchPreprocessor
+from vldistill.distributed import join_process_group
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.train.runs import TrainedModel, check_teacher_fits_data, ensemble_members, teacher_ensemble
 
@@ -218,6 +219,7 @@ def build_cache(
             "the teacher cache needs a map-style training set (addressed by sample index): webdataset shards "
             "are streamed; use a manifest, image folder or HF dataset, or distill online"
         )
+    join_process_group()
     state = PartialState(cpu=not torch.accelerator.is_available())
     members = ensemble_members(cfg, primary)
     ensemble, extra = teacher_ensemble(cfg, primary, primary.model.input_spec, members)

@@ -36,7 +36,7 @@ from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.data.preprocess import inputs_for
-from vldistill.distributed import gather_embeddings, on_every_rank, settle_collectives
+from vldistill.distributed import gather_embeddings, join_process_group, on_every_rank, settle_collectives
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.models.outputs import DualEncoderOutput, concat_outputs
 
@@ -179,6 +179,7 @@ def train(
     steps = optim.steps
     # cpu=True on a machine without an accelerator: accelerate then runs several processes as DDP over gloo
     # (without it, processes started by torchrun would each train alone).
+    join_process_group()
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     # Our own autocast, not accelerate's mixed_precision: that is fixed once per process, and one process may
     # pretrain a teacher in fp32 and then distill in bf16.
