@@ -10,7 +10,7 @@ cost and whether they change the result. Prints ONE JSON line:
      "memory_global_batch", "peak_rss_mb_accumulation1", "peak_rss_mb_accumulation8"}
 
 Each run distills the demo student from the same teacher (the demo config's, pretrained for
---teacher-steps into --work-dir or reused from there) for --steps steps at the demo's global batch, in a
+--teacher-steps into --work-dir, or reused when a teacher is already there) for --steps steps at the demo's global batch, in a
 fresh process: `vldistill distill` alone, under `torchrun --nproc_per_node 2` (one thread per process),
 with `distill.train.accumulation_steps: 2`, and with a checkpoint every --checkpoint-every steps. Times
 are the training loop's wall seconds (logged by the run), so data generation and start-up are left out.
@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -52,7 +54,9 @@ def run(args: list[str], env: dict[str, str]) -> float:
 
 
 def distill(out: Path, teacher: Path, steps: int, launcher: list[str], env: dict[str, str], *sets: str) -> dict:
-    """Distill into `out` and return the loop's seconds, the last logged loss and the student's tensors."""
+    """Distill into a fresh `out` and return the loop's seconds, the last logged loss, the process's peak
+    memory and the student's tensors."""
+    shutil.rmtree(out, ignore_errors=True)  # a run refuses a folder holding an earlier run's checkpoints
     args = [*launcher, "distill", DEMO, "--no-eval", "--out", str(out), "--set", f"teacher.path={teacher}",
             "--set", f"distill.train.steps={steps}", "--set", f"distill.train.warmup_steps={min(steps, 10)}",
             "--set", f"distill.train.log_every={steps}"]
@@ -77,9 +81,9 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=100)
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--memory-batch", type=int, default=2048)
-    parser.add_argument("--work-dir", default="bench_scale_out")
+    parser.add_argument("--work-dir", default=None, help="keeps the teacher for the next run (default: a temp dir)")
     args = parser.parse_args()
-    work = Path(args.work_dir)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="scale_out-"))
     teacher = work / "teacher"
     if not (teacher / "teacher").is_dir():
         run([sys.executable, "-m", "vldistill", "pretrain-teacher", DEMO, "--out", str(teacher),
