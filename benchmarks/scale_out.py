@@ -37,7 +37,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from vldistill.config import packaged_config
+from vldistill.config import load_config, packaged_config
 
 DEMO = str(packaged_config("demo"))
 
@@ -108,7 +108,7 @@ def main() -> None:
     }
     print(json.dumps({
         "steps": args.steps,
-        "global_batch": 128,
+        "global_batch": load_config(DEMO).distill.train.batch_size,
         "one_process_s": round(base["seconds"], 2),
         "two_processes_s": round(two["seconds"], 2),
         "two_processes_speedup": round(base["seconds"] / two["seconds"], 2),
