@@ -15,7 +15,6 @@ from vldistill.models.inputs import InputSpec, image_normalization
 from vldistill.models.outputs import DualEncoderOutput
 
 
-
 class CLIPDualEncoder(nn.Module):
     """A `CLIPModel` seen through the dual-encoder interface: normalized embeddings and a logit scale."""
 

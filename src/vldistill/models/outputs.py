@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -93,7 +91,7 @@ def concat_outputs(outputs: Sequence[DualEncoderOutput]) -> DualEncoderOutput:
     if any(output.image_to_text_logits is not None for output in outputs):
         raise ValueError("concatenate each teacher's own outputs before combining them into an ensemble")
     first = outputs[0]
-    return dataclasses.replace(
+    return replace(
         first,
         image_embeds=torch.cat([o.image_embeds for o in outputs]),
         text_embeds=torch.cat([o.text_embeds for o in outputs]),

@@ -321,17 +321,13 @@ def backward_window(
 ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
     """Accumulate the gradient of the window's loss (see the module docstring) and return the loss and its
     parts; the loss is None when it was NaN or infinite on any rank (then nothing was backpropagated).
-    Forward passes run under `autocast`; DDP synchronizes gradients only on the window's last backward pass."""
-    if len(window) == 1:
-        with autocast():
-            loss, parts = module(window[0], teacher_output)
-        if not on_every_rank(bool(torch.isfinite(loss)), loss.device):
-            return None, parts
-        accelerator.backward(loss)
-        return loss, parts
+    Forward passes run under `autocast`; DDP synchronizes gradients only on the window's last backward pass.
+    A window of one micro-batch is a plain step: nothing cached, one pass."""
     inner = accelerator.unwrap_model(module)
-    with autocast():
-        cached = [inner.cached_output(batch) for batch in window]
+    cached = []
+    if len(window) > 1:
+        with autocast():
+            cached = [inner.cached_output(batch) for batch in window]
     for position, batch in enumerate(window):
         last = position == len(window) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(module):
@@ -340,7 +336,8 @@ def backward_window(
             if position == 0 and not on_every_rank(bool(torch.isfinite(loss)), loss.device):
                 return None, parts
             accelerator.backward(loss)
-    for param in inner.loss_side_parameters():  # each pass gave them the whole window's gradient
-        if param.grad is not None:
-            param.grad.div_(len(window))
+    if cached:
+        for param in inner.loss_side_parameters():  # each pass gave them the whole window's gradient
+            if param.grad is not None:
+                param.grad.div_(len(window))
     return loss, parts

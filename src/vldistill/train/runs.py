@@ -160,17 +160,19 @@ def resume_state(resume: Optional[str], folder: Path, fingerprint: str) -> Optio
     none) or "auto" (None when there is none: a command that a scheduler may restart); the checkpoint at
     the path `resume`; without `resume`, None, refusing a `folder` that holds another run's checkpoints
     (a fresh run would interleave its checkpoints with them)."""
+    if resume not in (None, "latest", "auto"):
+        return load_checkpoint(Path(resume), fingerprint)
     newest = latest_checkpoint(folder)
-    if resume is None or (resume == "auto" and newest is None):
-        if resume is None and newest is not None:
+    if resume is None:
+        if newest is not None:
             raise CheckpointError(
                 f"{folder} holds checkpoints of an earlier run (newest: {newest.name}): continue it with --resume, "
                 "or delete the folder (or choose another --out) to start over"
             )
         return None
-    if resume not in ("latest", "auto"):
-        return load_checkpoint(Path(resume), fingerprint)
     if newest is None:
+        if resume == "auto":
+            return None
         raise CheckpointError(f"--resume: no checkpoint in {folder} (set distill.checkpoint.every to write them)")
     return _newest_readable(folder, fingerprint)
 
