@@ -23,7 +23,7 @@ from vldistill.config import ConfigError, OptimConfig, load_config, packaged_con
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
 from vldistill.data.bundle import load_data
 from vldistill.data import pairs as pairs_module
-from vldistill.data.pairs import InMemoryPairs, PairCollator, make_view, view_generator, view_hash
+from vldistill.data.pairs import PairCollator, make_view, view_generator, view_hash
 from vldistill.data.preprocess import MODEL_INPUTS, BatchPreprocessor, inputs_for
 from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.ensemble import TeacherEnsemble

@@ -1,7 +1,6 @@
 """Checkpoints: atomic, newest K kept, refused when from another run; a run killed with SIGKILL after
 a checkpoint resumes to the same student as an uninterrupted run."""
 
-import os
 import signal
 import subprocess
 import sys

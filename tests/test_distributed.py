@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator
 from conftest import assert_same_student, build_clip, config_for, teacher_spec
-from test_accumulation import STUDENT, batches, gradients, student_and_objective
+from test_accumulation import batches, gradients, student_and_objective
 
 from vldistill.cache.store import CacheReader
 from vldistill.cli import main

@@ -7,7 +7,7 @@ import pytest
 from vldistill.cli import main
 from vldistill.config import ConfigError, load_config, packaged_config
 from vldistill.losses import LOSSES
-from vldistill.sweep import format_ablation_table, run_sweep, sweep_runs
+from vldistill.sweep import format_ablation_table, sweep_runs
 
 
 def test_default_sweep_covers_every_registered_loss():

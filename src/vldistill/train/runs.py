@@ -21,7 +21,7 @@ from vldistill.cache.teacher import CachedTeacher, open_cached_teacher, serve_fr
 from vldistill.config import ExperimentConfig, plain_digest
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
-from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
+from vldistill.data.pairs import PairCollator, pair_loader, repeat_batches
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.quality import DataQualityError
 from vldistill.distributed import process_rank
