@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from huggingface_hub import ModelCard
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
 from vldistill.fileio import atomic_directory
 from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.common import load_tokenizer_if_present
+from vldistill.models.locate import NotAModelError, checked_source, hub_errors, require_tokenizer
 
 METADATA_FILE = "vldistill.json"
 
@@ -58,13 +60,15 @@ def save_dual_encoder(
 def load_dual_encoder(
     name_or_path: str | os.PathLike, *, attentions: bool = False, trust_remote_code: bool = False
 ) -> tuple[CLIPDualEncoder, PreTrainedTokenizerBase]:
-    """Load a CLIP dual encoder and its tokenizer from a local folder or a hub id."""
-    path = Path(name_or_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
-    model = CLIPDualEncoder.from_pretrained(name_or_path, attentions=attentions, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    """Load a CLIP dual encoder and its tokenizer from a local folder or a hub id; a path that holds no
+    CLIP model, or a hub id the hub cannot serve, raises a one-line ModelNotFoundError / NotAModelError."""
+    folder, config = checked_source(name_or_path)
+    if config is not None and config["model_type"] != "clip":
+        raise NotAModelError(f"{folder} holds a model of type {config['model_type']!r}, not a CLIP model ('clip')")
+    with hub_errors(name_or_path, local=folder is not None):
+        model = CLIPDualEncoder.from_pretrained(name_or_path, attentions=attentions, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer_if_present(name_or_path, trust_remote_code=trust_remote_code)
+    return model, require_tokenizer(tokenizer, name_or_path)
 
 
 def write_metadata(folder: str | os.PathLike, metadata: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from vldistill.models.common import (
 )
 from vldistill.models.inputs import InputSpec
 from vldistill.models.io import write_metadata
+from vldistill.models.locate import ModelNotFoundError, NotAModelError, checked_source, hub_errors, local_folder
 from vldistill.models.outputs import DualEncoderOutput
 
 TWO_TOWER_FILE = "two_tower.json"
@@ -69,7 +70,12 @@ def read_two_tower_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / TWO_TOWER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a two-tower folder: it has no {TWO_TOWER_FILE}")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NotAModelError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise NotAModelError(f"{path} holds a JSON {type(config).__name__}, not a two-tower config")
     differences = [
         f"{key} is {config.get(key)!r}, expected {expected!r}"
         for key, expected in (("format", TWO_TOWER_FORMAT), ("version", TWO_TOWER_VERSION))
@@ -84,10 +90,27 @@ def read_two_tower_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_backbone(name_or_path: str | os.PathLike, *, attentions: bool, trust_remote_code: bool) -> PreTrainedModel:
-    """An HF backbone through AutoModel (eager attention when attention maps will be asked for)."""
-    return AutoModel.from_pretrained(
-        name_or_path, attn_implementation="eager" if attentions else None, trust_remote_code=trust_remote_code
-    )
+    """An HF backbone through AutoModel (eager attention when attention maps will be asked for); a path
+    that holds no model, or a hub id the hub cannot serve, raises a one-line error naming it."""
+    folder, _ = checked_source(name_or_path)
+    with hub_errors(name_or_path, local=folder is not None):
+        return AutoModel.from_pretrained(
+            name_or_path, attn_implementation="eager" if attentions else None, trust_remote_code=trust_remote_code
+        )
+
+
+def load_text_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool) -> Optional[PreTrainedTokenizerBase]:
+    """The tokenizer of a text backbone's folder (None when it holds none) or hub id."""
+    with hub_errors(name_or_path, local=local_folder(name_or_path) is not None):
+        return load_tokenizer_if_present(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def saved_part(folder: Path, name: str) -> Path:
+    """`folder`/`name` of a saved two-tower folder, which must exist."""
+    path = folder / name
+    if not path.exists():
+        raise ModelNotFoundError(f"{folder} is a damaged two-tower folder: it has no {name}")
+    return path
 
 
 def backbone_width(model: PreTrainedModel, tower: str) -> int:
@@ -159,7 +182,7 @@ class TwoTowerDualEncoder(nn.Module):
             projection_dim,
             vision_pooling,
             text_pooling,
-            tokenizer=load_tokenizer_if_present(text_name_or_path, trust_remote_code=trust_remote_code),
+            tokenizer=load_text_tokenizer(text_name_or_path, trust_remote_code=trust_remote_code),
             image_processor_config=read_image_processor_config(vision_name_or_path),
         )
 
@@ -172,15 +195,15 @@ class TwoTowerDualEncoder(nn.Module):
         config = read_two_tower_config(path)
         kwargs = {"attentions": attentions, "trust_remote_code": trust_remote_code}
         model = cls(
-            load_backbone(path / VISION_DIR, **kwargs),
-            load_backbone(path / TEXT_DIR, **kwargs),
+            load_backbone(saved_part(path, VISION_DIR), **kwargs),
+            load_backbone(saved_part(path, TEXT_DIR), **kwargs),
             config["projection_dim"],
             config["vision_pooling"],
             config["text_pooling"],
             tokenizer=load_tokenizer_if_present(path / TEXT_DIR, trust_remote_code=trust_remote_code),
             image_processor_config=read_image_processor_config(path / VISION_DIR),
         )
-        model.load_heads(path / HEADS_FILE)
+        model.load_heads(saved_part(path, HEADS_FILE))
         return model
 
     def save_pretrained(self, out_dir: str | os.PathLike, metadata: Optional[dict[str, Any]] = None) -> Path:
