@@ -224,3 +224,48 @@ def test_data_check_reads_webdataset_shards(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path), "--image-size", str(SIZE), "--threshold", "0.6"]) == 0
     out = capsys.readouterr().out
     assert "1 good, 1 bad" in out and "not_image: 1" in out
+
+
+def test_manifest_lines_that_are_not_utf8_are_skipped_and_named(folder, capsys):
+    lines = [json.dumps(row).encode() for row in manifest_rows()[:3]]
+    lines.insert(1, b'{"image": "good1.png", "caption": "caf\xe9 latin-1"}')  # line 2: not UTF-8
+    path = folder / "m.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")  # a byte-order mark and CRLF line ends too
+    quality = DataQuality()
+    dataset = ManifestPairs(path, SIZE, quality)
+    assert [s.caption for s in good_samples(dataset)] == ["caption 0", "caption 1", "another 1", "caption 2"]
+    assert quality.good == 4 and dict(quality.bad) == {"not_utf8": 1}
+    assert quality.examples["not_utf8"] == [f"{path}:2: not valid UTF-8 (byte 0xe9)"]
+    assert main(["data", "check", str(path), "--image-size", str(SIZE), "--threshold", "0.5"]) == 0
+    assert f"not_utf8: 1, e.g. {path}:2: not valid UTF-8 (byte 0xe9)" in capsys.readouterr().out
+
+    csv_path = folder / "m.csv"
+    csv_path.write_bytes(b'image,caption\ngood0.png,"two\nlines"\ngood1.png,caf\xe9\ngood2.png,caption 2\n')
+    quality = DataQuality()
+    assert [s.caption for s in good_samples(ManifestPairs(csv_path, SIZE, quality))] == ["two\nlines", "caption 2"]
+    assert quality.examples["not_utf8"] == [f"{csv_path}:4: not valid UTF-8 (byte 0xe9)"]  # row 2 ends on line 4
+
+    path.write_bytes(b'{"image": "good0.png", "caption": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl lists no pairs \(skipped 1 undecodable line\(s\), e.g. .*m.jsonl:1: not valid UTF-8"):
+        ManifestPairs(path, SIZE, DataQuality())
+
+
+def test_caption_file_lines_that_are_not_utf8_are_skipped(folder):
+    (folder / "good1.txt").write_bytes(b"caption 1\ncaf\xe9\nanother 1\n")
+    (folder / "good2.txt").write_bytes(b"\xff\xfe")  # its only line is not UTF-8: not also an empty caption
+    quality = DataQuality()
+    samples = good_samples(FolderPairs(folder, SIZE, quality))
+    assert [s.caption for s in samples] == ["caption 0", "caption 1", "another 1"]
+    assert quality.bad["not_utf8"] == 2 and quality.bad["empty_caption"] == 1
+    assert quality.examples["not_utf8"] == [
+        f"{folder / 'good1.txt'}:2: not valid UTF-8 (byte 0xe9)", f"{folder / 'good2.txt'}:1: not valid UTF-8 (byte 0xff)"
+    ]
+
+
+def test_data_check_reports_refused_sizes(folder, capsys):
+    Image.new("L", (1, 400)).save(folder / "strip.png")
+    path = folder / "sizes.jsonl"
+    path.write_text(json.dumps({"image": "good0.png", "caption": "fine"}) + "\n" + json.dumps({"image": "strip.png", "caption": "thin"}))
+    assert main(["data", "check", str(path), "--image-size", str(SIZE)]) == 1
+    out = capsys.readouterr().out
+    assert "1 good, 1 bad" in out and "extreme_aspect: 1, e.g. " in out and "strip.png: 1x400 has aspect ratio 400.0:1" in out

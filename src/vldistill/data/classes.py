@@ -9,8 +9,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
+from vldistill.data.images import decode_counted
 from vldistill.data.quality import DataQuality
-from vldistill.data.sources import IMAGE_EXTENSIONS, decode_counted, first_in_pass
+from vldistill.data.sources import IMAGE_EXTENSIONS, first_in_pass
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 
@@ -27,7 +28,8 @@ class ImageFolderClasses(Dataset):
     """Images under `root/<class folder>/` (any depth; see IMAGE_EXTENSIONS), classes in sorted folder
     order. Class names are the folder names with underscores as spaces, or the values of
     `classnames_json` ({folder: name}, which must cover every folder). Items are `ClassSample`s, or
-    None for an image that cannot be decoded (recorded in `quality` once per pass, as in vldistill.data.sources)."""
+    None for an image that cannot be used (see images.decode_image; recorded in `quality` once per pass, as in
+    vldistill.data.sources)."""
 
     def __init__(
         self, root: Union[str, Path], image_size: int, quality: DataQuality,

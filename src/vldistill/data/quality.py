@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-BAD_KINDS = ("missing", "truncated", "corrupt", "not_image", "empty_caption", "unreadable_member")
+# missing: no such file (or a shard key without an image or caption); truncated / corrupt: image data
+# that does not decode; not_image: not an image format; too_large: more pixels than
+# images.MAX_IMAGE_PIXELS (decompression bombs); extreme_aspect: one side over images.MAX_ASPECT_RATIO
+# times the other; empty_caption: no caption text; not_utf8: a manifest line or caption that is not
+# UTF-8; unreadable_member: a shard or tar member that cannot be read.
+BAD_KINDS = (
+    "missing", "truncated", "corrupt", "not_image", "too_large", "extreme_aspect", "empty_caption", "not_utf8",
+    "unreadable_member",
+)
 EXAMPLES_PER_KIND = 3
 
 

@@ -1,12 +1,13 @@
 """Map-style pair sources that decode images lazily and survive bad input: JSONL/CSV manifests,
 folders of images with caption files, and local Hugging Face `datasets` folders.
 
-Each source holds only image references and captions; `__getitem__` decodes one image (RGB, shorter
-side resized to `image_size`, centre crop) into `PairSample(image, caption, None, index)`, or records
-the problem in the source's `DataQuality` and returns None (see `pairs.drop_bad`; `PairCollator`
-leaves Nones out of its batches). Empty or missing captions are counted when the source is indexed
-and get no pair. An image with several captions gives one pair per caption, and a bad image counts
-once per pair.
+Each source holds only image references and captions; `__getitem__` decodes one image (see
+`images.decode_image`: size checked before decoding, RGB, shorter side resized to `image_size`,
+centre crop) into `PairSample(image, caption, None, index)`, or records the problem in the source's
+`DataQuality` and returns None (see `pairs.drop_bad`; `PairCollator` leaves Nones out of its
+batches). Empty or missing captions, and manifest lines or caption file lines that are not UTF-8,
+are counted when the source is indexed and get no pair. An image with several captions gives one
+pair per caption, and a bad image counts once per pair.
 
 Accounting is per pass: a pass starts when the source is built and ends once every index has been
 fetched at least once; within a pass each index is counted once (fetching it again decodes it but
@@ -20,49 +21,22 @@ from __future__ import annotations
 
 import csv
 import importlib
-import io
 import json
-import zlib
+import re
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, Optional, Union
 
-import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from vldistill.data.transforms import fit_image
+from vldistill.data.images import ImageSource, decode_counted
 from vldistill.data.pairs import PairSample
 from vldistill.data.quality import DataQuality
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 HF_MARKERS = ("dataset_info.json", "state.json")
 ImageRef = Union[Path, int]
-
-
-class BadImage(Exception):
-    """An image that cannot be used: `kind` is one of quality.BAD_KINDS, `reason` says why."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-
-def decode_image(source: Union[Path, BinaryIO, Image.Image], image_size: int) -> torch.Tensor:
-    """Decode a file, file object or PIL image to a uint8 (image_size, image_size, 3) tensor; raise
-    BadImage(missing | not_image | truncated | corrupt) when it cannot be."""
-    try:
-        if isinstance(source, Image.Image):
-            return torch.from_numpy(fit_image(source, image_size).copy())
-        with Image.open(source) as image:
-            return torch.from_numpy(fit_image(image, image_size).copy())
-    except FileNotFoundError:
-        raise BadImage("missing", "file does not exist") from None
-    except UnidentifiedImageError:
-        raise BadImage("not_image", "not a readable image") from None
-    except (OSError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError) as error:
-        kind = "truncated" if "truncated" in str(error) else "corrupt"
-        raise BadImage(kind, f"cannot be decoded ({error})") from None
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, decoded with errors="surrogateescape"
 
 
 def first_in_pass(seen: set[int], index: int) -> bool:
@@ -72,18 +46,21 @@ def first_in_pass(seen: set[int], index: int) -> bool:
     return first
 
 
-def decode_counted(source, image_size: int, quality: DataQuality, count: bool, describe: str) -> Optional[torch.Tensor]:
-    """The decoded image, or None for bad input; when `count`, the outcome is recorded in `quality`
-    (bad ones as "`describe`: reason")."""
-    try:
-        image = decode_image(source, image_size)
-    except BadImage as bad:
-        if count:
-            quality.record_bad(bad.kind, f"{describe}: {bad.reason}")
-        return None
-    if count:
-        quality.record_good()
-    return image
+def not_utf8(path: Path, number: int, byte: int) -> tuple[str, str]:
+    """The ("not_utf8", example) entry for line `number` of `path`, whose first undecodable byte is `byte`."""
+    return "not_utf8", f"{path}:{number}: not valid UTF-8 (byte 0x{byte:02x})"
+
+
+def utf8_lines(path: Path, bad: list[tuple[str, str]]) -> list[tuple[int, str]]:
+    """(line number, text) for each line of `path` that is valid UTF-8 (a byte-order mark on line 1
+    dropped); each other line is appended to `bad` as a "not_utf8" entry and left out."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            lines.append((number, raw.decode("utf-8-sig" if number == 1 else "utf-8")))
+        except UnicodeDecodeError as error:
+            bad.append(not_utf8(path, number, raw[error.start]))
+    return lines
 
 
 class LazyPairs(Dataset):
@@ -98,7 +75,7 @@ class LazyPairs(Dataset):
         self.index_bad: list[tuple[str, str]] = []
         self._counted: set[int] = set()
 
-    def _open(self, ref: ImageRef) -> Union[Path, BinaryIO, Image.Image]:
+    def _open(self, ref: ImageRef) -> ImageSource:
         raise NotImplementedError
 
     def _describe(self, ref: ImageRef) -> str:
@@ -134,7 +111,8 @@ class ManifestPairs(LazyPairs):
             raise FileNotFoundError(f"manifest {self.path} does not exist")
         rows = self._csv_rows() if self.path.suffix.lower() == ".csv" else self._jsonl_rows()
         if not rows:
-            raise ValueError(f"manifest {self.path} lists no pairs")
+            skipped = f" (skipped {len(self.index_bad)} undecodable line(s), e.g. {self.index_bad[0][1]})" if self.index_bad else ""
+            raise ValueError(f"manifest {self.path} lists no pairs{skipped}")
         for number, image, captions in rows:
             where = f"{self.path}:{number}: {image}"
             good = [str(caption).strip() for caption in captions if str(caption).strip()]
@@ -145,7 +123,7 @@ class ManifestPairs(LazyPairs):
 
     def _jsonl_rows(self) -> list[tuple[int, str, list]]:
         rows = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for number, line in utf8_lines(self.path, self.index_bad):
             if not line.strip():
                 continue
             try:
@@ -161,12 +139,17 @@ class ManifestPairs(LazyPairs):
         return rows
 
     def _csv_rows(self) -> list[tuple[int, str, list]]:
-        with self.path.open(newline="") as file:
+        # Undecodable bytes become lone surrogates, so a row that is not UTF-8 is found and skipped alone.
+        with self.path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
             reader = csv.DictReader(file)
             if not {"image", "caption"} <= set(reader.fieldnames or ()):
                 raise ValueError(f"{self.path}:1: the CSV header needs \"image\" and \"caption\" columns, got {reader.fieldnames}")
             rows = []
             for row in reader:
+                undecodable = _ESCAPED_BYTE.search("".join(v for v in row.values() if isinstance(v, str)))
+                if undecodable:
+                    self.index_bad.append(not_utf8(self.path, reader.line_num, ord(undecodable.group()) - 0xDC00))
+                    continue
                 if not (row["image"] or "").strip():
                     raise ValueError(f"{self.path}:{reader.line_num} needs a non-empty \"image\" path")
                 rows.append((reader.line_num, row["image"].strip(), [row["caption"] or ""]))
@@ -196,8 +179,9 @@ class FolderPairs(LazyPairs):
             if not text.is_file():
                 self.index_bad.append(("empty_caption", f"{image}: no caption file {text.name}"))
                 continue
-            captions = [line.strip() for line in text.read_text(errors="replace").splitlines() if line.strip()]
-            if not captions:
+            undecodable = len(self.index_bad)
+            captions = [line.strip() for _, line in utf8_lines(text, self.index_bad) if line.strip()]
+            if not captions and len(self.index_bad) == undecodable:  # not only lines that are not UTF-8
                 self.index_bad.append(("empty_caption", f"{text}: empty caption"))
             self.pairs.extend((image, caption) for caption in captions)
         self._start_pass()
@@ -238,17 +222,13 @@ class HFDatasetPairs(LazyPairs):
         self.image_column = image_column
         self._start_pass()
 
-    def _open(self, ref: ImageRef) -> Union[Path, BinaryIO, Image.Image]:
+    def _open(self, ref: ImageRef) -> Any:
+        """The row's image as images.decode_image takes it: bytes, a PIL image, or a path under the
+        dataset folder (anything else is left for decode_image to refuse)."""
         value: Any = self.images[ref][self.image_column]
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
-        if isinstance(value, (bytes, bytearray)):
-            return io.BytesIO(value)
-        if isinstance(value, str):
-            return self.path / value
-        if isinstance(value, Image.Image):
-            return value
-        raise BadImage("corrupt", f"column {self.image_column!r} holds {type(value).__name__}, not an image")
+        return self.path / value if isinstance(value, str) else value
 
     def _describe(self, ref: ImageRef) -> str:
         return f"{self.path}[row {ref}]"

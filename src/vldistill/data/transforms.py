@@ -1,4 +1,5 @@
-"""Image preprocessing without torchvision: uint8 HWC arrays -> normalized float CHW tensors."""
+"""Image preprocessing without torchvision: PIL images of any mode -> RGB uint8 HWC arrays of one size,
+and uint8 HWC arrays -> normalized float CHW tensors."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+# Integer greyscale modes (16-bit, and Pillow's 32-bit "I", which 16-bit PGM/TIFF files open as): values 0..65535.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# What transparent pixels show: white, as a web page behind the image would.
+BACKGROUND = (255, 255, 255)
 # OpenAI CLIP's normalization, also what CLIPImageProcessor uses by default.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -22,9 +28,31 @@ def to_pixel_values(images: np.ndarray | torch.Tensor, mean=CLIP_MEAN, std=CLIP_
     return (pixels - mean_t) / std_t
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any Pillow mode as 8-bit RGB on the right scale: integer greyscale (WIDE_GREY_MODES)
+    maps 0..65535 to 0..255 (Pillow's own conversion clips at 255); float greyscale ("F") maps 0..1
+    to 0..255, or is clipped to 0..255 when a value exceeds 1; an alpha channel or transparent colour
+    is composited over BACKGROUND; every other mode (L, 1, P, CMYK, YCbCr, ...) by Pillow's convert."""
+    if image.mode in WIDE_GREY_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode in WIDE_GREY_MODES:
+            values = values / 257  # 65535 / 255
+        elif np.nanmax(values, initial=0.0) <= 1:
+            values = values * 255
+        grey = np.clip(np.rint(np.nan_to_num(values, nan=0.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        rgb = Image.new("RGB", image.size, BACKGROUND)
+        rgb.paste(rgba, mask=rgba)
+        return rgb
+    return image.convert("RGB")
+
+
 def fit_image(image: Image.Image, image_size: int) -> np.ndarray:
-    """An opened image as RGB uint8 (image_size, image_size, 3): shorter side resized (bicubic), centre crop."""
-    image = image.convert("RGB")
+    """An opened image as RGB uint8 (image_size, image_size, 3) (see to_rgb): shorter side resized
+    (bicubic), centre crop."""
+    image = to_rgb(image)
     scale = image_size / min(image.size)
     width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
     image = image.resize((width, height), Image.Resampling.BICUBIC)

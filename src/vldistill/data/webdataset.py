@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vldistill.data.transforms import fit_image
+from vldistill.data.images import BadImage, decode_image
 from vldistill.distributed import process_rank
 from vldistill.data.pairs import PairSample
 from vldistill.data.quality import DataQuality
@@ -83,35 +82,16 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (match.group(1), match.group(2).lower()) if match else (name, "")
 
 
-class BadImage(ValueError):
-    """Image bytes that do not decode; `kind` is "not_image", "truncated" or "corrupt" (quality.BAD_KINDS)."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(f"{kind}: {reason}")
-        self.kind, self.reason = kind, reason
-
-
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Decode image bytes to (image_size, image_size, 3) uint8 (shorter side resized, centre crop);
-    raises BadImage when they do not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return fit_image(image, image_size)
-    except UnidentifiedImageError:
-        raise BadImage("not_image", "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadImage("truncated" if "truncated" in str(error).lower() else "corrupt", str(error)) from None
-
-
 class WebDatasetPairs(IterableDataset):
     """Image-caption pairs streamed from img2dataset-style tar shards (see the module docstring),
     yielding `PairSample(image uint8 (S, S, 3), caption, None, index)`.
 
     Each epoch (`set_epoch`) reads the shards in an order drawn from (seed, epoch) (sorted when
     `shuffle_shards` is False), split across ranks and then DataLoader workers so every sample is read
-    by exactly one worker of one rank; within a shard, samples come in file order. Bad samples are
-    skipped and counted in `quality` by kind; a shard that cannot be opened counts once as
-    "unreadable_member". With DataLoader workers, each worker counts into its own copy of `quality`.
+    by exactly one worker of one rank; within a shard, samples come in file order. Images decode by
+    the rules every source shares (images.decode_image). Bad samples are skipped and counted in
+    `quality` by kind; a shard that cannot be opened counts once as "unreadable_member". With
+    DataLoader workers, each worker counts into its own copy of `quality`.
 
     `state_dict()` is the position of single-process iteration (num_workers=0): the epoch, the
     cursor into this rank's shard list and the samples already consumed from that shard.
@@ -235,7 +215,7 @@ class WebDatasetPairs(IterableDataset):
         try:
             caption = files[CAPTION_EXTENSION].decode("utf-8").strip()
         except UnicodeDecodeError as error:
-            self.quality.record_bad("corrupt", f"{shard}:{key}: caption is not UTF-8 ({error})")
+            self.quality.record_bad("not_utf8", f"{shard}:{key}: caption is not valid UTF-8 (byte 0x{files[CAPTION_EXTENSION][error.start]:02x})")
             return None
         if not caption:
             self.quality.record_bad("empty_caption", f"{shard}:{key}: empty caption")
@@ -245,7 +225,7 @@ class WebDatasetPairs(IterableDataset):
         except BadImage as error:
             self.quality.record_bad(error.kind, f"{shard}:{key}: {error.reason}")
             return None
-        return PairSample(torch.from_numpy(image.copy()), caption, None, index)  # PIL arrays are read-only
+        return PairSample(image, caption, None, index)
 
 
 def _chunk_seed(seed: int, shard: int) -> int:
