@@ -94,6 +94,19 @@ def test_dimension_limits():
         check_dimensions(0, 5)
 
 
+def test_what_is_not_an_image_is_named():
+    noise = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)))
+    for source, kind, reason in [
+        (5, "not_image", "holds int, not an image"),  # e.g. a Hugging Face image column of numbers
+        (b"plain text", "not_image", "not a readable image"),
+        ("/nonexistent/x.png", "missing", "file does not exist"),
+        (noise[: len(noise) // 2], "truncated", "cannot be decoded (image file is truncated"),
+    ]:
+        with pytest.raises(BadImage) as refused:
+            decode_image(source, SIZE)
+        assert refused.value.kind == kind and refused.value.reason.startswith(reason), source
+
+
 def test_16_bit_greyscale_png_scales_to_8_bits(tmp_path):
     values = np.array([0, 32768, 65535, 1000, 257, 514, 40000, 65279], dtype=np.uint16)
     path = tmp_path / "deep.png"
