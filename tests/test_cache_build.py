@@ -9,13 +9,14 @@ import copy
 import hashlib
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from conftest import build_clip, config_for
 
-from vldistill.cache import CacheIncompleteError, CacheMismatchError, CacheReader, CacheViewMismatchError, CacheWriter
+from vldistill.cache import CacheCorruptError, CacheIncompleteError, CacheMismatchError, CacheReader, CacheViewMismatchError, CacheWriter
 from vldistill.cache.build import PROBE_SIZES, build_cache, pick_batch_size
 from vldistill.cache.teacher import CachedTeacher
 from vldistill.cli import main
@@ -379,6 +380,25 @@ def test_a_tampered_view_hash_is_refused_at_distillation(tiny, plain_cache, tmp_
     writer.finish()
     with pytest.raises(ValueError, match=r"lacks the fields view_hash; delete the folder"):
         cached_teacher(plain_cfg(tiny, f"cache.path={tmp_path / 'old'}"), tiny["data"], tiny["teacher"])
+
+
+def test_a_flipped_bit_stops_distillation_naming_the_shard(tiny, plain_cache, tmp_path, capsys) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(plain_cache.path, damaged)
+    shard = damaged / "teacher0__text-00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    shard.write_bytes(bytes(data))
+    cfg = plain_cfg(tiny, f"cache.path={damaged}", "cache.mode=require")
+    with pytest.raises(CacheCorruptError, match=r"shard 0 file teacher0__text-00000\.npy is corrupt: its sha256"):
+        train_student(cfg, tiny["data"], tiny["teacher"], tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+    args = ["distill", str(packaged_config("tiny")), "--out", str(tmp_path / "cli"), "--no-eval",
+            "--set", f"teacher.path={tiny['root'] / 'teacher'}", "--set", f"cache.path={damaged}"]
+    capsys.readouterr()
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"vldistill: error: teacher cache at {damaged}: shard 0 file teacher0__text-00000\.npy is corrupt: .*", last)
 
 
 # ---------------------------------------------------------------- batch size probing

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vldistill.cache import store
 from vldistill.cache import (
     CacheCorruptError,
     CacheFormatError,
@@ -147,12 +148,69 @@ def test_truncated_and_corrupt_shards_are_refused(tmp_path):
     flipped = bytearray(data)
     flipped[-1] ^= 0xFF
     path.write_bytes(bytes(flipped))
-    CacheReader.open(root)  # same size: only verify reads the bytes
-    with pytest.raises(CacheCorruptError, match=f"{path.name} is corrupt"):
+    reader = CacheReader.open(root)  # same size: the bytes are checked as they are first read
+    with pytest.raises(CacheCorruptError, match=f"shard 1 file {path.name} is corrupt"):
+        reader.rows("teacher0/text", np.array([5]))
+    with pytest.raises(CacheCorruptError, match=f"shard 1 file {path.name} is corrupt"):
         CacheReader.open(root, verify=True)
     path.unlink()
     with pytest.raises(CacheCorruptError, match=f"{path.name} is missing"):
         CacheReader.open(root)
+
+
+@pytest.mark.parametrize("byte", [3, 60, 128 + 5, -1])  # magic, header, first value, last value
+def test_a_flipped_bit_is_refused_when_its_shard_is_first_read(tmp_path, byte):
+    source = source_arrays()
+    root = build(tmp_path, source)
+    path = root / shard_file_name("teacher0/image", 1)
+    data = bytearray(path.read_bytes())
+    data[byte] ^= 0x10
+    path.write_bytes(bytes(data))
+    reader = CacheReader.open(root, expected_meta=META)
+    intact = np.array([0, 3, 8, 9])  # shards 0 and 2
+    np.testing.assert_array_equal(reader.rows("teacher0/image", intact), source["teacher0/image"][intact])
+    np.testing.assert_array_equal(reader.rows("teacher0/text", np.array([4, 7])), source["teacher0/text"][[4, 7]])
+    for _ in range(2):  # refused on every read, never served
+        with pytest.raises(
+            CacheCorruptError, match=rf"at {root}: shard 1 file teacher0__image-00001\.npy is corrupt: its sha256 [0-9a-f]{{64}} "
+            r"does not match the manifest's [0-9a-f]{64}; delete the folder"
+        ):
+            reader.rows("teacher0/image", np.array([0, 6]))
+
+
+def test_each_shard_file_is_hashed_once_however_often_it_is_read(tmp_path, monkeypatch):
+    source = source_arrays()
+    root = build(tmp_path, source)
+    hashed = []
+    read_verified = store._read_verified
+
+    def counting(root, record, shard):
+        hashed.append(record["name"])
+        return read_verified(root, record, shard)
+
+    monkeypatch.setattr(store, "_read_verified", counting)
+    reader = CacheReader.open(root, expected_meta=META)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        order = rng.permutation(TOTAL)
+        for name in FIELDS:
+            np.testing.assert_array_equal(reader.rows(name, order), source[name][order])
+    files = sorted(p.name for p in root.glob("*.npy"))
+    assert len(files) == 9 and sorted(hashed) == files  # 3 shards x 3 fields, each hashed once
+    hashed.clear()
+    verified = CacheReader.open(root, verify=True)  # checked whole when opening: not hashed again when read
+    np.testing.assert_array_equal(verified.rows("view_params", np.arange(TOTAL)), source["view_params"])
+    assert hashed == []
+
+
+def test_a_shard_file_that_changed_size_after_opening_is_refused(tmp_path):
+    root = build(tmp_path, source_arrays())
+    reader = CacheReader.open(root)
+    path = root / shard_file_name("view_params", 2)
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(CacheCorruptError, match=f"shard 2 file {path.name} is over {size} bytes, the manifest records {size}"):
+        reader.rows("view_params", np.array([9]))
 
 
 def test_write_shard_checks_name_the_field(tmp_path):

@@ -7,6 +7,10 @@ Folder layout::
     manifest.json                 format, version, meta, fields, total_rows, shard_rows, shards, complete
     teacher0__image-00000.npy     field "teacher0/image", rows [0, shard_rows)
     teacher0__image-00001.npy     ...
+
+The manifest records each shard file's size and sha256. A reader checks the sizes when it opens the
+cache and each file's sha256 the first time it reads that file, hashing the bytes as it reads them for
+use (one read, no separate pass), so a flipped bit is refused naming the shard before any row of it is served.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ REBUILD_HINT = "delete the folder and run `vldistill cache` again"
 FIELD_NAME = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 MANIFEST_KEYS = ("meta", "fields", "total_rows", "shard_rows", "shards", "complete")
 SETTINGS_KEYS = ("meta", "fields", "total_rows", "shard_rows")
+READ_BLOCK = 1 << 20  # bytes read (and hashed) at a time
 
 
 class CacheError(ValueError):
@@ -153,9 +158,59 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(READ_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _digest_mismatch(root: Path, name: str, shard: int, digest: str, recorded: str) -> CacheCorruptError:
+    return CacheCorruptError(
+        f"teacher cache at {root}: shard {shard} file {name} is corrupt: its sha256 {digest} "
+        f"does not match the manifest's {recorded}; {REBUILD_HINT}"
+    )
+
+
+def _read_verified(root: Path, record: Mapping[str, Any], shard: int) -> bytearray:
+    """The bytes of the shard file `record` names, read block by block into one buffer while each block
+    goes through sha256; raises CacheCorruptError unless size and digest are those the manifest records."""
+    path, size = root / record["name"], record["bytes"]
+    buffer = bytearray(size + 1)  # one byte more: a file that grew since opening shows as too long
+    view, digest, filled = memoryview(buffer), hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while filled < len(buffer):
+            count = f.readinto(view[filled : filled + READ_BLOCK])
+            if not count:
+                break
+            digest.update(view[filled : filled + count])
+            filled += count
+    view.release()
+    if filled != size:
+        found = f"over {size}" if filled > size else str(filled)
+        raise CacheCorruptError(
+            f"teacher cache at {root}: shard {shard} file {record['name']} is {found} bytes, "
+            f"the manifest records {size}; {REBUILD_HINT}"
+        )
+    if digest.hexdigest() != record["sha256"]:
+        raise _digest_mismatch(root, record["name"], shard, digest.hexdigest(), record["sha256"])
+    del buffer[size:]
+    return buffer
+
+
+def _npy_array(buffer: bytearray) -> np.ndarray:
+    """The array that the bytes of an .npy file hold, as a view of `buffer` (no copy)."""
+    magic = io.BytesIO(bytes(buffer[:8]))
+    version = np.lib.format.read_magic(magic)
+    readers = {(1, 0): (2, np.lib.format.read_array_header_1_0), (2, 0): (4, np.lib.format.read_array_header_2_0)}
+    if version not in readers:
+        raise ValueError(f".npy version {version} is not one np.save writes for a cache")
+    length_bytes, read_header = readers[version]
+    offset = 8 + length_bytes + int.from_bytes(buffer[8 : 8 + length_bytes], "little")
+    header = io.BytesIO(bytes(buffer[:offset]))
+    np.lib.format.read_magic(header)
+    shape, fortran_order, dtype = read_header(header)
+    count = int(np.prod(shape))
+    array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -194,10 +249,7 @@ def _check_shard_files(root: Path, shard: Mapping[str, Any], verify: bool) -> No
         if verify:
             digest = _sha256_file(path)
             if digest != record["sha256"]:
-                raise CacheCorruptError(
-                    f"teacher cache at {root}: shard file {record['name']} is corrupt: its sha256 {digest} "
-                    f"does not match the manifest's {record['sha256']}; {REBUILD_HINT}"
-                )
+                raise _digest_mismatch(root, record["name"], shard["index"], digest, record["sha256"])
 
 
 def _shard_range(index: int, total_rows: int, shard_rows: int) -> tuple[int, int]:
@@ -367,9 +419,11 @@ def _remove_leftovers(root: Path, manifest: Mapping[str, Any]) -> None:
 
 
 class CacheReader:
-    """Reads rows of a complete teacher cache, memory-mapping each shard file on first use."""
+    """Reads rows of a complete teacher cache. The first read of a shard file reads it whole through
+    sha256 and serves the rows from those bytes (refusing a file whose digest is not the manifest's);
+    later reads memory-map the verified file."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], verified: bool = False) -> None:
         self.root = root
         self.meta: dict[str, Any] = manifest["meta"]
         self.fields: dict[str, tuple[int, str]] = {n: (f["dim"], f["dtype"]) for n, f in manifest["fields"].items()}
@@ -377,6 +431,7 @@ class CacheReader:
         self.shard_rows: int = manifest["shard_rows"]
         self._shards: list[dict[str, Any]] = manifest["shards"]
         self._arrays: dict[tuple[str, int], np.ndarray] = {}
+        self._verified = verified  # every file's sha256 was checked when opening
 
     @classmethod
     def open(
@@ -384,7 +439,8 @@ class CacheReader:
     ) -> CacheReader:
         """A reader for the complete cache at `root`. Refuses a missing folder or manifest, another
         format or version, a partial cache, meta other than `expected_meta` (when given), and shard
-        files missing or of the wrong size; with `verify`, also any whose sha256 differs."""
+        files missing or of the wrong size; with `verify`, also any whose sha256 differs (a full pass
+        now; without it each file's sha256 is checked as the file is first read)."""
         root = Path(root)
         if not root.is_dir():
             raise CacheNotFoundError(f"no teacher cache at {root}: the folder does not exist")
@@ -401,7 +457,7 @@ class CacheReader:
                 )
         for shard in manifest["shards"]:
             _check_shard_files(root, shard, verify)
-        return cls(root, manifest)
+        return cls(root, manifest, verified=verify)
 
     def bytes_per_row(self) -> int:
         """Bytes one row takes over all fields: the sum of dim * itemsize."""
@@ -433,20 +489,31 @@ class CacheReader:
         return out
 
     def _array(self, field: str, shard: int) -> np.ndarray:
-        """The memory-mapped array of `field` in `shard`, opened once and checked against the manifest."""
+        """The array of `field` in `shard`. On its first use the file is read through sha256 (unless every
+        file was verified when opening) and the rows are served from the bytes read; later uses read the
+        memory-mapped file."""
         key = (field, shard)
-        if key not in self._arrays:
+        if key in self._arrays:
+            return self._arrays[key]
+        record = self._shards[shard]["files"][field]
+        first = None if self._verified else _npy_array(_read_verified(self.root, record, shard))
+        mapped = np.load(self.root / record["name"], mmap_mode="r", allow_pickle=False)
+        for array in (first, mapped):
+            if array is not None:
+                self._check_array(array, field, shard)
+        self._arrays[key] = mapped
+        return mapped if first is None else first
+
+    def _check_array(self, array: np.ndarray, field: str, shard: int) -> None:
+        """Raise CacheCorruptError unless `array` has the shape and dtype the manifest gives `field` in `shard`."""
+        start, stop = _shard_range(shard, self.total_rows, self.shard_rows)
+        dim, dtype = self.fields[field]
+        if array.shape != (stop - start, dim) or array.dtype != np.dtype(dtype):
             name = self._shards[shard]["files"][field]["name"]
-            array = np.load(self.root / name, mmap_mode="r", allow_pickle=False)
-            start, stop = _shard_range(shard, self.total_rows, self.shard_rows)
-            dim, dtype = self.fields[field]
-            if array.shape != (stop - start, dim) or array.dtype != np.dtype(dtype):
-                raise CacheCorruptError(
-                    f"teacher cache at {self.root}: shard file {name} holds {array.shape} {array.dtype}, "
-                    f"expected ({stop - start}, {dim}) {dtype}; {REBUILD_HINT}"
-                )
-            self._arrays[key] = array
-        return self._arrays[key]
+            raise CacheCorruptError(
+                f"teacher cache at {self.root}: shard file {name} holds {array.shape} {array.dtype}, "
+                f"expected ({stop - start}, {dim}) {dtype}; {REBUILD_HINT}"
+            )
 
 
 def _check_complete(root: Path, manifest: Mapping[str, Any]) -> None:

@@ -124,7 +124,8 @@ class CachedTeacher(nn.Module):
 
 def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Sequence[float], method: str) -> CachedTeacher:
     """A `CachedTeacher` over the complete cache at `path` made with exactly `expected_meta` (see
-    cache.meta.cache_meta); the store refuses a missing, partial, mismatching or damaged cache."""
+    cache.meta.cache_meta); the store refuses a missing, partial, mismatching or damaged cache (each
+    shard file's recorded sha256 is checked as the file is first read)."""
     reader = CacheReader.open(path, expected_meta)
     teachers = reader.meta["teachers"]
     order = [teachers[str(k)] for k in range(len(teachers))]
