@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vldistill.cli import main
 from vldistill.config import load_config, packaged_config
@@ -27,12 +28,21 @@ def test_summary_has_every_model_and_figure(tiny_demo):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert isinstance(on_disk["wall_seconds"], float) and on_disk["wall_seconds"] > 0
-    assert set(on_disk["models"]) == {"teacher", "student", "baseline"}
+    assert set(on_disk["models"]) == {"teacher", "student", "baseline", "scratch"}
     for figures in on_disk["models"].values():
         assert MODEL_KEYS <= set(figures)
         assert 0.0 <= figures["acc1"] <= 1.0 and figures["images_per_second"] > 0
+        assert figures["images_per_second_p25"] <= figures["images_per_second"] <= figures["images_per_second_p75"]
+        assert figures["trials"] == 9
     models = on_disk["models"]
-    assert models["student"]["params"] == models["baseline"]["params"] < models["teacher"]["params"]
+    assert models["student"]["params"] == models["baseline"]["params"] == models["scratch"]["params"]
+    assert models["student"]["params"] < models["teacher"]["params"]
+    for key in ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1"):
+        assert on_disk["student_minus_baseline"][key] == pytest.approx(models["student"][key] - models["baseline"][key])
+        assert on_disk["baseline_minus_scratch"][key] == pytest.approx(models["baseline"][key] - models["scratch"][key])
+    speedup = on_disk["image_speedup"]
+    assert speedup["p25"] <= speedup["median"] <= speedup["p75"] and speedup["median"] > 0
+    assert on_disk["teacher_train_pairs"] == 256 and on_disk["student_train_pairs"] == 256
     assert on_disk["compression"] == pytest.approx(models["teacher"]["params"] / models["student"]["params"])
     assert on_disk["student_retention_percent"]["acc1"] == pytest.approx(
         100 * models["student"]["acc1"] / models["teacher"]["acc1"]
@@ -49,10 +59,38 @@ def test_results_records_and_metadata(tiny_demo):
     assert {"image_retrieval_recall@1", "image_retrieval_recall@10", "text_retrieval_recall@5"} <= set(retrieval["metrics"])
     assert read_metadata(out / "student")["losses"].keys() == {"clip", "kd", "feature"}
     baseline = read_metadata(out / "baseline")
-    assert baseline["losses"] == {"clip": {"weight": 1.0}} and baseline["inherit"] is False
+    assert baseline["losses"] == {"clip": {"weight": 1.0}} and baseline["inherit"] is True  # same init as the student
+    scratch = read_metadata(out / "scratch")
+    assert scratch["losses"] == {"clip": {"weight": 1.0}} and scratch["inherit"] is False
     card = (out / "student" / "README.md").read_text()
     assert "pipeline_tag: zero-shot-image-classification" in card and "model-index" in card and "base_model" in card
     assert (out / "logs" / "student.jsonl").read_text().count("\n") == 2  # steps 4 and 8
+
+
+def test_baseline_starts_where_the_student_starts(tiny_demo, tmp_path):
+    """The baseline differs from the distilled student only by the teacher: the same inherited weights at
+    step 0. With one step of the same loss they would end equal; scratch starts elsewhere."""
+    cfg = load_config(packaged_config("tiny"), ["distill.train.steps=1", "distill.train.warmup_steps=0",
+                                                "distill.losses={clip: {weight: 1.0}}"])
+    summary = run_demo(cfg, tmp_path, progress=False)
+    assert summary["student_minus_baseline"] == {k: 0.0 for k in summary["student_minus_baseline"]}
+    from safetensors.torch import load_file
+
+    student, baseline, scratch = (load_file(tmp_path / arm / "model.safetensors") for arm in ("student", "baseline", "scratch"))
+    assert all(torch.equal(student[k], baseline[k]) for k in student)
+    assert not all(torch.equal(student[k], scratch[k]) for k in student)
+
+
+def test_student_without_inheritance_has_no_separate_scratch_run(tmp_path):
+    summary = run_demo(load_config(packaged_config("tiny"), ["student.inherit=false"]), tmp_path, progress=False)
+    assert summary["scratch_is_baseline"] is True
+    assert summary["models"]["scratch"]["acc1"] == summary["models"]["baseline"]["acc1"]
+    assert "scratch" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_train_pairs_limits_the_students_data(tmp_path):
+    summary = run_demo(load_config(packaged_config("tiny"), ["distill.train_pairs=64"]), tmp_path, progress=False)
+    assert summary["teacher_train_pairs"] == 256 and summary["student_train_pairs"] == 64
 
 
 def test_student_loads_without_vldistill(tiny_demo):

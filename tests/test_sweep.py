@@ -7,7 +7,7 @@ import pytest
 from vldistill.cli import main
 from vldistill.config import ConfigError, load_config, packaged_config
 from vldistill.losses import LOSSES
-from vldistill.sweep import format_ablation_table, sweep_runs
+from vldistill.sweep import compare_to, format_ablation_table, summarize_seeds, sweep_runs
 
 
 def test_default_sweep_covers_every_registered_loss():
@@ -50,13 +50,46 @@ def test_tiny_sweep_writes_ablation_json(tmp_path, capsys):
     assert by_name["both"]["losses"]["feature"] == {"weight": 2.0}
     for run in result["runs"]:
         assert 0 <= run["acc1"] <= 1 and run["seconds"] > 0 and run["seconds_per_step"] > 0
-    assert (tmp_path / "runs" / "both" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "both" / "seed0" / "model.safetensors").is_file()
     table = capsys.readouterr().out
     assert "| both | clip + kd + 2·feature |" in table
     assert format_ablation_table(result["runs"]).count("\n") == 5
+    kd = by_name["kd"]
+    assert kd["minus_task_loss"]["acc1"] == pytest.approx(kd["acc1"] - by_name["clip"]["acc1"])
+    assert kd["beyond_spread"] == {key: None for key in kd["beyond_spread"]}  # one seed: no spread measured
+
+
+def test_sweep_over_seeds_reports_mean_and_spread(tmp_path):
+    overrides = ["--set", "sweep.losses=[kd]", "--set", "sweep.seeds=[0, 1, 2]"]
+    assert main(["sweep", str(packaged_config("tiny")), "--out", str(tmp_path), *overrides]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert result["seeds"] == [0, 1, 2]
+    for run in result["runs"]:
+        values = [seed["image_retrieval_recall@1"] for seed in run["per_seed"]]
+        assert [seed["seed"] for seed in run["per_seed"]] == [0, 1, 2]
+        assert run["image_retrieval_recall@1"] == pytest.approx(sum(values) / 3)
+        assert run["spread"]["image_retrieval_recall@1"] == pytest.approx(max(values) - min(values))
+    clip = [seed["acc1"] for seed in result["runs"][0]["per_seed"]]
+    assert len(set(clip)) > 1  # the seeds really change the student (initialization and data order)
+    assert (tmp_path / "runs" / "kd" / "seed2" / "model.safetensors").is_file()
+
+
+def test_comparison_counts_only_differences_beyond_the_spread():
+    def record(name, values):
+        per_seed = [{"acc1": v, "image_retrieval_recall@1": v, "text_retrieval_recall@1": v, "seconds": 1.0,
+                     "seconds_per_step": 0.1} for v in values]
+        return {"name": name, "losses": {"clip": {}}, **summarize_seeds(per_seed), "per_seed": per_seed}
+
+    task = record("clip", [0.50, 0.52, 0.54])  # mean 0.52, spread 0.04
+    clear = compare_to(record("kd", [0.60, 0.61, 0.62]), task)  # +0.09 > 0.04
+    within = compare_to(record("feature", [0.51, 0.55, 0.56]), task)  # +0.02 < spreads 0.05 and 0.04
+    assert clear["minus_task_loss"]["acc1"] == pytest.approx(0.09)
+    assert clear["beyond_spread"]["acc1"] is True
+    assert within["minus_task_loss"]["acc1"] == pytest.approx(0.54 - 0.52)
+    assert within["beyond_spread"]["acc1"] is False
 
 
 def test_table_describes_scheduled_weights():
     record = {"name": "warm", "losses": {"clip": {"weight": 1.0}, "kd": {"weight": {"kind": "linear", "start": 0.0, "end": 1.0}}},
               "acc1": 0.5, "image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.125, "seconds": 2.0}
-    assert "| warm | clip + linear 0 -> 1·kd | 0.500 | 0.250 | 0.125 | 2.0 | - |" in format_ablation_table([record])
+    assert "| warm | clip + linear 0 -> 1·kd | 0.500 | 0.250 | 0.125 | - | 2.0 | - |" in format_ablation_table([record])

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Union
 import yaml
 
 from vldistill.data.augment import AugmentConfig
+from vldistill.data.caption_json import parse_split
 from vldistill.losses.base import LOSSES, LossContext
 from vldistill.losses.registry import build_objective, parse_loss_specs
 from vldistill.models.ensemble import COMBINE_METHODS
@@ -35,13 +36,39 @@ class ConfigError(ValueError):
     """A config key, type or value that cannot be used; the message names the key."""
 
 
+def check_caption_file_options(
+    source: Optional[str], split: Optional[str], image_root: Optional[str], keys: tuple[str, str, str]
+) -> None:
+    """Raise ConfigError naming the setting when a split or image folder is given for a source that is
+    not a .json caption file, a split names no Karpathy split, or the image folder is not a folder.
+    `keys` name the source, split and image folder settings (config keys or command-line options)."""
+    source_key, split_key, root_key = keys
+    for key, value in ((split_key, split), (root_key, image_root)):
+        if value is not None and not (source and Path(source).suffix.lower() == ".json"):
+            raise ConfigError(
+                f"{key} applies only to a .json caption file (Karpathy split or COCO captions) in {source_key}, got {source!r}"
+            )
+    if split is not None:
+        try:
+            parse_split(split)
+        except ValueError as error:
+            raise ConfigError(f"{split_key}: {error}") from None
+    if image_root is not None and not (image_root and Path(image_root).is_dir()):
+        raise ConfigError(f"{root_key}: {image_root!r} is not a folder")
+
+
 @dataclass
 class DataConfig:
     """Which pair data to train and evaluate on: the embedded synthetic `shapes` set (sizes and seed
     below), or your own `files`: `train` and `test` pairs (a JSONL/CSV manifest, a folder of images
-    with .txt captions, a saved Hugging Face dataset, or webdataset .tar shards), optionally `classes`
+    with .txt captions, a saved Hugging Face dataset, webdataset .tar shards, or a .json caption file:
+    a Karpathy split file such as dataset_coco.json or a COCO captions_*.json), optionally `classes`
     (a folder per class; `classnames`: a JSON {folder: name} map, else folder names) for zero-shot
     classification and `templates` (a file, one prompt per line).
+    For a Karpathy split file, `train_split` / `test_split` choose the split (train, val, test or
+    restval, or a union such as train+restval; null: train for `train`, test for `test`); a COCO
+    captions file is one split and takes none. `train_image_root` / `test_image_root`: the folder the
+    caption file's image paths are under (null: the file's folder).
     Broken samples are skipped and counted; a bad share above `max_bad_share` stops the run.
     `num_workers` processes decode training batches (0: in the training process).
     `augment` sets the training views (evaluation never augments)."""
@@ -57,6 +84,10 @@ class DataConfig:
     classes: Optional[str] = None
     classnames: Optional[str] = None
     templates: Optional[str] = None
+    train_split: Optional[str] = None
+    test_split: Optional[str] = None
+    train_image_root: Optional[str] = None
+    test_image_root: Optional[str] = None
     max_bad_share: float = 0.01
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -72,6 +103,9 @@ class DataConfig:
         for name in ("train", "test", "classes", "classnames", "templates"):
             if getattr(self, name) and not Path(getattr(self, name)).exists():
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} does not exist")
+        for role in ("train", "test"):
+            keys = (f"{where}.{role}", f"{where}.{role}_split", f"{where}.{role}_image_root")
+            check_caption_file_options(getattr(self, role), getattr(self, f"{role}_split"), getattr(self, f"{role}_image_root"), keys)
         if self.num_workers < 0:
             raise ConfigError(f"{where}.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_share < 1:
@@ -233,9 +267,13 @@ class CheckpointConfig:
 @dataclass
 class DistillConfig:
     """The distillation run: optimizer settings, the weighted losses (name -> {weight, params}; weights
-    and temperatures may be schedules) and how the weights adapt (`weighting`)."""
+    and temperatures may be schedules), how the weights adapt (`weighting`) and how many training pairs
+    the student sees (`train_pairs`: the first N of the training data; null: all of it). A teacher
+    pretrained here always learns from all of them: the regime where distillation has something to
+    transfer (a teacher trained on far more data than the student's)."""
 
     train: OptimConfig = field(default_factory=OptimConfig)
+    train_pairs: Optional[int] = None
     losses: dict[str, dict[str, Any]] = field(default_factory=_default_losses)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
@@ -246,6 +284,11 @@ class DistillConfig:
             specs = parse_loss_specs(self.losses, f"{where}.losses")
         except (KeyError, ValueError) as error:
             raise ConfigError(str(error).strip("'\"")) from None
+        if self.train_pairs is not None and self.train_pairs < self.train.batch_size:
+            raise ConfigError(
+                f"{where}.train_pairs must be null or >= {where}.train.batch_size ({self.train.batch_size}), "
+                f"got {self.train_pairs}"
+            )
         if self.weighting.kind == "gap" and not any(LOSSES.get(spec.name).needs for spec in specs):
             raise ConfigError(f"{where}.weighting.kind is gap, but no loss in {where}.losses uses the teacher")
 
@@ -309,14 +352,19 @@ class CacheConfig:
 @dataclass
 class SweepConfig:
     """What `vldistill sweep` runs besides the task loss alone: each of `losses` (empty: every registered
-    loss) beside the task loss, with `loss_params[name]` as its options, and the named `combinations`."""
+    loss) beside the task loss, with `loss_params[name]` as its options, and the named `combinations`;
+    every run once per seed in `seeds` (the same seeds for every run: each seed fixes the student's
+    initialization and data order; the teacher is the one of the config's `seed`)."""
 
     losses: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
     loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     combinations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"{where}.seeds must be a non-empty list of distinct seeds, got {self.seeds}")
         try:
             for name in self.losses:
                 parse_loss_specs({name: self.loss_params.get(name, {})}, f"{where}.loss_params")

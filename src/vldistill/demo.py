@@ -1,4 +1,15 @@
-"""The end-to-end demo: teacher, distilled student and a no-distillation baseline, evaluated side by side."""
+"""The end-to-end demo: a teacher, the distilled student and two students trained without a teacher, each
+arm changing one thing, evaluated side by side.
+
+The arms:
+- teacher: pretrained here on the whole training set (or reused when its config and data match);
+- student: the configured student (inheriting the teacher's weights when `student.inherit`), distilled
+  with `distill.losses` on the first `distill.train_pairs` pairs;
+- baseline: the same student, same initialization, data, steps and seed, trained with the task loss
+  alone and no teacher: the difference to `student` is what distillation did;
+- scratch: the same, from random weights: the difference to `baseline` is what inheritance did
+  (the same run as `baseline` when the student does not inherit).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +21,14 @@ import yaml
 
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import load_data
-from vldistill.fileio import write_text_atomic
 from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
+from vldistill.fileio import write_text_atomic
+from vldistill.profile.throughput import compare_image_throughput, speedup
 from vldistill.report.model_card import student_card
 from vldistill.train.runs import TrainedModel, obtain_teacher, train_student
 
 TASK_LOSSES = {"clip": {"weight": 1.0}}
+ARMS = ("teacher", "student", "baseline", "scratch")
 
 
 def retention(student: dict, teacher: dict) -> dict[str, float]:
@@ -23,78 +36,116 @@ def retention(student: dict, teacher: dict) -> dict[str, float]:
     return {key: 100.0 * student[key] / teacher[key] if teacher[key] else float("nan") for key in SUMMARY_KEYS}
 
 
+def difference(a: dict, b: dict) -> dict[str, float]:
+    """`a` minus `b` for the summary keys."""
+    return {key: a[key] - b[key] for key in SUMMARY_KEYS}
+
+
 def format_table(models: dict[str, dict]) -> str:
-    """A fixed-width table of params, accuracy, R@1 both ways and throughput per model."""
-    header = f"{'model':<10}{'params':>11}{'acc1':>8}{'T->I R@1':>10}{'I->T R@1':>10}{'img/s':>10}"
-    rows = [
-        f"{name:<10}{m['params']:>11,}{m['acc1']:>8.3f}{m['image_retrieval_recall@1']:>10.3f}"
-        f"{m['text_retrieval_recall@1']:>10.3f}{m['images_per_second']:>10.0f}"
-        for name, m in models.items()
-    ]
+    """A fixed-width table of params, accuracy, R@1 both ways and throughput (median and p25-p75) per model."""
+    header = f"{'model':<10}{'params':>11}{'acc1':>8}{'T->I R@1':>10}{'I->T R@1':>10}{'img/s (p25-p75)':>24}"
+    rows = []
+    for name, m in models.items():
+        spread = f"({m['images_per_second_p25']:,.0f}-{m['images_per_second_p75']:,.0f})"
+        rows.append(
+            f"{name:<10}{m['params']:>11,}{m['acc1']:>8.3f}{m['image_retrieval_recall@1']:>10.3f}"
+            f"{m['text_retrieval_recall@1']:>10.3f}{m['images_per_second']:>10,.0f} {spread:>13}"
+        )
     return "\n".join([header, *rows])
 
 
-def _card(cfg: ExperimentConfig, student: TrainedModel, teacher: TrainedModel, summary: dict, data_name: str):
-    metrics = {k: summary["student"][k] for k in SUMMARY_KEYS}
+def _card(cfg: ExperimentConfig, student: TrainedModel, teacher: TrainedModel, models: dict, data_name: str):
     return student_card(
         model_name=student.path.name,
         base_model=str(teacher.path),
         dataset=data_name,
-        metrics=metrics,
-        params=summary["student"]["params"],
-        teacher_params=summary["teacher"]["params"],
+        metrics={k: models["student"][k] for k in SUMMARY_KEYS},
+        params=models["student"]["params"],
+        teacher_params=models["teacher"]["params"],
         losses=cfg.distill.losses,
     )
 
 
+def train_arms(cfg: ExperimentConfig, data, out_dir: Path, logs: Path) -> dict[str, TrainedModel]:
+    """Obtain the teacher and train the three students of the demo (see the module docstring)."""
+    teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs)
+    arms = {"teacher": teacher}
+    arms["student"] = train_student(cfg, data, teacher, out_dir / "student", log_path=logs / "student.jsonl")
+    arms["baseline"] = train_student(
+        cfg, data, teacher, out_dir / "baseline", losses=TASK_LOSSES,
+        desc="baseline (same init, no teacher)", log_path=logs / "baseline.jsonl",
+    )
+    if cfg.student.inherit:
+        arms["scratch"] = train_student(
+            cfg, data, teacher, out_dir / "scratch", losses=TASK_LOSSES, inherit=False,
+            desc="scratch (random init, no teacher)", log_path=logs / "scratch.jsonl",
+        )
+    else:
+        arms["scratch"] = arms["baseline"]
+    return arms
+
+
 def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Train (or reuse) a teacher, distill the student, train the same student without distillation,
-    evaluate all three and write `summary.json`, results records and the student's model card."""
+    """Train (or reuse) a teacher, distill the student, train the same student without a teacher from the
+    same and from random weights, evaluate all four, measure their image throughput side by side and write
+    `summary.json`, results records and the student's model card."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     logs, results = out_dir / "logs", out_dir / "results"
     logs.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     data = load_data(cfg.data, progress=progress)
-    teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs)
-    student = train_student(cfg, data, teacher, out_dir / "student", log_path=logs / "student.jsonl")
-    baseline = train_student(
-        cfg, data, teacher, out_dir / "baseline", losses=TASK_LOSSES, inherit=False,
-        desc="baseline (no distillation)", log_path=logs / "baseline.jsonl",
+    arms = train_arms(cfg, data, out_dir, logs)
+    models = {
+        name: evaluate_model(trained.model, trained.tokenizer, data, cfg.eval, name, results, progress)["summary"]
+        for name, trained in arms.items()
+    }
+    measured = compare_image_throughput(
+        {name: trained.model for name, trained in arms.items()},
+        {name: trained.model.input_spec.image_size for name, trained in arms.items()},
+        batch_size=cfg.eval.throughput_batch_size,
     )
-    models = {}
-    for name, trained in (("teacher", teacher), ("student", student), ("baseline", baseline)):
-        models[name] = evaluate_model(trained.model, trained.tokenizer, data, cfg.eval, name, results, progress)["summary"]
+    for name, throughput in measured.items():
+        models[name].update(throughput.as_dict())
     summary = {
         "wall_seconds": time.perf_counter() - start,
         "models": models,
         "student_retention_percent": retention(models["student"], models["teacher"]),
-        "student_minus_baseline": {k: models["student"][k] - models["baseline"][k] for k in SUMMARY_KEYS},
+        "student_minus_baseline": difference(models["student"], models["baseline"]),
+        "baseline_minus_scratch": difference(models["baseline"], models["scratch"]),
         "compression": models["teacher"]["params"] / models["student"]["params"],
-        "image_speedup": models["student"]["images_per_second"] / models["teacher"]["images_per_second"],
-        "train_seconds": {n: m.result.seconds for n, m in (("teacher", teacher), ("student", student), ("baseline", baseline)) if m.result},
+        "image_speedup": speedup(measured["student"], measured["teacher"]),
+        "train_seconds": {name: m.result.seconds for name, m in arms.items() if m.result},
+        "teacher_train_pairs": len(data.train),
+        "student_train_pairs": cfg.distill.train_pairs or len(data.train),
+        "scratch_is_baseline": not cfg.student.inherit,
+        "seed": cfg.seed,
         "retrieval_match": cfg.eval.retrieval_match,
         "dataset": data.name,
         "data_quality": data.quality.summary(),
     }
-    card = _card(cfg, student, teacher, summary["models"], data.name)
+    card = _card(cfg, arms["student"], arms["teacher"], models, data.name)
     write_text_atomic(out_dir / "student" / "README.md", card.content)
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def print_summary(summary: dict) -> None:
-    """Print the demo's table, retention and wall time."""
+    """Print the demo's table, what distillation and inheritance changed, retention and wall time."""
     print(format_table(summary["models"]))
-    keep = summary["student_retention_percent"]
+    pairs = f"teacher trained on {summary['teacher_train_pairs']:,} pairs, students on {summary['student_train_pairs']:,}"
+    print(f"{pairs}; retrieval hits: {summary['retrieval_match']}")
+    for label, key in (("distilled minus baseline (what the teacher added)", "student_minus_baseline"),
+                       ("baseline minus scratch (what inheritance added)", "baseline_minus_scratch")):
+        gap = summary[key]
+        print(
+            f"{label}: acc1 {gap['acc1']:+.3f}, T->I R@1 {gap['image_retrieval_recall@1']:+.3f}, "
+            f"I->T R@1 {gap['text_retrieval_recall@1']:+.3f}"
+        )
+    keep, fast = summary["student_retention_percent"], summary["image_speedup"]
     print(
         f"student keeps {keep['acc1']:.1f}% of teacher acc1, {keep['image_retrieval_recall@1']:.1f}% / "
         f"{keep['text_retrieval_recall@1']:.1f}% of its T->I / I->T R@1, at {summary['compression']:.1f}x fewer "
-        f"parameters and {summary['image_speedup']:.1f}x the image throughput"
-    )
-    gap = summary["student_minus_baseline"]
-    print(
-        f"distilled minus baseline: acc1 {gap['acc1']:+.3f}, T->I R@1 {gap['image_retrieval_recall@1']:+.3f}, "
-        f"I->T R@1 {gap['text_retrieval_recall@1']:+.3f}  (retrieval hits: {summary['retrieval_match']})"
+        f"parameters and {fast['median']:.1f}x (p25-p75 {fast['p25']:.1f}-{fast['p75']:.1f}) the image throughput"
     )
     print(f"wall time: {summary['wall_seconds']:.1f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, Subset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill import __version__
@@ -309,6 +310,18 @@ def _loss_context(student: CLIPDualEncoder, teachers: Optional[nn.Module], prima
     )
 
 
+def first_pairs(data: DataBundle, count: Optional[int]) -> DataBundle:
+    """`data` with only the first `count` training pairs (all of them when `count` is None); the pairs keep
+    their indices, so their augmented views and teacher-cache rows are those of the whole set."""
+    if count is None:
+        return data
+    if isinstance(data.train, IterableDataset):
+        raise ValueError("distill.train_pairs needs map-style training data (a manifest, folder or HF dataset), not a stream")
+    if count > len(data.train):
+        raise ValueError(f"distill.train_pairs is {count} but the training data holds {len(data.train)} pairs")
+    return dataclasses.replace(data, train=Subset(data.train, range(count)))
+
+
 def train_student(
     cfg: ExperimentConfig,
     data: DataBundle,
@@ -327,6 +340,7 @@ def train_student(
     else run online."""
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
+    data = first_pairs(data, cfg.distill.train_pairs)
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
     from_cache = serve_from_cache(cfg.cache, losses, cfg.distill.weighting)
     set_seed(cfg.seed)

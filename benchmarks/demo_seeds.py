@@ -1,0 +1,80 @@
+"""The demo's four arms over several seeds: mean and spread (max - min) of every figure per arm, whether
+distillation beats the same student without a teacher by more than the seed-to-seed spread, and the wall
+time of each demo run. Each seed is a whole `vldistill demo` (teacher pretraining included), run one after
+another in this process; prints one JSON line.
+
+    python benchmarks/demo_seeds.py                       # configs/demo.yaml, seeds 0 1 2
+    python benchmarks/demo_seeds.py --tiny                # configs/tiny.yaml: a check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from vldistill.config import load_config, packaged_config
+from vldistill.demo import ARMS, run_demo
+from vldistill.eval.suite import SUMMARY_KEYS
+
+FIGURES = (*SUMMARY_KEYS, "images_per_second")
+
+
+def mean_and_spread(values: list[float]) -> dict[str, float]:
+    """Mean, min, max and spread (max - min) of one figure over seeds."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "spread": max(values) - min(values)}
+
+
+def summarize(summaries: list[dict]) -> dict:
+    """Per arm and figure: mean and spread over the seeds' demo summaries; per summary key: the student's
+    mean gain over the baseline and over scratch, and whether the gain exceeds both arms' spreads."""
+    arms = {
+        arm: {fig: mean_and_spread([s["models"][arm][fig] for s in summaries]) for fig in FIGURES} for arm in ARMS
+    }
+    verdicts = {}
+    for other in ("baseline", "scratch"):
+        verdicts[f"student_minus_{other}"] = {}
+        for key in SUMMARY_KEYS:
+            gains = [s["models"]["student"][key] - s["models"][other][key] for s in summaries]
+            gain = statistics.fmean(gains)
+            noise = max(arms["student"][key]["spread"], arms[other][key]["spread"])
+            verdicts[f"student_minus_{other}"][key] = {
+                "mean": gain, "per_seed": gains, "beyond_spread": len(summaries) > 1 and gain > noise,
+            }
+    return {"arms": arms, **verdicts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tiny config: checks that the benchmark runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work-dir", default=None, help="where the demo runs go (default: a temporary folder)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    config = packaged_config("tiny" if args.tiny else "demo")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="demo-seeds-"))
+    summaries = []
+    for seed in args.seeds:
+        cfg = load_config(config, [*args.overrides, f"seed={seed}"])
+        summaries.append(run_demo(cfg, work / f"seed{seed}", progress=False))
+    speedups = [s["image_speedup"]["median"] for s in summaries]
+    result = {
+        "benchmark": "demo_seeds",
+        "config": config.stem,
+        "overrides": args.overrides,
+        "seeds": args.seeds,
+        **summarize(summaries),
+        "image_speedup": mean_and_spread(speedups),
+        "wall_seconds": [s["wall_seconds"] for s in summaries],
+        "train_seconds": [s["train_seconds"] for s in summaries],
+        "teacher_train_pairs": summaries[0]["teacher_train_pairs"],
+        "student_train_pairs": summaries[0]["student_train_pairs"],
+        "retrieval_match": summaries[0]["retrieval_match"],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
