@@ -14,7 +14,7 @@ from vldistill.eval import (
     positives_from_pairs,
     retrieval_metrics,
 )
-from vldistill.eval.retrieval import top_k_indices
+from vldistill.eval.retrieval import positives_from_identical_captions, top_k_indices
 
 DIM = 12  # = 3 * 2 * 2, so an image (3, 2, 2) flattens to one embedding-sized vector
 VOCAB = {"a": 1, "red": 2, "circle": 3, "blue": 4, "square": 5, "green": 6, "cross": 7}  # 0 = padding
@@ -174,3 +174,76 @@ def test_evaluate_retrieval_with_several_captions_per_image() -> None:
         evaluate_retrieval(model, tokenize, torch.zeros(2, 3, 2, 2), captions, texts, progress=False)
     with pytest.raises(ValueError, match="unknown match"):
         evaluate_retrieval(model, tokenize, torch.zeros(2, 3, 2, 2), captions, match="fuzzy", progress=False)
+
+
+# ------------------------------------------------------- several captions per image (COCO, Flickr30k)
+
+
+def test_perfect_model_scores_one_with_five_captions_per_image() -> None:
+    """3 distinct images with 5 captions each; every caption is nearest its own image. Scored over the
+    distinct images, recall is 1 both ways; scored the old way (an image row per caption, only the
+    paired row counting) the same embeddings get 1/5."""
+    image_embeds = torch.eye(4)[:3]
+    shift = torch.arange(5.0)[:, None] * 0.05 * torch.eye(4)[3]  # caption k of an image: e_i + 0.05 k e_3
+    text_embeds = F.normalize((image_embeds[:, None, :] + shift[None]).reshape(15, 4), dim=-1)
+    text_to_image = torch.arange(3).repeat_interleave(5)
+    metrics = retrieval_metrics(image_embeds, text_embeds, positives_from_pairs(text_to_image, 3), ks=(1, 5))
+    assert metrics == dict.fromkeys(
+        ["image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1", "text_retrieval_recall@5"], 1.0
+    )
+    rows = image_embeds[text_to_image]  # 15 rows, 5 copies of each image: only the first copy (ties) hits
+    per_row = retrieval_metrics(rows, text_embeds, positives_from_pairs(range(15), 15), ks=(1,))
+    assert per_row == {"image_retrieval_recall@1": pytest.approx(0.2), "text_retrieval_recall@1": pytest.approx(0.2)}
+
+
+def test_hand_worked_ties_with_several_captions_per_image() -> None:
+    # Images 0 and 2 are identical; image 1 is nearer its second caption (text 4) than its first.
+    image_embeds = torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])
+    text_embeds = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
+    text_to_image = [0, 1, 2, 2, 1]
+    # Scores (rows images, columns texts; positives in brackets):
+    # image 0: [1.0], 0.0,  1.0,  0.8,   0.6  -> ranked t0, t2, t3, t4, t1: hit@1
+    # image 1: 0.6, [0.8],  0.6,  0.96, [1.0] -> ranked t4, t3, t1, ...: hit@1 through its second caption
+    # image 2: 1.0,  0.0,  [1.0], [0.8],  0.6 -> ranked t0, t2 (tie: lower index first): miss@1, hit@2
+    # Texts as queries over images 0, 1, 2:
+    # t0 (image 0): 1.0, 0.6, 1.0 -> 0 before 2 (tie): hit@1     t1 (image 1): 0, 0.8, 0 -> hit@1
+    # t2 (image 2): 1.0, 0.6, 1.0 -> 0 before 2: miss@1, hit@2   t4 (image 1): 0.6, 1.0, 0.6 -> hit@1
+    # t3 (image 2): 0.8, 0.96, 0.8 -> ranked 1, 0, 2: miss@1, miss@2, hit@3
+    metrics = retrieval_metrics(image_embeds, text_embeds, positives_from_pairs(text_to_image, 3), ks=(1, 2, 3))
+    assert metrics == {
+        "image_retrieval_recall@1": pytest.approx(3 / 5),
+        "image_retrieval_recall@2": pytest.approx(4 / 5),
+        "image_retrieval_recall@3": 1.0,
+        "text_retrieval_recall@1": pytest.approx(2 / 3),
+        "text_retrieval_recall@2": 1.0,
+        "text_retrieval_recall@3": 1.0,
+    }
+
+
+def test_identical_captions_with_several_captions_per_image() -> None:
+    texts = ["a red circle", "red circle", "a blue square", "A red  circle"]
+    # Image 0's captions: texts 0, 1; image 1's: texts 2, 3, and text 3 is text 0 up to case and spaces.
+    positives = positives_from_identical_captions(texts, [0, 0, 1, 1], n_images=2)
+    assert positives.tolist() == [[True, True, False, True], [True, False, True, True]]
+    with pytest.raises(ValueError, match="outside"):
+        positives_from_identical_captions(texts, [0, 0, 1, 2], n_images=2)
+
+
+def test_evaluate_retrieval_over_texts_alone() -> None:
+    """Without image captions: texts and text_to_image; identical_caption also counts image 1's
+    caption "a red circle" for text 0, so text 0's tie with image 1 is no longer a miss."""
+    model = BagOfWordsDualEncoder()
+    texts = ["a red circle", "red circle", "a blue square", "a red circle"]
+    images = images_showing(model, ["a red circle", "a red circle"])  # two identical images
+    pair = evaluate_retrieval(model, tokenize, images, texts=texts, text_to_image=[0, 0, 1, 1], ks=(1,), progress=False)
+    # Texts 0, 1 hit image 0 first (tie -> lower index); texts 2, 3 (image 1) miss; images: 0 hits
+    # text 0; image 1's nearest text is also text 0 (tie with text 3 -> lower index): miss.
+    assert pair == {"image_retrieval_recall@1": 0.5, "text_retrieval_recall@1": 0.5}
+    identical = evaluate_retrieval(
+        model, tokenize, images, texts=texts, text_to_image=[0, 0, 1, 1], match="identical_caption", ks=(1,),
+        progress=False,
+    )
+    # Texts 0 and 3 now hit either image; text 2 ("a blue square") still ranks image 0 first.
+    assert identical == {"image_retrieval_recall@1": 0.75, "text_retrieval_recall@1": 1.0}
+    with pytest.raises(ValueError, match="needs text_to_image"):
+        evaluate_retrieval(model, tokenize, images, texts=texts, progress=False)

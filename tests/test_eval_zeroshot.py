@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vldistill.eval import classification_metrics, evaluate_zero_shot, zero_shot_classifier
+from vldistill.eval.zeroshot import reported_top_k, unreported_note
 
 DIM = 12  # = 3 * 2 * 2, so an image (3, 2, 2) flattens to one embedding-sized vector
 CLASSNAMES = ["circle", "square", "cross"]
@@ -62,13 +63,34 @@ def test_classification_metrics_hand_worked() -> None:
     labels = torch.tensor([0, 0, 0, 1, 2])
     # Per-class top-1 recall: class 0 3/3, class 1 0/1, class 2 0/1; class 3 never occurs -> mean 1/3.
     metrics = classification_metrics(logits, labels, ks=(1, 2, 5))
-    assert metrics == {
+    assert metrics == {  # acc5 left out: with 4 classes every label is in the top 5
         "acc1": pytest.approx(3 / 5),
         "acc2": pytest.approx(4 / 5),
-        "acc5": 1.0,  # k clamped to the 4 classes
         "mean_per_class_recall": pytest.approx(1 / 3),
     }
-    assert set(classification_metrics(logits, labels)) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert set(classification_metrics(logits, labels)) == {"acc1", "mean_per_class_recall"}
+    assert set(classification_metrics(logits, labels, ks=(1, 3, 4))) == {"acc1", "acc3", "mean_per_class_recall"}
+
+
+def test_acc5_only_with_more_than_five_classes() -> None:
+    descending = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    logits = torch.tensor([descending, descending, [0.0] * 6, descending[::-1]])
+    labels = torch.tensor([5, 4, 5, 5])
+    # Row 0: class 5 ranked 6th -> miss@5. Row 1: class 4 ranked 5th -> hit@5, miss@1. Row 2: all tied,
+    # ties go to the lower index, so class 5 is ranked last -> miss@5. Row 3: class 5 first -> hit@1.
+    # Per-class top-1 recall: class 4 0/1, class 5 1/3 -> mean 1/6.
+    assert classification_metrics(logits, labels) == {
+        "acc1": pytest.approx(1 / 4),
+        "acc5": pytest.approx(2 / 4),
+        "mean_per_class_recall": pytest.approx(1 / 6),
+    }
+    five = classification_metrics(logits[:, :5], torch.tensor([4, 4, 0, 0]))
+    assert set(five) == {"acc1", "mean_per_class_recall"}  # 5 classes: acc5 would be 1 for any model
+    assert reported_top_k((1, 5), 6) == [1, 5] and reported_top_k((1, 5), 5) == [1]
+    assert unreported_note((1, 5), 6) is None
+    assert unreported_note((1, 5), 5) == (
+        "acc5 not reported: only 5 classes (top-k accuracy is reported when there are more than k)"
+    )
 
 
 def test_classification_metrics_rejects_bad_labels() -> None:
@@ -114,8 +136,7 @@ def test_evaluate_zero_shot_end_to_end_restores_training_mode() -> None:
     images[-1] = torch.tensor([0.6, 0.8] + [0.0] * (DIM - 2)).reshape(3, 2, 2)
     batches = list(images.split(4))
     metrics = evaluate_zero_shot(model, tokenize, batches, labels, CLASSNAMES, TEMPLATES, progress=False)
-    assert metrics == {
+    assert metrics == {  # 3 classes: acc5 is not reported
         "acc1": pytest.approx(5 / 6),
-        "acc5": 1.0,
         "mean_per_class_recall": pytest.approx(5 / 6),
     }

@@ -4,6 +4,7 @@ plus `--set key.sub=value` overrides."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from vldistill.config import ConfigError, ExperimentConfig, load_config, packaged_config
+from vldistill.config import ConfigError, ExperimentConfig, check_caption_file_options, load_config, packaged_config
 from vldistill.distributed import process_rank
 from vldistill.train.loop import NonFiniteLossError
 from vldistill.train.stop import TrainingStopped
@@ -111,18 +112,41 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a saved model on the config's test split and write CLIP_benchmark-style records."""
-    from vldistill.data.bundle import load_data
+    """Evaluate a saved model on the config's test split, or on the pairs of `--data` (e.g. a Karpathy
+    split file or COCO captions); print its retrieval recalls both ways (and zero-shot accuracy when
+    the config has classes) and write CLIP_benchmark-style records."""
+    from vldistill.data.bundle import load_data, load_test_data
+    from vldistill.eval.results import format_records
     from vldistill.eval.suite import evaluate_model
     from vldistill.models.io import load_dual_encoder
 
-    cfg = _config(args)
+    if args.data is None and (args.split is not None or args.images is not None):
+        raise ConfigError("--split and --images apply to the file given with --data")
+    overrides = args.overrides
+    if args.data is not None and args.config is None:
+        overrides = ["eval.retrieval_match=pair", *overrides]  # as the benchmarks are scored, unless --set
+    cfg = load_config(args.config, overrides)
+    if args.data is not None:
+        check_caption_file_options(args.data, args.split, args.images, ("--data", "--split", "--images"))
     model, tokenizer = load_dual_encoder(args.model)
     name = args.name or Path(args.model).name
     progress = show_progress()
-    data = load_data(cfg.data, progress=progress)
-    evaluation = evaluate_model(model, tokenizer, data, cfg.eval, name, Path(args.out), progress=progress)
-    print(json.dumps(evaluation["summary"], indent=2))
+    if args.data is not None:
+        data_cfg = dataclasses.replace(
+            cfg.data, dataset="files", test=args.data, test_split=args.split, test_image_root=args.images,
+            image_size=model.input_spec.image_size,
+        )
+        data = load_test_data(data_cfg, progress=progress)
+    else:
+        data = load_data(cfg.data, progress=progress)
+    out = Path(args.out)
+    evaluation = evaluate_model(model, tokenizer, data, cfg.eval, name, out, progress=progress)
+    print(format_records(evaluation["records"]))
+    summary = evaluation["summary"]
+    print(f"{summary['params']:,} parameters, {summary['images_per_second']:.0f} images/s")
+    if data.quality.total:
+        print(f"data quality: {data.quality.report()}")
+    print(f"wrote {', '.join(str(out / f'{name}_{task}.json') for task in evaluation['records'])}")
     return 0
 
 
@@ -163,17 +187,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     image_size = args.image_size
     if Path(args.path).suffix.lower() in (".yaml", ".yml"):
         data = load_config(args.path).data
-        sources = list(dict.fromkeys(p for p in (data.train, data.test) if p))
+        roles = (("train", data.train, data.train_split, data.train_image_root), ("test", data.test, data.test_split, data.test_image_root))
+        sources = [(path, split, root, role) for role, path, split, root in roles if path]
         if not sources:
             raise ConfigError(f"{args.path}: data.train and data.test are not set (data.dataset is {data.dataset})")
         image_size = image_size or data.image_size
     else:
-        sources = [args.path]
-    failed, progress = False, show_progress()
-    for source in sources:
+        sources = [(args.path, None, None, None)]
+    failed, progress, checked = False, show_progress(), set()
+    for path, split, root, role in sources:
         quality = DataQuality(threshold=args.threshold)
-        scan(open_pairs(source, image_size or 224, quality), progress=progress)
-        print(f"{source}: {quality.report()}")
+        source = open_pairs(path, image_size or 224, quality, split, root, default_split=role)
+        read = getattr(source, "split", None)  # the split read from a Karpathy split file
+        if (path, read, root) in checked:
+            continue  # data.train and data.test are the same pairs
+        checked.add((path, read, root))
+        scan(source, progress=progress)
+        print(f"{path}{f' ({read} split)' if read else ''}: {quality.report()}")
         failed |= quality.over_threshold()
     return 1 if failed else 0
 
@@ -213,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("eval", cmd_eval, "zero-shot and retrieval evaluation of a saved model", False, "results")
     evaluate.add_argument("model", help="model folder (or hub id)")
     evaluate.add_argument("--name", default=None, help="model name in the results (default: folder name)")
+    evaluate.add_argument(
+        "--data", default=None, metavar="FILE",
+        help="evaluate on this file's pairs instead of the config's test split: a Karpathy split file "
+        "(dataset_coco.json, dataset_flickr30k.json), a COCO captions_*.json, or any pair source "
+        "(retrieval hits: pair, unless --config or --set eval.retrieval_match says otherwise)",
+    )
+    evaluate.add_argument("--split", default=None, help="the Karpathy split to read from --data (default: test)")
+    evaluate.add_argument(
+        "--images", default=None, metavar="DIR", help="the folder --data's image paths are under (default: its folder)"
+    )
     cache = sub.add_parser("cache", help="run the teachers once and store their embeddings (resumable)")
     _add_config_args(cache, config_positional=True)
     cache.add_argument("--out", default=None, metavar="CACHE_DIR", help="cache folder (default: cache.path)")

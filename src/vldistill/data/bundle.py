@@ -1,6 +1,6 @@
 """The data an experiment uses: a training set (in memory, lazily decoded or streamed), an in-memory
-test split for retrieval, an optional labelled split and prompts for zero-shot classification, and
-the bad-input accounting of the run."""
+test split for retrieval (distinct images, each with all its captions), an optional labelled split and
+prompts for zero-shot classification, and the bad-input accounting of the run."""
 
 from __future__ import annotations
 
@@ -30,15 +30,17 @@ SHAPES_VERSION = 2
 class DataBundle:
     """Everything an experiment reads.
 
-    train: a dataset of `PairSample`s (map-style or streaming); val: an optional held-out one.
-    test: the retrieval pairs, decoded in memory. zeroshot: labelled images for zero-shot
-    classification over `classnames` with `templates` (None: retrieval only).
+    train: a dataset of `PairSample`s (map-style or streaming), one per caption; None in a bundle for
+    evaluation only (see `load_test_data`). val: an optional held-out one.
+    test: the retrieval split, decoded in memory: distinct images, each with its captions.
+    zeroshot: labelled images for zero-shot classification over `classnames` with `templates`
+    (None: retrieval only).
     quality: counts of skipped bad samples (shared by every source of this bundle).
     grammar: extra words the data may produce (the shapes captions' full vocabulary).
     """
 
     name: str
-    train: Dataset
+    train: Optional[Dataset]
     test: PairSplit
     zeroshot: Optional[PairSplit]
     classnames: Optional[list[str]]
@@ -50,9 +52,8 @@ class DataBundle:
 
     def words(self) -> set[str]:
         """Every word of the captions, prompt templates, class names and grammar: a tokenizer's vocabulary."""
-        texts = [
-            *dataset_captions(self.train), *self.test.captions, *self.templates, *(self.classnames or []), *self.grammar
-        ]
+        train = dataset_captions(self.train) if self.train is not None else []
+        texts = [*train, *self.test.captions, *self.templates, *(self.classnames or []), *self.grammar]
         return words_in(text.replace("{}", " ") for text in texts)
 
 
@@ -64,13 +65,13 @@ def in_memory_bundle(
     classnames: Optional[list[str]] = None,
     templates: tuple[str, ...] = (),
 ) -> DataBundle:
-    """A bundle over splits already in memory (zero-shot on `test` when it has labels and class names)."""
-    as_pairs = lambda split: InMemoryPairs(split.images, split.captions, split.attributes)  # noqa: E731
+    """A bundle over splits already in memory (zero-shot on `test` when it has labels and class names);
+    training and validation pairs are one per caption."""
     labelled = test.labels is not None and classnames is not None
     return DataBundle(
         name=name,
-        train=as_pairs(train),
-        val=as_pairs(val) if val is not None else None,
+        train=train.as_pairs(),
+        val=val.as_pairs() if val is not None else None,
         test=test,
         zeroshot=test if labelled else None,
         classnames=classnames if labelled else None,
@@ -124,12 +125,42 @@ def _iterate(dataset: Dataset) -> Iterable:
     return (dataset[i] for i in range(len(dataset)))
 
 
+def image_groups(dataset: Dataset) -> list[list[int]]:
+    """The indices of a map-style pair dataset grouped by image: one group per distinct image reference
+    in its `pairs` (the lazy sources' (reference, caption) list), in order of first appearance; one
+    index a group for a dataset without `pairs`."""
+    if not hasattr(dataset, "pairs"):
+        return [[index] for index in range(len(dataset))]
+    groups: dict = {}
+    for index, (ref, _) in enumerate(dataset.pairs):
+        groups.setdefault(ref, []).append(index)
+    return list(groups.values())
+
+
+def _decode_images(dataset: Dataset, desc: str, progress: bool) -> list[tuple[np.ndarray, list[str]]]:
+    """(image, its captions) for each distinct image of `dataset` that decodes. A map-style dataset's
+    image is decoded once, through its first pair, so its bad-input accounting counts it once."""
+    if isinstance(dataset, IterableDataset):
+        return [(s.image.numpy(), [s.caption]) for s in decode_all(iter(dataset), desc, progress)]
+    decoded = []
+    for indices in tqdm(image_groups(dataset), desc=desc, disable=not progress):
+        sample = dataset[indices[0]]
+        if sample is not None:
+            others = [dataset.pairs[index][1] for index in indices[1:]]
+            decoded.append((sample.image.numpy(), [sample.caption, *others]))
+    return decoded
+
+
 def decode_pairs(dataset: Dataset, desc: str, progress: bool) -> PairSplit:
-    """Decode a (small) pair dataset into an in-memory split, skipping bad samples."""
-    samples = decode_all(_iterate(dataset), desc, progress)
-    if not samples:
+    """Decode a (small) pair dataset into an in-memory split of its distinct images, each with all its
+    captions (pairs sharing an image reference are one image), skipping bad images (each counted once)."""
+    decoded = _decode_images(dataset, desc, progress)
+    if not decoded:
         raise ValueError(f"{desc}: no usable pairs (see the data quality report)")
-    return PairSplit(np.stack([s.image.numpy() for s in samples]), [s.caption for s in samples])
+    counts = [len(captions) for _, captions in decoded]
+    text_to_image = np.repeat(np.arange(len(decoded)), counts) if max(counts) > 1 else None
+    captions = [caption for _, image_captions in decoded for caption in image_captions]
+    return PairSplit(np.stack([image for image, _ in decoded]), captions, text_to_image=text_to_image)
 
 
 def decode_classes(dataset: ImageFolderClasses, progress: bool) -> PairSplit:
@@ -148,7 +179,7 @@ def _shapes(cfg: DataConfig, progress: bool) -> DataBundle:
         split: synthetic.make_split(split, sizes[split], seed=cfg.seed, image_size=cfg.image_size)
         for split in tqdm(sizes, desc="generate data", disable=not progress)
     }
-    in_memory = {name: InMemoryPairs(s.images, s.captions, s.attributes) for name, s in splits.items()}
+    in_memory = {name: s.as_pairs() for name, s in splits.items()}
     return DataBundle(
         name="shapes",
         train=in_memory["train"],
@@ -163,16 +194,17 @@ def _shapes(cfg: DataConfig, progress: bool) -> DataBundle:
     )
 
 
-def _files(cfg: DataConfig, progress: bool) -> DataBundle:
-    quality = DataQuality(threshold=cfg.max_bad_share)
-    test = decode_pairs(open_pairs(cfg.test, cfg.image_size, quality), "read test pairs", progress)
+def _test_and_classes(cfg: DataConfig, quality: DataQuality, train: Optional[Dataset], progress: bool) -> DataBundle:
+    source = open_pairs(cfg.test, cfg.image_size, quality, cfg.test_split, cfg.test_image_root, default_split="test")
+    test = decode_pairs(source, "read test pairs", progress)
+    split = getattr(source, "split", None)  # the split read from a Karpathy split file
     zeroshot = classnames = None
     if cfg.classes:
         classes = ImageFolderClasses(cfg.classes, cfg.image_size, quality, cfg.classnames)
         zeroshot, classnames = decode_classes(classes, progress), classes.classnames
     return DataBundle(
-        name=Path(cfg.test).stem,
-        train=open_pairs(cfg.train, cfg.image_size, quality),
+        name=Path(cfg.test).stem + (f"_{split}" if split else ""),
+        train=train,
         test=test,
         zeroshot=zeroshot,
         classnames=classnames,
@@ -180,6 +212,18 @@ def _files(cfg: DataConfig, progress: bool) -> DataBundle:
         fingerprint=data_fingerprint(cfg),
         quality=quality,
     )
+
+
+def load_test_data(cfg: DataConfig, progress: bool = True) -> DataBundle:
+    """A bundle for evaluation only (no training data; `cfg.train` is not read): the test split of
+    `cfg.test` (a Karpathy split file's `test_split`, by default test) and the zero-shot classes, decoded."""
+    return _test_and_classes(cfg, DataQuality(threshold=cfg.max_bad_share), None, progress)
+
+
+def _files(cfg: DataConfig, progress: bool) -> DataBundle:
+    quality = DataQuality(threshold=cfg.max_bad_share)
+    train = open_pairs(cfg.train, cfg.image_size, quality, cfg.train_split, cfg.train_image_root, default_split="train")
+    return _test_and_classes(cfg, quality, train, progress)
 
 
 def load_data(cfg: DataConfig, progress: bool = True) -> DataBundle:

@@ -17,16 +17,52 @@ from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
 
 @dataclass
 class PairSplit:
-    """One split held in memory: uint8 images (N, H, W, 3), a caption each, optional class labels
-    (indices into the bundle's class names) and optional per-sample attributes."""
+    """One split held in memory: distinct uint8 images (N, H, W, 3), their captions (T >= N), optional
+    class labels (indices into the bundle's class names) and optional attributes, one each per image.
+
+    `text_to_image[j]` is the index of the image caption j describes (T,); None means one caption per
+    image, caption i describing image i. Every image has at least one caption. The retrieval benchmarks
+    (COCO, Flickr30k) have about five captions per image, held once each here: retrieval is scored over
+    the distinct images (see eval.retrieval).
+    """
 
     images: np.ndarray
     captions: list[str]
     labels: Optional[np.ndarray] = None
     attributes: Optional[list[dict[str, str]]] = None
+    text_to_image: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        n_images = len(self.images)
+        if self.text_to_image is None:
+            if len(self.captions) != n_images:
+                raise ValueError(f"{n_images} images but {len(self.captions)} captions and no text_to_image")
+        else:
+            self.text_to_image = np.asarray(self.text_to_image, dtype=np.int64)
+            if self.text_to_image.shape != (len(self.captions),):
+                raise ValueError(f"text_to_image has shape {self.text_to_image.shape}, expected ({len(self.captions)},)")
+            if not np.array_equal(np.unique(self.text_to_image), np.arange(n_images)):
+                raise ValueError(f"text_to_image must give each of the {n_images} images a caption, and no other image")
+        for name in ("labels", "attributes"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n_images:
+                raise ValueError(f"{len(value)} {name} for {n_images} images")
 
     def __len__(self) -> int:
-        return len(self.captions)
+        """The number of (distinct) images."""
+        return len(self.images)
+
+    def caption_images(self) -> np.ndarray:
+        """(T,) the image index of each caption."""
+        return self.text_to_image if self.text_to_image is not None else np.arange(len(self.images))
+
+    def as_pairs(self) -> "InMemoryPairs":
+        """The split as training pairs: one `InMemoryPairs` row per caption (its image repeated)."""
+        if self.text_to_image is None:
+            return InMemoryPairs(self.images, self.captions, self.attributes)
+        rows = self.text_to_image
+        attributes = [self.attributes[i] for i in rows] if self.attributes is not None else None
+        return InMemoryPairs(self.images[rows], self.captions, attributes)
 
 
 class PairSample(NamedTuple):

@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from vldistill.data.caption_json import read_caption_json
 from vldistill.data.images import ImageSource, decode_counted
 from vldistill.data.pairs import PairSample
 from vldistill.data.quality import DataQuality
@@ -234,6 +235,28 @@ class HFDatasetPairs(LazyPairs):
         return f"{self.path}[row {ref}]"
 
 
+class CaptionFilePairs(LazyPairs):
+    """Pairs of a Karpathy split file or COCO captions file (see vldistill.data.caption_json): one
+    per caption of the chosen split, images under `image_root` (default: the file's folder)."""
+
+    def __init__(
+        self, path: Union[str, Path], image_size: int, quality: DataQuality, split: Optional[str] = None,
+        image_root: Optional[Union[str, Path]] = None, default_split: Optional[str] = None,
+    ) -> None:
+        super().__init__(image_size, quality)
+        listing = read_caption_json(path, split, image_root, default_split)
+        self.path, self.format, self.split = listing.path, listing.format, listing.split
+        self.pairs = [(image, caption) for image, captions in zip(listing.images, listing.captions) for caption in captions]
+        self.index_bad = listing.bad
+        self._start_pass()
+
+    def _open(self, ref: ImageRef) -> Path:
+        return ref
+
+    def _describe(self, ref: ImageRef) -> str:
+        return str(ref)
+
+
 def _is_shards(path: Path) -> bool:
     return path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar")))
 
@@ -251,15 +274,21 @@ def _open_shards(path: Path, image_size: int, quality: DataQuality) -> Dataset:
     return module.WebDatasetPairs(str(path), image_size, quality)
 
 
-def open_pairs(path: Union[str, Path], image_size: int, quality: DataQuality) -> Dataset:
-    """The pair source `path` is: a .jsonl/.csv manifest, a `save_to_disk` folder (holds
-    dataset_info.json or state.json), webdataset .tar shards (a file or a folder of them), or a
-    folder of images with .txt captions."""
+def open_pairs(
+    path: Union[str, Path], image_size: int, quality: DataQuality, split: Optional[str] = None,
+    image_root: Optional[Union[str, Path]] = None, default_split: Optional[str] = None,
+) -> Dataset:
+    """The pair source `path` is: a .jsonl/.csv manifest, a .json caption file (Karpathy split or COCO
+    captions: `split`, `image_root` and `default_split` go to `CaptionFilePairs`), a `save_to_disk`
+    folder (holds dataset_info.json or state.json), webdataset .tar shards (a file or a folder of
+    them), or a folder of images with .txt captions."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pair source {path} does not exist")
     if path.is_file() and path.suffix.lower() in (".jsonl", ".csv"):
         return ManifestPairs(path, image_size, quality)
+    if path.is_file() and path.suffix.lower() == ".json":
+        return CaptionFilePairs(path, image_size, quality, split, image_root, default_split)
     if _is_shards(path):
         return _open_shards(path, image_size, quality)
     if path.is_dir() and any((path / marker).is_file() for marker in HF_MARKERS):
@@ -267,7 +296,8 @@ def open_pairs(path: Union[str, Path], image_size: int, quality: DataQuality) ->
     if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
         return FolderPairs(path, image_size, quality)
     raise ValueError(
-        f"{path}: not a pair source; expected a .jsonl or .csv manifest, a Hugging Face save_to_disk folder "
+        f"{path}: not a pair source; expected a .jsonl or .csv manifest, a .json caption file (Karpathy split "
+        f"or COCO captions), a Hugging Face save_to_disk folder "
         f"({' or '.join(HF_MARKERS)}), .tar shards, or a folder of images with .txt captions"
     )
 

@@ -48,3 +48,34 @@ def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
         result = json.load(f)
     _check_result(result, str(path))
     return result
+
+
+def _recall_ks(metrics: Mapping[str, float]) -> list[int]:
+    prefix = "image_retrieval_recall@"
+    return sorted(int(name[len(prefix):]) for name in metrics if name.startswith(prefix))
+
+
+def format_records(records: Mapping[str, dict[str, Any]]) -> str:
+    """A plain-text report of a model's records (keyed by task): the retrieval recalls as a table,
+    text->image (image_retrieval_recall@K) and image->text (text_retrieval_recall@K) by K, then the
+    zero-shot accuracies on one line (and the record's note)."""
+    lines = []
+    retrieval = records.get(ZEROSHOT_RETRIEVAL)
+    if retrieval is not None:
+        metrics, ks = retrieval["metrics"], _recall_ks(retrieval["metrics"])
+        counts = f"{retrieval['images']:,} images, {retrieval['captions']:,} captions, " if "images" in retrieval else ""
+        lines.append(f"{retrieval['model']} on {retrieval['dataset']}: {counts}hits: {retrieval.get('retrieval_match', 'pair')}")
+        lines.append(f"{'retrieval':<13}" + "".join(f"{f'R@{k}':>8}" for k in ks))
+        for label, key in (("text->image", "image_retrieval_recall"), ("image->text", "text_retrieval_recall")):
+            lines.append(f"{label:<13}" + "".join(f"{metrics[f'{key}@{k}']:>8.3f}" for k in ks))
+    classification = records.get(ZEROSHOT_CLASSIFICATION)
+    if classification is not None:
+        metrics = classification["metrics"]
+        classes = f" ({classification['classes']} classes)" if "classes" in classification else ""
+        accuracies = [f"{name} {value:.3f}" for name, value in metrics.items() if name.startswith("acc")]
+        if "mean_per_class_recall" in metrics:
+            accuracies.append(f"mean per-class recall {metrics['mean_per_class_recall']:.3f}")
+        lines.append(f"zero-shot{classes}: " + ", ".join(accuracies))
+        if classification.get("note"):
+            lines.append(f"  note: {classification['note']}")
+    return "\n".join(lines)

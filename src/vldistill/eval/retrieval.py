@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,10 +47,14 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """Recall@K both ways from (N_img, D), (N_txt, D) embeddings and a (N_img, N_txt) positives mask.
 
+    As CLIP_benchmark scores COCO and Flickr30k (distinct images, several captions each):
     `image_retrieval_recall@K`: texts query images; a text scores a hit when any of its positive images
-    is among the K images most similar to it. `text_retrieval_recall@K`: images query texts, likewise.
+    (its own image) is among the K images most similar to it; the mean over texts.
+    `text_retrieval_recall@K`: images query texts; an image scores a hit when any of its positive texts
+    (any of its captions) is among the K texts most similar to it; the mean over images.
     Similarity is image_embeds @ text_embeds.T; K larger than the candidate count means all candidates.
-    Ties are broken towards the lower index (see `top_k_indices`). Every query needs a positive.
+    Ties are broken towards the lower index (see `top_k_indices`): of two equally similar candidates
+    the one listed first ranks higher. Every query needs a positive.
     """
     expected = (image_embeds.shape[0], text_embeds.shape[0])
     if tuple(positives.shape) != expected:
@@ -66,11 +71,16 @@ def retrieval_metrics(
     return metrics
 
 
-def positives_from_pairs(text_to_image: Sequence[int], n_images: int) -> torch.Tensor:
-    """(n_images, n_texts) mask, True where text j is a caption of image text_to_image[j]."""
-    image_index = torch.as_tensor(list(text_to_image), dtype=torch.long)
+def _image_index(text_to_image: Sequence[int], n_images: int) -> torch.Tensor:
+    image_index = torch.as_tensor(np.asarray(text_to_image, dtype=np.int64).reshape(-1))
     if image_index.numel() and not (0 <= int(image_index.min()) and int(image_index.max()) < n_images):
         raise ValueError(f"text_to_image indexes images outside [0, {n_images})")
+    return image_index
+
+
+def positives_from_pairs(text_to_image: Sequence[int], n_images: int) -> torch.Tensor:
+    """(n_images, n_texts) mask, True where text j is a caption of image text_to_image[j]."""
+    image_index = _image_index(text_to_image, n_images)
     positives = torch.zeros(n_images, image_index.numel(), dtype=torch.bool)
     positives[image_index, torch.arange(image_index.numel())] = True
     return positives
@@ -80,6 +90,10 @@ def _normalize_caption(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _caption_ids(texts: Sequence[str], ids: dict[str, int]) -> torch.Tensor:
+    return torch.tensor([ids.setdefault(_normalize_caption(t), len(ids)) for t in texts], dtype=torch.long)
+
+
 def positives_from_equivalent_captions(image_captions: list[str], texts: list[str]) -> torch.Tensor:
     """(n_images, n_texts) mask, True where text j equals image i's own caption (case and whitespace folded).
 
@@ -87,23 +101,40 @@ def positives_from_equivalent_captions(image_captions: list[str], texts: list[st
     so any of them is a correct answer.
     """
     ids: dict[str, int] = {}
-    image_ids = torch.tensor([ids.setdefault(_normalize_caption(c), len(ids)) for c in image_captions])
-    text_ids = torch.tensor([ids.get(_normalize_caption(t), -1) for t in texts])
+    image_ids = _caption_ids(image_captions, ids)
+    text_ids = torch.tensor([ids.get(_normalize_caption(t), -1) for t in texts], dtype=torch.long)
     return image_ids[:, None] == text_ids[None, :]
 
 
+def positives_from_identical_captions(texts: list[str], text_to_image: Sequence[int], n_images: int) -> torch.Tensor:
+    """(n_images, n_texts) mask, True where text j is identical (case and whitespace folded) to one of
+    image i's captions, the captions of image i being the texts j' with text_to_image[j'] == i. Every
+    pair is included; with one caption per image this is `positives_from_equivalent_captions`."""
+    image_index = _image_index(text_to_image, n_images)
+    if image_index.numel() != len(texts):
+        raise ValueError(f"{len(texts)} texts but {image_index.numel()} text_to_image entries")
+    ids: dict[str, int] = {}
+    text_ids = _caption_ids(texts, ids)
+    has_caption = torch.zeros(n_images, len(ids), dtype=torch.bool)
+    has_caption[image_index, text_ids] = True
+    return has_caption[:, text_ids]
+
+
 def _positives(
-    image_captions: list[str], texts: list[str], text_to_image: Sequence[int] | None, match: str
+    n_images: int,
+    image_captions: Optional[list[str]],
+    texts: list[str],
+    text_to_image: Optional[Sequence[int]],
+    match: str,
 ) -> torch.Tensor:
-    if match not in MATCHES:
-        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
-    if text_to_image is None and match == "pair":
-        raise ValueError("match='pair' with explicit texts needs text_to_image")
-    positives = torch.zeros(len(image_captions), len(texts), dtype=torch.bool)
+    positives = torch.zeros(n_images, len(texts), dtype=torch.bool)
     if text_to_image is not None:
-        positives |= positives_from_pairs(text_to_image, len(image_captions))
+        positives |= positives_from_pairs(text_to_image, n_images)
     if match == "identical_caption":
-        positives |= positives_from_equivalent_captions(image_captions, texts)
+        if text_to_image is not None:
+            positives |= positives_from_identical_captions(texts, text_to_image, n_images)
+        if image_captions is not None:
+            positives |= positives_from_equivalent_captions(image_captions, texts)
     return positives
 
 
@@ -111,9 +142,9 @@ def evaluate_retrieval(
     model: nn.Module,
     tokenize: Tokenize,
     images: Images,
-    image_captions: list[str],
-    texts: list[str] | None = None,
-    text_to_image: Sequence[int] | None = None,
+    image_captions: Optional[list[str]] = None,
+    texts: Optional[list[str]] = None,
+    text_to_image: Optional[Sequence[int]] = None,
     match: Match = "pair",
     batch_size: int = 256,
     ks: Sequence[int] = (1, 5, 10),
@@ -121,17 +152,27 @@ def evaluate_retrieval(
 ) -> dict[str, float]:
     """Embed images and texts with `model` and return `retrieval_metrics`.
 
-    `image_captions[i]` is image i's caption. Texts default to the image captions, paired by index.
+    `texts` are every caption and `text_to_image[j]` the image text j describes (several texts may
+    describe one image: COCO and Flickr30k have five captions per image). `image_captions[i]` is image
+    i's own caption; without explicit texts, the texts are the image captions, paired by index.
     match="pair": positives are the pairs in `text_to_image`. match="identical_caption": also any
-    image whose own caption is identical to the text (see `positives_from_equivalent_captions`).
+    image with a caption identical to the text (see `positives_from_identical_captions` and
+    `positives_from_equivalent_captions`).
     """
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     if texts is None:
+        if image_captions is None:
+            raise ValueError("give the texts (with text_to_image) or the image captions")
         if text_to_image is not None:
             raise ValueError("text_to_image is only meaningful with explicit texts")
         texts, text_to_image = image_captions, range(len(image_captions))
-    positives = _positives(image_captions, texts, text_to_image, match)
+    elif text_to_image is None and (match == "pair" or image_captions is None):
+        raise ValueError(f"match={match!r} with explicit texts needs text_to_image")
     image_embeds = embed_images(model, images, batch_size, progress)
-    if image_embeds.shape[0] != len(image_captions):
-        raise ValueError(f"got {image_embeds.shape[0]} images but {len(image_captions)} image captions")
+    n_images = image_embeds.shape[0]
+    if image_captions is not None and n_images != len(image_captions):
+        raise ValueError(f"got {n_images} images but {len(image_captions)} image captions")
+    positives = _positives(n_images, image_captions, texts, text_to_image, match)
     text_embeds = embed_texts(model, tokenize, texts, batch_size, progress)
     return retrieval_metrics(image_embeds, text_embeds, positives, ks)

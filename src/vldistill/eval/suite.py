@@ -14,11 +14,12 @@ from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.eval.results import make_result, write_result
 from vldistill.eval.retrieval import evaluate_retrieval
-from vldistill.eval.zeroshot import evaluate_zero_shot
+from vldistill.eval.zeroshot import evaluate_zero_shot, unreported_note
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.profile.throughput import count_parameters, images_per_second
 
 SUMMARY_KEYS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
+TOP_K = (1, 5)  # zero-shot accuracies computed (acc5 only with more than 5 classes)
 
 
 def evaluate_model(
@@ -32,41 +33,48 @@ def evaluate_model(
 ) -> dict:
     """Zero-shot and retrieval records for `model` on `data.test`, plus a flat summary of key figures.
 
-    Zero-shot classification runs on `data.zeroshot` when the data has one (else `acc1` is None).
-    Retrieval counts a hit when the retrieved caption (or image) is equivalent to the ground truth,
-    i.e. has an identical caption (`cfg.retrieval_match="identical_caption"`), or only the paired
-    item (`"pair"`). Records are written to `results_dir/{model_name}_{task}.json` when given.
+    Retrieval runs over the test split's distinct images and all their captions (see
+    `retrieval_metrics`): a text hits when its image is among the top K, an image when any of its
+    captions is. A hit needs the paired item (`cfg.retrieval_match="pair"`, as CLIP_benchmark
+    scores), or also any item with an identical caption (`"identical_caption"`, for templated captions).
+    Zero-shot classification runs on `data.zeroshot` when the data has one (else `acc1` is None);
+    acc5 only with more than 5 classes (the record's `note` says when it is left out). Images and
+    texts are prepared as the model's `input_spec` says. Records are written to
+    `results_dir/{model_name}_{task}.json` when given.
     """
-    max_length = model.model.config.text_config.max_position_embeddings
-    tokenize = make_tokenize(tokenizer, max_length)
-    pixels = to_pixel_values(data.test.images)
+    spec = model.input_spec
+    tokenize = make_tokenize(tokenizer, spec.max_text_length, spec.text_padding)
+    pixels = to_pixel_values(data.test.images, spec.image_mean, spec.image_std)
     retrieval = evaluate_retrieval(
-        model, tokenize, pixels, data.test.captions, match=cfg.retrieval_match,
-        batch_size=cfg.batch_size, progress=progress,
+        model, tokenize, pixels, texts=data.test.captions, text_to_image=data.test.caption_images(),
+        match=cfg.retrieval_match, batch_size=cfg.batch_size, progress=progress,
     )
     records = {
         "zeroshot_retrieval": make_result(
             data.name, model_name, "zeroshot_retrieval", retrieval, retrieval_match=cfg.retrieval_match,
-            data_quality=data.quality.summary(),
+            images=len(data.test), captions=len(data.test.captions), data_quality=data.quality.summary(),
         ),
     }
     zeroshot: dict[str, float] = {}
     if data.zeroshot is not None:
-        zeroshot_pixels = pixels if data.zeroshot is data.test else to_pixel_values(data.zeroshot.images)
+        zeroshot_pixels = pixels if data.zeroshot is data.test else to_pixel_values(
+            data.zeroshot.images, spec.image_mean, spec.image_std
+        )
         zeroshot = evaluate_zero_shot(
             model, tokenize, zeroshot_pixels, data.zeroshot.labels.tolist(), data.classnames,
-            cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress,
+            cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress, ks=TOP_K,
         )
+        note = unreported_note(TOP_K, len(data.classnames))
         records["zeroshot_classification"] = make_result(
-            data.name, model_name, "zeroshot_classification", zeroshot, data_quality=data.quality.summary()
+            data.name, model_name, "zeroshot_classification", zeroshot, classes=len(data.classnames),
+            **({"note": note} if note else {}), data_quality=data.quality.summary(),
         )
     if results_dir is not None:
         for task, record in records.items():
             write_result(record, Path(results_dir) / f"{model_name}_{task}.json")
-    image_size = model.model.config.vision_config.image_size
     summary = {
         "params": count_parameters(model.model),
         **{key: {**zeroshot, **retrieval}.get(key) for key in SUMMARY_KEYS},
-        "images_per_second": images_per_second(model, image_size, batch_size=cfg.throughput_batch_size),
+        "images_per_second": images_per_second(model, spec.image_size, batch_size=cfg.throughput_batch_size),
     }
     return {"records": records, "summary": summary}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +52,26 @@ def _mean_per_class_recall(predictions: torch.Tensor, labels: torch.Tensor, n_cl
     return (hits[present] / totals[present]).mean().item()
 
 
+def reported_top_k(ks: Sequence[int], n_classes: int) -> list[int]:
+    """The k of `ks` whose top-k accuracy is reported: 1, and each k below the class count (with k or
+    fewer classes every label is among the top k, so acc{k} would be 1 whatever the model)."""
+    return [k for k in ks if k == 1 or k < n_classes]
+
+
+def unreported_note(ks: Sequence[int], n_classes: int) -> Optional[str]:
+    """A result record's note naming the accuracies of `ks` left out for `n_classes` classes (None: none)."""
+    left_out = [k for k in ks if k not in reported_top_k(ks, n_classes)]
+    if not left_out:
+        return None
+    names = ", ".join(f"acc{k}" for k in left_out)
+    return f"{names} not reported: only {n_classes} classes (top-k accuracy is reported when there are more than k)"
+
+
 def classification_metrics(
     logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
-    """`acc{k}` top-k accuracy for each k (k clamped to the class count) and `mean_per_class_recall`.
+    """`acc{k}` top-k accuracy for each k of `ks` that `reported_top_k` keeps (acc1, and acc{k} only
+    with more than k classes) and `mean_per_class_recall`.
 
     mean_per_class_recall averages, over the classes present in `labels`, the fraction of each
     class's samples whose top-1 prediction is right. Ties go to the lower class index.
@@ -62,7 +79,8 @@ def classification_metrics(
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     logits = logits.float().cpu()
     _check_classification_inputs(logits, labels)
-    ranked = top_k_indices(logits, max(ks))
+    ks = reported_top_k(ks, logits.shape[1])
+    ranked = top_k_indices(logits, max(ks, default=1))
     hits = ranked == labels[:, None]
     metrics = {f"acc{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
     metrics["mean_per_class_recall"] = _mean_per_class_recall(ranked[:, 0], labels, logits.shape[1])
