@@ -147,3 +147,15 @@ def test_eval_data_option_errors(tmp_path, saved_student, capsys, extra, message
     error = capsys.readouterr().err
     assert error.startswith("vldistill: error: ") and re.search(message, error), error
     assert not (tmp_path / "r").exists()
+
+
+def test_pixel_batches_normalize_as_the_model_expects():
+    from vldistill.eval.suite import pixel_batches
+    from vldistill.models.inputs import InputSpec
+
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 4, 4, 3), dtype=np.uint8)
+    spec = InputSpec(image_size=4, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    batches = list(pixel_batches(images, spec, batch_size=2))
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    expected = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 * 2 - 1  # (x - 0.5) / 0.5
+    assert torch.allclose(torch.cat(batches), expected, atol=1e-6)

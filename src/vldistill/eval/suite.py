@@ -3,9 +3,12 @@ size and image throughput; results as CLIP_benchmark-style records."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from vldistill.config import EvalConfig
@@ -16,10 +19,18 @@ from vldistill.eval.results import make_result, write_result
 from vldistill.eval.retrieval import evaluate_retrieval
 from vldistill.eval.zeroshot import evaluate_zero_shot, unreported_note
 from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.inputs import InputSpec
 from vldistill.profile.throughput import count_parameters, images_per_second
 
 SUMMARY_KEYS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
 TOP_K = (1, 5)  # zero-shot accuracies computed (acc5 only with more than 5 classes)
+
+
+def pixel_batches(images: np.ndarray, spec: InputSpec, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 images (N, H, W, 3) as the model's normalized pixel values, `batch_size` images at a time
+    (a whole benchmark split as float32 would take 4x the memory of its bytes)."""
+    for start in range(0, len(images), batch_size):
+        yield to_pixel_values(images[start : start + batch_size], spec.image_mean, spec.image_std)
 
 
 def evaluate_model(
@@ -44,25 +55,22 @@ def evaluate_model(
     """
     spec = model.input_spec
     tokenize = make_tokenize(tokenizer, spec.max_text_length, spec.text_padding)
-    pixels = to_pixel_values(data.test.images, spec.image_mean, spec.image_std)
+    test = data.test
     retrieval = evaluate_retrieval(
-        model, tokenize, pixels, texts=data.test.captions, text_to_image=data.test.caption_images(),
-        match=cfg.retrieval_match, batch_size=cfg.batch_size, progress=progress,
+        model, tokenize, pixel_batches(test.images, spec, cfg.batch_size), texts=test.captions,
+        text_to_image=test.caption_images(), match=cfg.retrieval_match, batch_size=cfg.batch_size, progress=progress,
     )
     records = {
         "zeroshot_retrieval": make_result(
             data.name, model_name, "zeroshot_retrieval", retrieval, retrieval_match=cfg.retrieval_match,
-            images=len(data.test), captions=len(data.test.captions), data_quality=data.quality.summary(),
+            images=len(test), captions=len(test.captions), data_quality=data.quality.summary(),
         ),
     }
     zeroshot: dict[str, float] = {}
     if data.zeroshot is not None:
-        zeroshot_pixels = pixels if data.zeroshot is data.test else to_pixel_values(
-            data.zeroshot.images, spec.image_mean, spec.image_std
-        )
         zeroshot = evaluate_zero_shot(
-            model, tokenize, zeroshot_pixels, data.zeroshot.labels.tolist(), data.classnames,
-            cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress, ks=TOP_K,
+            model, tokenize, pixel_batches(data.zeroshot.images, spec, cfg.batch_size), data.zeroshot.labels.tolist(),
+            data.classnames, cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress, ks=TOP_K,
         )
         note = unreported_note(TOP_K, len(data.classnames))
         records["zeroshot_classification"] = make_result(
