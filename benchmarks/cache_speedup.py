@@ -12,6 +12,7 @@ matches the config. Everything else goes to stderr.
 
     python benchmarks/cache_speedup.py                       # the demo config, one epoch each
     python benchmarks/cache_speedup.py --train-size 2048 --steps 32 --teacher-steps 100
+    python benchmarks/cache_speedup.py --tiny                # the tiny config: does it run? (CI, seconds)
 """
 
 from __future__ import annotations
@@ -33,21 +34,23 @@ from vldistill.cache.build import build_cache
 from vldistill.config import ExperimentConfig, load_config, packaged_config
 from vldistill.data.bundle import DataBundle, load_data
 from vldistill.data.preprocess import BatchPreprocessor, inputs_for
-from vldistill.data.tokenizer import make_tokenize
-from vldistill.data.transforms import to_pixel_values
-from vldistill.eval.zeroshot import evaluate_zero_shot
+from vldistill.eval.suite import evaluate_model
 from vldistill.train.runs import TrainedModel, build_student, obtain_teacher, train_student
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(packaged_config("demo")), help="experiment YAML (default: demo)")
+    parser.add_argument("--config", default=None, help="experiment YAML (default: the demo config, or tiny with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny config (256 pairs, 8 steps): checks the script runs")
     parser.add_argument("--train-size", type=int, default=None, help="training pairs (default: the config's)")
     parser.add_argument("--steps", type=int, default=None, help="distillation steps of each run (default: one epoch)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher pretraining steps (default: the config's)")
     parser.add_argument("--work-dir", default=None, help="folder for the teacher, cache and students (default: a temp dir)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is None:
+        args.config = str(packaged_config("tiny" if args.tiny else "demo"))
+    return args
 
 
 def experiment_overrides(args: argparse.Namespace) -> list[str]:
@@ -73,21 +76,17 @@ def forward_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
 
 
 def flops_ratio(cfg: ExperimentConfig, data: DataBundle, teacher: TrainedModel) -> float:
-    """Teacher FLOPs over student FLOPs for one training image and its caption."""
+    """Teacher FLOPs over student FLOPs for the first training image and its caption."""
     student = build_student(cfg, teacher, inherit=False)
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, teacher.model.input_spec)
-    batch = preprocess(torch.from_numpy(data.train.images[:1]), data.train.captions[:1])
+    sample = data.train[0]
+    batch = preprocess(sample.image.unsqueeze(0), [sample.caption])
     return forward_flops(teacher.model, batch) / forward_flops(student, batch)
 
 
 def zero_shot_acc1(trained: TrainedModel, data: DataBundle, cfg: ExperimentConfig) -> float:
-    """Zero-shot top-1 accuracy of a trained student on the test split."""
-    tokenize = make_tokenize(trained.tokenizer, trained.model.model.config.text_config.max_position_embeddings)
-    metrics = evaluate_zero_shot(
-        trained.model, tokenize, to_pixel_values(data.test.images), data.test.labels.tolist(), data.classnames,
-        cfg.eval.templates or data.templates, batch_size=cfg.eval.batch_size, progress=False,
-    )
-    return metrics["acc1"]
+    """Zero-shot top-1 accuracy of a trained student on the test data, as `vldistill eval` reports it."""
+    return evaluate_model(trained.model, trained.tokenizer, data, cfg.eval, "student", progress=False)["summary"]["acc1"]
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, float]:

@@ -13,6 +13,7 @@ batch takes (128 / samples_per_s). Everything else goes to stderr.
 
     python benchmarks/data_scale.py                         # 10k and 100k pairs
     python benchmarks/data_scale.py --small 2000 --large 20000
+    python benchmarks/data_scale.py --tiny                  # 200 and 1,200 pairs, 1 worker: does it run? (CI)
 """
 
 from __future__ import annotations
@@ -47,11 +48,19 @@ IMAGE_SIZE, BATCH, TEXT_LENGTH, PAIRS_PER_SHARD = 32, 128, 32, 1000
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The benchmark's flags (`--child` is the internal per-run mode)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", type=int, default=10_000, help="pairs of the small set (reported as _10k)")
-    parser.add_argument("--large", type=int, default=100_000, help="pairs of the large set (reported as _100k)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--small", type=int, default=None, help="pairs of the small set, reported as _10k (default 10,000)")
+    parser.add_argument("--large", type=int, default=None, help="pairs of the large set, reported as _100k (default 100,000)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader worker counts (default 0 2)")
+    parser.add_argument("--tiny", action="store_true", help="200 and 1,200 pairs, 1 worker: checks the script runs")
     parser.add_argument("--child", nargs=2, metavar=("SHARDS", "WORKERS"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    defaults = {"small": 200, "large": 1200, "workers": [1]} if args.tiny else {
+        "small": 10_000, "large": 100_000, "workers": [0, 2]
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def collator() -> PairCollator:
