@@ -107,6 +107,17 @@ def on_every_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def every_rank_values(values: list[int], device: torch.device) -> list[list[int]]:
+    """Each rank's `values` (a list of the same length on every rank), in rank order; just [values] with one
+    process. `device` is where the process group's tensors live (the training device)."""
+    if not gathering():
+        return [list(values)]
+    value = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, value, group=_gather_group())
+    return [part.tolist() for part in parts]
+
+
 def settle_collectives() -> None:
     """Wait for every rank, then give the process groups' worker threads time to release their finished
     work. torch 2.13 + gloo can deadlock at teardown otherwise: an all-reduce DDP launched during a backward

@@ -214,29 +214,108 @@ class _EmptyWorkerTally:
         self.quality.drain()
 
 
+REFILL_CANDIDATES = 32  # candidate pairs per batch position: its own and those at its place in later batches
+
+
 class SkippingBatchSampler(Sampler):
     """A batch sampler over global batches that yields this rank's slices of each: the global batch is cut
     into `micro_batches` consecutive parts (gradient accumulation), each part into `world` equal slices,
     and rank r takes the r-th slice of every part. It can skip its next pass's first `skip` slices without
-    fetching them (their indices are still drawn, so the random order after them is unchanged)."""
+    fetching them (their indices are still drawn, so the random order after them is unchanged).
 
-    def __init__(self, inner: BatchSampler, rank: int = 0, world: int = 1, micro_batches: int = 1) -> None:
+    Each position of a slice is a tuple of candidate indices, read by `RefillingPairs` as the first good
+    pair among them: the global batch's index at that position, then the indices at the same position
+    ("lane") of the pass's next global batches, wrapping around to its first ones, `candidates` at most
+    (and at most the pass's batches; see `RefillingPairs` for a position whose candidates are all bad). So
+    a bad pair is replaced by its own rank from further along its own share, every rank's slices stay full,
+    and two positions of a batch never share an index. Apart from that rare case, the batches
+    depend only on the seed and the global batch size, not on the number of processes or micro-batches,
+    nor on where a run resumed: the data position is the step (a replacement pair is also used at its own
+    place, so it is drawn twice in that pass)."""
+
+    def __init__(
+        self, inner: BatchSampler, rank: int = 0, world: int = 1, micro_batches: int = 1,
+        candidates: int = REFILL_CANDIDATES,
+    ) -> None:
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
         self.inner, self.rank, self.world, self.micro_batches = inner, rank, world, micro_batches
+        self.candidates = candidates
+        self.rows = inner.batch_size // (micro_batches * world)  # pairs in each of this rank's slices
         self.skip = 0
 
     def __len__(self) -> int:
         return len(self.inner) * self.micro_batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def depth(self) -> int:
+        """Candidates per position: `candidates`, or the pass's global batches when there are fewer."""
+        return min(self.candidates, len(self.inner))
+
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         skip, self.skip = self.skip, 0
+        batches = [torch.tensor(indices) for indices in self.inner]  # the pass's global batches, drawn in full
+        if not batches:
+            return
+        order = torch.stack(batches)
+        later = torch.arange(self.depth())
         micro = self.inner.batch_size // self.micro_batches
-        part = micro // self.world
         number = 0
-        for indices in self.inner:
+        for step in range(len(order)):
+            lanes = order[(step + later) % len(order)].T  # (batch_size, depth): each position's candidates
             for start in range(0, self.inner.batch_size, micro):
                 if number >= skip:
-                    yield indices[start + self.rank * part : start + (self.rank + 1) * part]
+                    first = start + self.rank * self.rows
+                    yield [tuple(lane) for lane in lanes[first : first + self.rows].tolist()]
                 number += 1
+
+
+class RefillingPairs(Dataset):
+    """A map-style pair dataset read through slices of candidate tuples (see `SkippingBatchSampler`; the
+    dataset gives None for bad input): each position of a slice takes the first good pair among its own
+    candidates, and a position whose candidates are all bad takes the first good one among the slice's
+    candidates the other positions left unused (so the slice stays full, without repeating a pair, when
+    the dataset holds few batches and thus few candidates per position). A position is None only when
+    the whole slice's candidates hold fewer good pairs than it has positions."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, candidates: Sequence[int]) -> Optional[PairSample]:
+        return self.__getitems__([candidates])[0]
+
+    def __getitems__(self, slots: Sequence[Sequence[int]]) -> list[Optional[PairSample]]:
+        """The pair each position of a slice reads (see the class docstring)."""
+        chosen: list[Optional[PairSample]] = []
+        spare: list[int] = []  # candidates no position reached: lent to positions whose own ones are all bad
+        for candidates in slots:
+            sample = None
+            for k, index in enumerate(candidates):
+                sample = self.dataset[index]
+                if sample is not None:
+                    spare.extend(candidates[k + 1 :])
+                    break
+            chosen.append(sample)
+        lent = (sample for sample in map(self.dataset.__getitem__, spare) if sample is not None)
+        return [sample if sample is not None else next(lent, None) for sample in chosen]
+
+
+class GoodPairs(IterableDataset):
+    """A stream of pairs without the Nones (bad input) its source yields, so batches cut from it are full;
+    `set_epoch` reaches the source."""
+
+    def __init__(self, stream: IterableDataset) -> None:
+        self.stream = stream
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the source which epoch it reads (when it shuffles per epoch)."""
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[PairSample]:
+        return (sample for sample in self.stream if sample is not None)
 
 
 def pair_loader(
@@ -249,10 +328,12 @@ def pair_loader(
 ) -> DataLoader:
     """A loader of this process's share of each global batch of `batch_size` (the same global batches for
     any number of processes), cut into `micro_batches` consecutive micro-batches for gradient accumulation
-    (each yielded in turn), dropping the last incomplete batch, decoding in `num_workers` processes:
-    shuffled in a seeded order for a map-style dataset (batches can be skipped to resume, see
-    `repeat_batches`); a streaming one (IterableDataset) shuffles its shards itself (`set_epoch`) and
-    splits them across the workers."""
+    (each yielded in turn), dropping the last incomplete batch, decoding in `num_workers` processes.
+    Every batch holds its full share of good pairs, so all processes' batches have the same size: a
+    map-style dataset is shuffled in a seeded order and a bad pair is replaced by the next good one at its
+    place in later batches (see `SkippingBatchSampler`; batches can be skipped to resume, see
+    `repeat_batches`); a streaming one (IterableDataset) shuffles its shards itself (`set_epoch`), splits
+    them across the workers, and its bad pairs are left out before batching."""
     workers = {"num_workers": num_workers}
     if num_workers and collate.quality is not None:
         workers["worker_init_fn"] = _EmptyWorkerTally(collate.quality)
@@ -264,11 +345,25 @@ def pair_loader(
         )
     if isinstance(dataset, IterableDataset):  # the stream splits its shards across ranks itself
         size = batch_size // (world * micro_batches)
-        return DataLoader(dataset, batch_size=size, drop_last=True, collate_fn=collate, **workers)
+        return DataLoader(GoodPairs(dataset), batch_size=size, drop_last=True, collate_fn=collate, **workers)
     generator = torch.Generator().manual_seed(seed)
     sampler = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
     batches = SkippingBatchSampler(sampler, rank, world, micro_batches)
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=generator, **workers)
+    return DataLoader(RefillingPairs(dataset), batch_sampler=batches, collate_fn=collate, generator=generator, **workers)
+
+
+def _short_batch(loader: DataLoader, number: int, found: int) -> Optional[str]:
+    """Why batch `number` of `loader`, holding `found` pairs, is not full (None when it is)."""
+    sampler = loader.batch_sampler
+    if not isinstance(sampler, SkippingBatchSampler):  # a stream: bad pairs are left out before batching
+        rows = loader.batch_size
+        return None if found == rows else f"batch {number} holds {found} of its {rows} pairs"
+    if found == sampler.rows:
+        return None
+    return (
+        f"batch {number} holds {found} of its {sampler.rows} pairs: its {sampler.rows * sampler.depth()} candidate "
+        "pairs held no more good ones, so nearly all of the training data is bad input"
+    )
 
 
 def repeat_batches(
@@ -281,9 +376,10 @@ def repeat_batches(
     """Yield batches `start_step` to `steps` of the run, starting a new (reshuffled) epoch whenever one
     ends; a `PairCollator` (and a streaming dataset) is told each epoch (`set_epoch`) so it yields that
     epoch's views and shard order. Resuming (`start_step` > 0) reproduces the same order: a map-style
-    loader's earlier batches are drawn but not fetched; a stream's are read and dropped. A batch whose
-    every sample was bad input is skipped; with `quality`, its threshold is checked every `check_every`
-    batches and at each epoch's end (DataQualityError when exceeded)."""
+    loader's earlier batches are drawn but not fetched; a stream's are read and dropped. Every batch is
+    full (see `pair_loader`); a batch that is not, because a position found no good pair among all its
+    candidates, stops the run with an error. With `quality`, its threshold is checked every `check_every`
+    batches, at each epoch's end and before that error (DataQualityError when exceeded)."""
     streaming = isinstance(loader.dataset, IterableDataset)
     if not streaming and len(loader) == 0:
         raise ValueError("the dataset is smaller than one batch; lower the batch size or add data")
@@ -308,8 +404,11 @@ def repeat_batches(
             counts = batch.pop("data_quality", None)
             if counts is not None and quality is not None:
                 quality.merge(counts)
-            if not batch:
-                continue
+            short = _short_batch(loader, produced + 1, len(batch["pixel_values"]) if batch else 0)
+            if short is not None:
+                if quality is not None:
+                    quality.check()
+                raise ValueError(f"{short} (see the data quality report)")
             produced += 1
             if produced > start_step:
                 yield batch

@@ -36,7 +36,9 @@ from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.data.preprocess import inputs_for
-from vldistill.distributed import gather_embeddings, join_process_group, on_every_rank, settle_collectives
+from vldistill.distributed import (
+    every_rank_values, gather_embeddings, join_process_group, on_every_rank, settle_collectives,
+)
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.models.outputs import DualEncoderOutput, concat_outputs
 
@@ -239,6 +241,7 @@ def train(
             if objective.gap_due(step):
                 with autocast():
                     accelerator.unwrap_model(module).refresh_gap(held_out_batch, held_out_teacher)
+            check_equal_batches(window, accelerator.device)
             window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
             with autocast():
                 teacher_output = teacher_output_over(teacher, window, objective.needs) if objective.needs else None
@@ -310,6 +313,17 @@ def _windows(batches: Iterable[dict[str, torch.Tensor]], size: int) -> Iterator[
         if len(window) < size:
             raise ValueError(f"the data ended inside an accumulation window ({len(window)} of {size} micro-batches)")
         yield window
+
+
+def check_equal_batches(window: list[dict[str, torch.Tensor]], device: torch.device) -> None:
+    """Raise ValueError on every rank when the ranks' micro-batches of this window hold different numbers of
+    pairs: the embedding gather needs equal ones (gloo fails on a mismatch, NCCL would hang). The data
+    loaders keep them equal (see data.pairs.pair_loader); this turns a bug or a custom batch source that
+    does not into a clear error."""
+    sizes = every_rank_values([len(batch["pixel_values"]) for batch in window], device)
+    if any(rank_sizes != sizes[0] for rank_sizes in sizes):
+        shown = "; ".join(f"rank {rank}: {rank_sizes}" for rank, rank_sizes in enumerate(sizes))
+        raise ValueError(f"the processes' batches differ in size (pairs per micro-batch, {shown}); every process needs equal batches")
 
 
 def backward_window(
