@@ -1,6 +1,8 @@
 """Checkpoints: atomic, newest K kept, refused when from another run; a run killed with SIGKILL after
-a checkpoint resumes to the same student as an uninterrupted run."""
+a checkpoint resumes to the same student as an uninterrupted run, running only the steps left (a resume
+that silently started over would train the same student, so each test also reads which steps ran)."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -20,7 +22,30 @@ TINY = str(packaged_config("tiny"))
 
 def distill_args(out, teacher, *extra):
     return ["distill", TINY, "--out", str(out), "--no-eval", "--set", f"teacher.path={teacher}",
-            "--set", "distill.checkpoint.every=2", *extra]
+            "--set", "distill.checkpoint.every=2", "--set", "distill.train.log_every=1", *extra]
+
+
+RESUME_MARK = '{"mark": "the run is resumed after this line"}\n'
+
+
+def logged_steps(out) -> list[int]:
+    """The steps a run in `out` logged (every step, with log_every=1), in order."""
+    return [json.loads(line)["step"] for line in (out / "logs" / "distill.jsonl").read_text().splitlines()]
+
+
+def mark_log(out) -> list[int]:
+    """End the log of the interrupted run in `out` with a mark; the steps it logged."""
+    steps = logged_steps(out)
+    with open(out / "logs" / "distill.jsonl", "a") as log:
+        log.write(RESUME_MARK)
+    return steps
+
+
+def steps_after_mark(out) -> list[int]:
+    """The steps logged after `mark_log`: those the resumed run took (it appends to the log)."""
+    text = (out / "logs" / "distill.jsonl").read_text()
+    assert RESUME_MARK in text, "the resumed run started a new log: it did not continue the interrupted run"
+    return [json.loads(line)["step"] for line in text.split(RESUME_MARK, 1)[1].splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +117,9 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
     folder = tmp_path / "killed" / "student-checkpoints"
     assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000004"]
     assert not (tmp_path / "killed" / "student").exists()
+    assert mark_log(tmp_path / "killed") == [1, 2, 3, 4]
     assert main([*distill_args(tmp_path / "killed", teacher, *extra), "--resume"]) == 0
+    assert steps_after_mark(tmp_path / "killed") == [5, 6, 7, 8]
     assert_same_student(tmp_path / "killed", tmp_path / "straight", atol=1e-6)
 
 
@@ -118,7 +145,9 @@ def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterr
     assert "stopped by SIGTERM after step 3 of 8" in stopped.stderr and "--resume" in stopped.stderr
     folder = tmp_path / "stopped" / "student-checkpoints"
     assert [p.name for p in checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000003"]
+    assert mark_log(tmp_path / "stopped") == [1, 2, 3]
     assert main([*distill_args(tmp_path / "stopped", teacher), "--resume"]) == 0
+    assert steps_after_mark(tmp_path / "stopped") == [4, 5, 6, 7, 8]
     assert_same_student(tmp_path / "stopped", tmp_path / "straight", atol=1e-6)
 
 
@@ -137,7 +166,9 @@ def test_resume_auto_starts_or_continues_and_a_fresh_run_refuses_old_checkpoints
     capsys.readouterr()
     assert main(args) == 2
     assert "holds checkpoints of an earlier run (newest: checkpoint-00000008)" in capsys.readouterr().err
+    assert mark_log(tmp_path / "run") == [1, 2, 3, 4, 5, 6, 7, 8]
     assert main([*args, "--resume", "auto"]) == 0  # continues from the last checkpoint: nothing left to train
+    assert steps_after_mark(tmp_path / "run") == []
     again = load_file(tmp_path / "run" / "student" / "model.safetensors")
     assert all(torch.equal(first[key], again[key]) for key in first)
 
@@ -153,6 +184,8 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, teacher, capsy
     weights = folder / "checkpoint-00000008" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     capsys.readouterr()
+    assert mark_log(tmp_path / "run") == [1, 2, 3, 4, 5, 6, 7, 8]
     assert main([*args, "--resume"]) == 0
     assert "checkpoint-00000008 is damaged" in capsys.readouterr().err
+    assert steps_after_mark(tmp_path / "run") == [7, 8]  # from checkpoint 6
     assert_same_student(tmp_path / "run", tmp_path / "straight", atol=1e-6)

@@ -11,24 +11,32 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator
+from PIL import Image
 from conftest import assert_same_student, build_clip, config_for, teacher_spec
 from test_accumulation import batches, gradients, student_and_objective
+from test_checkpoint import logged_steps, mark_log, steps_after_mark
 
 from vldistill.cache.store import CacheReader
 from vldistill.cli import main
-from vldistill.config import packaged_config
-from vldistill.data.synthetic import vocabulary
-from vldistill.data.tokenizer import build_word_tokenizer
+from vldistill.config import load_config, packaged_config
+from vldistill.data.bundle import load_data
+from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
+from vldistill.data.preprocess import BatchPreprocessor
+from vldistill.data.synthetic import make_split, vocabulary
+from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.distributed import on_every_rank, settle_collectives
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.train.checkpoint import checkpoints
 from vldistill.train.loop import backward_window
+from vldistill.train.runs import _batches
 
 # Layer-wise losses stay per process (DDP averages them): exact for image tokens, whose count is the same
 # on every process; text-token means are weighted per process instead of per token.
@@ -123,11 +131,13 @@ def torchrun(*args: str) -> None:
 def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(tmp_path, teacher_dir):
     args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    two = [*args, "--set", "distill.train.accumulation_steps=2", "--set", "distill.checkpoint.every=2"]
+    two = [*args, "--set", "distill.train.accumulation_steps=2", "--set", "distill.checkpoint.every=2",
+           "--set", "distill.train.log_every=1"]
     torchrun(*two, "--out", str(tmp_path / "two"))
     assert_same_student(tmp_path / "two", tmp_path / "one", atol=1e-4, key_biases=False)
     halfway = tmp_path / "two" / "student-checkpoints" / "checkpoint-00000002"
     torchrun(*two, "--out", str(tmp_path / "resumed"), "--resume", str(halfway))  # both processes resume
+    assert logged_steps(tmp_path / "resumed") == [3, 4]  # only the steps after the checkpoint ran
     assert_same_student(tmp_path / "resumed", tmp_path / "two", atol=1e-6)
 
 
@@ -142,6 +152,59 @@ def test_accelerate_launch_two_processes_train_the_student_one_process_trains(tm
     assert_same_student(tmp_path / "two", tmp_path / "one", atol=1e-4, key_biases=False)
 
 
+def write_manifest(folder: Path, split: str, count: int) -> Path:
+    """`count` shapes pairs as 16x16 PNGs `<i>.png`, listed in a JSONL manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = make_split(split, count, seed=0, image_size=16)
+    for i, image in enumerate(data.images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    manifest = folder / f"{split}.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"{i}.png", "caption": c}) + "\n" for i, c in enumerate(data.captions)))
+    return manifest
+
+
+def natural_batches(count: int, batch_size: int, steps: int) -> list[list[int]]:
+    """The pair indices of the global batches a seed-0 loader draws from `count` good pairs."""
+    pairs = InMemoryPairs(np.zeros((count, 1, 1, 3), np.uint8), ["a pair"] * count)
+    loader = pair_loader(pairs, PairCollator(lambda images, captions: {"pixel_values": images.float()}), batch_size, 0)
+    return [batch["sample_index"].tolist() for batch in repeat_batches(loader, steps)]
+
+
+def test_two_processes_refill_corrupt_images_and_train_the_one_process_student(tmp_path, teacher_dir, monkeypatch):
+    """Corrupt images in a manifest, 4 in the first process's share of the first two batches and 1 in the
+    second's: each is replaced from later batches at its place, so every micro-batch of both processes stays
+    full, the embeddings gather, and 2 processes x 2 micro-batches train the student 1 process trains."""
+    train = write_manifest(tmp_path / "train", "train", 96)
+    test = write_manifest(tmp_path / "test", "test", 24)
+    natural = natural_batches(96, 32, steps=3)
+    # 2 processes x 2 micro-batches of 16: process 0 reads positions 0-7 and 16-23 of each global batch
+    corrupt = [natural[0][0], natural[0][1], natural[0][2], natural[0][9], natural[1][17]]
+    for k, index in enumerate(corrupt):
+        image = tmp_path / "train" / f"{index}.png"
+        image.write_bytes(b"not an image" if k % 2 else image.read_bytes()[:60])  # garbage, or a truncated PNG
+    data = [f"data.train={train}", f"data.test={test}", "data.dataset=files", "data.image_size=16",
+            "data.max_bad_share=0.2", "distill.train.steps=4"]
+    cfg = load_config(TINY, [*data, "distill.train.accumulation_steps=2"])
+    preprocess = BatchPreprocessor(make_tokenize(build_word_tokenizer(vocabulary()), 32))
+
+    def micro_batches(world: int, rank: int) -> list[list[int]]:
+        with monkeypatch.context() as env:
+            env.setenv("WORLD_SIZE", str(world))
+            env.setenv("RANK", str(rank))
+            bundle = load_data(cfg.data, progress=False)
+            batches = _batches(bundle, preprocess, cfg.distill.train, cfg.seed, cfg.data.augment)
+            return [batch["sample_index"].tolist() for batch in batches]
+
+    one, ranks = micro_batches(1, 0), [micro_batches(2, rank) for rank in (0, 1)]
+    assert [len(micro) for micro in one] == [16] * 8 and not set(corrupt) & {i for micro in one for i in micro}
+    assert all([len(micro) for micro in share] == [8] * 8 for share in ranks)
+    assert [ranks[0][k] + ranks[1][k] for k in range(8)] == one
+    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", *(a for d in data for a in ("--set", d))]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    torchrun(*args, "--set", "distill.train.accumulation_steps=2", "--out", str(tmp_path / "two"))
+    assert_same_student(tmp_path / "two", tmp_path / "one", atol=1e-4, key_biases=False)
+
+
 CRASH = """
 import os, sys
 import vldistill.train.loop as loop
@@ -149,6 +212,8 @@ from vldistill.cli import main
 original, calls = loop.backward_window, []
 def crash_in_step_3(*args, **kwargs):  # rank 1 dies in step 3 of a launch's first attempt, as a failing machine would
     calls.append(1)
+    with open(os.environ["STEPS_RECORD"], "a") as record:  # a line "attempt rank" per step a process starts
+        record.write(os.environ["TORCHELASTIC_RESTART_COUNT"] + " " + os.environ["RANK"] + "\\n")
     if len(calls) == 3 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         os._exit(1)
     return original(*args, **kwargs)
@@ -160,9 +225,10 @@ sys.exit(main(sys.argv[1:]))
 def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_path, teacher_dir):
     """A process dies in step 3. Without restarts torchrun fails, and the same command again (a scheduler's
     requeue) continues from checkpoint 2 with `--resume auto`; with `--max-restarts 1` torchrun restarts both
-    processes, which do the same. Both end with the student of an uninterrupted run."""
+    processes, which do the same. Both run only steps 3 and 4 again and end with the student of an
+    uninterrupted run."""
     args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4",
-            "--set", "distill.checkpoint.every=2", "--resume", "auto"]
+            "--set", "distill.checkpoint.every=2", "--set", "distill.train.log_every=1", "--resume", "auto"]
     torchrun(*args, "--out", str(tmp_path / "straight"))
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
@@ -170,16 +236,21 @@ def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_pat
     def crashing_run(out: str, *launcher_options: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    *launcher_options, str(script), *args, "--out", str(tmp_path / out)]
-        return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=TIMEOUT)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPS_RECORD": str(tmp_path / f"{out}-steps.txt")}
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
     assert crashing_run("requeued").returncode != 0 and not (tmp_path / "requeued" / "student").exists()
     assert [p.name for p in checkpoints(tmp_path / "requeued" / "student-checkpoints")] == ["checkpoint-00000002"]
+    assert mark_log(tmp_path / "requeued") == [1, 2]
     torchrun(*args, "--out", str(tmp_path / "requeued"))
+    assert steps_after_mark(tmp_path / "requeued") == [3, 4]
     assert_same_student(tmp_path / "requeued", tmp_path / "straight", atol=1e-6)
     restarted = crashing_run("restarted", "--max-restarts", "1")
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "failed (exitcode: 1) local_rank: 1" in restarted.stderr  # the first attempt did crash
+    started = Counter((tmp_path / "restarted-steps.txt").read_text().split("\n")[:-1])
+    # rank 1 of attempt 0 began steps 1-3 (and died in step 3); each process of the restart ran steps 3 and 4 only
+    assert (started["0 1"], started["1 0"], started["1 1"]) == (3, 2, 2)
     assert_same_student(tmp_path / "restarted", tmp_path / "straight", atol=1e-6)
 
 
