@@ -228,10 +228,10 @@ class SkippingBatchSampler(Sampler):
     ("lane") of the pass's next global batches, wrapping around to its first ones, `candidates` at most
     (and at most the pass's batches; see `RefillingPairs` for a position whose candidates are all bad). So
     a bad pair is replaced by its own rank from further along its own share, every rank's slices stay full,
-    and two positions of a batch never share an index. Apart from that rare case, the batches
-    depend only on the seed and the global batch size, not on the number of processes or micro-batches,
-    nor on where a run resumed: the data position is the step (a replacement pair is also used at its own
-    place, so it is drawn twice in that pass)."""
+    and two positions of a batch never share an index. The batches depend only on the seed and the global
+    batch size, not on the number of processes or micro-batches (except where a position borrows), and the
+    data position is the step, so a resumed run reads what an uninterrupted one would (a replacement pair
+    is also read at its own place, so twice in that pass)."""
 
     def __init__(
         self, inner: BatchSampler, rank: int = 0, world: int = 1, micro_batches: int = 1,
