@@ -1,7 +1,11 @@
 """The demo's four arms over several seeds: mean and spread (max - min) of every figure per arm, whether
 distillation beats the same student without a teacher by more than the seed-to-seed spread, and the wall
 time of each demo run. Each seed is a whole `vldistill demo` (teacher pretraining included), run one after
-another in this process; prints one JSON line.
+another in this process; prints one JSON line with the keys
+
+    {"benchmark", "config", "overrides", "seeds", "arms", "student_minus_baseline", "student_minus_scratch",
+     "image_speedup", "wall_seconds", "train_seconds", "teacher_train_pairs", "student_train_pairs",
+     "retrieval_match"}
 
     python benchmarks/demo_seeds.py                       # configs/demo.yaml, seeds 0 1 2
     python benchmarks/demo_seeds.py --tiny                # configs/tiny.yaml: a check that it runs
@@ -50,15 +54,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny config: checks that the benchmark runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work-dir", default=None, help="where the demo runs go (default: a temporary folder)")
+    parser.add_argument("--work-dir", default=None, help="keep the demo runs here (default: a temporary folder, deleted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     config = packaged_config("tiny" if args.tiny else "demo")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="demo-seeds-"))
-    summaries = []
-    for seed in args.seeds:
-        cfg = load_config(config, [*args.overrides, f"seed={seed}"])
-        summaries.append(run_demo(cfg, work / f"seed{seed}", progress=False))
+    with tempfile.TemporaryDirectory(prefix="demo-seeds-") as scratch:
+        work = Path(args.work_dir or scratch)
+        summaries = [
+            run_demo(load_config(config, [*args.overrides, f"seed={seed}"]), work / f"seed{seed}", progress=False)
+            for seed in args.seeds
+        ]
     speedups = [s["image_speedup"]["median"] for s in summaries]
     result = {
         "benchmark": "demo_seeds",
