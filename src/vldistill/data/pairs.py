@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
@@ -316,6 +317,47 @@ class GoodPairs(IterableDataset):
 
     def __iter__(self) -> Iterator[PairSample]:
         return (sample for sample in self.stream if sample is not None)
+
+
+def held_out_pairs(
+    dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1, source: str = "the data"
+) -> list[PairSample]:
+    """Process `rank`'s share of a fixed batch of good pairs: `batch_size // world` of them (all processes' shares
+    equal in size). From a map-style dataset, the batch is the first `n` good pairs of the order `seed` shuffles
+    it in (the training loader's first order for that seed), with n = `batch_size`, or the dataset's size when
+    it is smaller, rounded down to a multiple of `world`: a bad pair is replaced by the next good one in that
+    order, and process r takes the r-th of `world` consecutive parts, so the shares together are exactly the
+    one-process batch. Every process reads the same pairs (the first `REFILL_CANDIDATES` x n of the order at
+    most), so all agree on the batch or all fail alike. From a stream, the share is the first good pairs of
+    this process's own shards. ValueError, naming `source`, when the data cannot supply that many good pairs."""
+    share = batch_size // world
+    if isinstance(dataset, IterableDataset):
+        samples = list(itertools.islice(GoodPairs(dataset), share))
+        if len(samples) < share:
+            raise ValueError(
+                f"the held-out batch needs {share} good pairs from process {rank}'s part of {source}, which holds "
+                f"only {len(samples)}; lower the batch size or add data"
+            )
+        return samples
+    count = min(batch_size, len(dataset)) // world * world
+    if count == 0:
+        raise ValueError(f"the held-out batch needs a pair per process, but {source} holds {len(dataset)} for {world}")
+    share = count // world
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: count * REFILL_CANDIDATES]
+    mine, found = [], 0
+    for index in order.tolist():
+        sample = dataset[index]
+        if sample is None:
+            continue
+        if found // share == rank:
+            mine.append(sample)
+        found += 1
+        if found == count:
+            return mine
+    raise ValueError(
+        f"the held-out batch needs {count} good pairs, but the {len(order)} pairs of {source} it drew hold only "
+        f"{found} (see the data quality report)"
+    )
 
 
 def pair_loader(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from vldistill.cache.teacher import CachedTeacher, open_cached_teacher, serve_fr
 from vldistill.config import ExperimentConfig, plain_digest
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
-from vldistill.data.pairs import PairCollator, pair_loader, repeat_batches
+from vldistill.data.pairs import PairCollator, held_out_pairs, pair_loader, repeat_batches
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.quality import DataQualityError
 from vldistill.distributed import process_rank
@@ -282,18 +281,14 @@ def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -
 def held_out_batch(
     data: DataBundle, preprocess, batch_size: int, seed: int, extra: Optional[dict] = None
 ) -> dict[str, torch.Tensor]:
-    """A fixed, unaugmented batch for gap weighting: up to `batch_size` good pairs drawn with `seed` from
-    the validation set when there is one, else from the training set (the first ones of a stream, which
-    each process reads from its own shards). Several processes each take their share, which the losses
-    gather back into the whole batch."""
+    """A fixed, unaugmented batch for gap weighting, from the validation set when there is one, else from the
+    training set: `batch_size` good pairs drawn with `seed` (fewer only when a map-style set holds fewer pairs),
+    a bad pair replaced by the next good one (see `held_out_pairs`). Several processes each take an equal
+    share, which the losses gather back into the whole batch; ValueError when the data lacks good pairs."""
+    source = "the validation data" if data.val is not None else "the training data"
     dataset = data.val if data.val is not None else data.train
     rank, world = process_rank()
-    share = batch_size // world
-    if isinstance(dataset, IterableDataset):
-        samples = list(itertools.islice((s for s in dataset if s is not None), share))
-    else:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: share * world]
-        samples = [dataset[i] for i in order[rank * share : (rank + 1) * share].tolist()]
+    samples = held_out_pairs(dataset, batch_size, seed, rank, world, source)
     return PairCollator(preprocess, extra=extra)(samples)
 
 
