@@ -212,6 +212,18 @@ def test_distill_from_cache_never_runs_a_teacher(tiny, plain_cache, monkeypatch,
             assert cached_row[key] == pytest.approx(online_row[key], rel=1e-3, abs=1e-5)
 
 
+def test_student_on_the_first_pairs_reads_their_rows_of_a_whole_set_cache(tiny, plain_cache, tmp_path) -> None:
+    """distill.train_pairs: the cache holds every training pair; the student's batches read the rows of
+    its first N, and follow the online run's losses on those pairs."""
+    cached = train_student(plain_cfg(tiny, "distill.train_pairs=64"), tiny["data"], tiny["teacher"], tmp_path / "c")
+    online = train_student(
+        plain_cfg(tiny, "distill.train_pairs=64", "cache.path=null"), tiny["data"], tiny["teacher"], tmp_path / "o"
+    )
+    assert read_metadata(tmp_path / "c")["teacher_cache"] == str(tiny["root"] / "plain")
+    for cached_row, online_row in zip(cached.result.history, online.result.history, strict=True):
+        assert cached_row["loss/kd"] == pytest.approx(online_row["loss/kd"], rel=1e-3, abs=1e-5)
+
+
 def test_hidden_state_loss_runs_online_in_auto_and_fails_in_require(tiny, plain_cache, capsys, tmp_path) -> None:
     losses = "distill.losses={clip: {weight: 1.0}, kd: {weight: 1.0}, hidden: {weight: 1.0}}"
     cfg = plain_cfg(tiny, losses)

@@ -43,6 +43,7 @@ def test_summary_has_every_model_and_figure(tiny_demo):
     speedup = on_disk["image_speedup"]
     assert speedup["p25"] <= speedup["median"] <= speedup["p75"] and speedup["median"] > 0
     assert on_disk["teacher_train_pairs"] == 256 and on_disk["student_train_pairs"] == 256
+    assert on_disk["environment"]["threads"] == torch.get_num_threads() and on_disk["environment"]["cpu"]
     assert on_disk["compression"] == pytest.approx(models["teacher"]["params"] / models["student"]["params"])
     assert on_disk["student_retention_percent"]["acc1"] == pytest.approx(
         100 * models["student"]["acc1"] / models["teacher"]["acc1"]

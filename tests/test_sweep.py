@@ -7,7 +7,7 @@ import pytest
 from vldistill.cli import main
 from vldistill.config import ConfigError, load_config, packaged_config
 from vldistill.losses import LOSSES
-from vldistill.sweep import compare_to, format_ablation_table, summarize_seeds, sweep_runs
+from vldistill.sweep import compare_to, describe_loss, format_ablation_table, summarize_seeds, sweep_runs
 
 
 def test_default_sweep_covers_every_registered_loss():
@@ -87,6 +87,12 @@ def test_comparison_counts_only_differences_beyond_the_spread():
     assert clear["beyond_spread"]["acc1"] is True
     assert within["minus_task_loss"]["acc1"] == pytest.approx(0.54 - 0.52)
     assert within["beyond_spread"]["acc1"] is False
+
+
+def test_table_describes_temperatures():
+    assert describe_loss("kd", {"weight": 1.0, "temperature": 2.0}) == "kd (T=2)"
+    cosine = {"kind": "cosine", "start": 5.0, "end": 1.0}
+    assert describe_loss("kd", {"weight": 0.5, "temperature": cosine}) == "0.5·kd (T=cosine 5 -> 1)"
 
 
 def test_table_describes_scheduled_weights():

@@ -14,9 +14,11 @@ The arms:
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from vldistill.config import ExperimentConfig
@@ -64,6 +66,18 @@ def _card(cfg: ExperimentConfig, student: TrainedModel, teacher: TrainedModel, m
         teacher_params=models["teacher"]["params"],
         losses=cfg.distill.losses,
     )
+
+
+def environment() -> dict[str, object]:
+    """What the figures depend on besides the code and config: the torch version, its intra-op thread count
+    (it sets the order of floating-point sums, so results are bit-identical only at the same count) and
+    the CPU model."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
 
 
 def train_arms(cfg: ExperimentConfig, data, out_dir: Path, logs: Path) -> dict[str, TrainedModel]:
@@ -120,6 +134,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
         "student_train_pairs": cfg.distill.train_pairs or len(data.train),
         "scratch_is_baseline": not cfg.student.inherit,
         "seed": cfg.seed,
+        "environment": environment(),
         "retrieval_match": cfg.eval.retrieval_match,
         "dataset": data.name,
         "data_quality": data.quality.summary(),

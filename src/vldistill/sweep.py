@@ -72,6 +72,16 @@ def _delta(record: dict[str, Any]) -> str:
     return " / ".join(marks)
 
 
+def describe_loss(name: str, spec: dict[str, Any]) -> str:
+    """A loss as the table shows it: its weight when not 1 ("2·feature") and its temperature when set
+    ("kd (T=2)", "kd (T=cosine 5 -> 1)")."""
+    weight = spec.get("weight", 1.0)
+    text = name if weight == 1 else f"{describe_schedule(weight)}·{name}"
+    if "temperature" in spec:
+        text += f" (T={describe_schedule(spec['temperature'])})"
+    return text
+
+
 def format_ablation_table(records: list[dict]) -> str:
     """A Markdown table of the sweep: losses, metrics (mean ± half the spread over seeds when there are
     several), the difference to the task loss alone (* where it exceeds the spread), seconds per run and
@@ -81,9 +91,7 @@ def format_ablation_table(records: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
-        losses = " + ".join(
-            n if (w := spec.get("weight", 1.0)) == 1 else f"{describe_schedule(w)}·{n}" for n, spec in r["losses"].items()
-        )
+        losses = " + ".join(describe_loss(name, spec) for name, spec in r["losses"].items())
         relative = f"{r['cost_vs_kd']:.2f}" if r.get("cost_vs_kd") is not None else "-"
         lines.append(
             f"| {r['name']} | {losses} | {_cell(r, 'acc1')} | {_cell(r, 'image_retrieval_recall@1')} | "

@@ -335,12 +335,11 @@ def train_student(
     else run online."""
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
-    data = first_pairs(data, cfg.distill.train_pairs)
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
     from_cache = serve_from_cache(cfg.cache, losses, cfg.distill.weighting)
     set_seed(cfg.seed)
     student = build_student(cfg, teacher, inherit)
-    if from_cache:
+    if from_cache:  # a cache holds every training pair; the student reads the rows of its own
         teachers, extra = cached_teacher(cfg, data, teacher), {}
     else:
         teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if losses_need(losses) else (None, {})
@@ -355,6 +354,7 @@ def train_student(
     checkpointer = Checkpointer(folder, cfg.distill.checkpoint.every, cfg.distill.checkpoint.keep, fingerprint)
     state = resume_state(resume, folder, fingerprint)
     start_step = state.step if state is not None else 0
+    data = first_pairs(data, cfg.distill.train_pairs)
     batches = _batches(
         data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views, cfg.data.num_workers, start_step
     )
