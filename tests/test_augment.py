@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from vldistill.config import ConfigError, build_dataclass, load_config
+from vldistill.binding import ConfigError, build_dataclass
+from vldistill.config import load_config
 from vldistill.data.augment import (
     AugmentConfig,
     AugmentParams,

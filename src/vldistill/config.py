@@ -4,16 +4,13 @@ front so a bad key, type or value fails before any work with a message naming it
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
+from vldistill.binding import ConfigError, apply_override, build_dataclass, over_defaults
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.caption_json import parse_split
 from vldistill.losses.base import LOSSES, LossContext
@@ -30,10 +27,6 @@ DATASETS = ("shapes", "files")
 CACHE_DTYPES = ("float16", "float32")
 CACHE_MODES = ("auto", "require")
 AUTO_BATCH_SIZE = "auto"  # cache.batch_size: probe the teachers' throughput for the fastest size
-
-
-class ConfigError(ValueError):
-    """A config key, type or value that cannot be used; the message names the key."""
 
 
 def check_caption_file_options(
@@ -416,109 +409,6 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-def plain_digest(payload: Any, length: int = 16) -> str:
-    """The first `length` hex digits of the sha256 of plain data in canonical JSON (sorted keys; other
-    values such as paths as their str): a fingerprint of a config, a run or a vocabulary."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _convert(options[0], value, where)
-        for option in options:
-            try:
-                return _convert(option, value, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where} must be {' or '.join(map(_type_name, options))}, got {value!r} ({type(value).__name__})")
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def build_dataclass(cls: type, data: Any, where: str) -> Any:
-    """Fill dataclass `cls` from a mapping, checking keys and types, then run its `validate(where)`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown config key {_join(where, key)!r}; allowed keys: {', '.join(names)}")
-    obj = cls(**{k: _convert(hints[k], v, _join(where, k)) for k, v in data.items()})
-    if hasattr(obj, "validate"):
-        try:
-            obj.validate(where or "config")
-        except ConfigError:
-            raise
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    return obj
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (3, 0.5, true, null, [1, 2])."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
-    dotted, raw = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
-    if not all(keys):
-        raise ConfigError(f"override {assignment!r} has an empty key")
-    node = data
-    for key in keys[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {key!r} is not a mapping")
-        node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-
-
-def _over_defaults(cls: type, defaults: dict[str, Any], data: Any) -> Any:
-    """`data` laid over a dataclass's defaults: nested dataclass fields merge, every other value replaces."""
-    if not isinstance(data, Mapping):
-        return data
-    hints = typing.get_type_hints(cls)
-    merged = dict(defaults)
-    for key, value in data.items():
-        field_type = hints.get(key)
-        if dataclasses.is_dataclass(field_type) and isinstance(defaults.get(key), dict):
-            merged[key] = _over_defaults(field_type, defaults[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
     """Read an experiment from a YAML file over the defaults, apply `a.b=c` overrides, validate.
 
@@ -535,7 +425,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    data = _over_defaults(ExperimentConfig, ExperimentConfig().to_dict(), data)
+    data = over_defaults(ExperimentConfig, ExperimentConfig().to_dict(), data)
     for assignment in overrides:
         apply_override(data, assignment)
     return build_dataclass(ExperimentConfig, data, "")

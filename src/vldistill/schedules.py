@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from vldistill.binding import build_dataclass
+
 # Each kind and the keys it takes (all of them required).
 SCHEDULE_KINDS: dict[str, tuple[str, ...]] = {
     "constant": ("value",),
@@ -79,8 +81,6 @@ def parse_schedule(spec: Any, where: str, *, positive: bool = False) -> Schedule
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         schedule, keys = Schedule(kind="constant", value=float(spec)), {"value": where}
     elif isinstance(spec, Mapping):
-        from vldistill.config import build_dataclass  # late import: config imports this module
-
         schedule = build_dataclass(Schedule, spec, where)
         keys = {name: f"{where}.{name}" for name in ("value", "start", "end")}
     else:

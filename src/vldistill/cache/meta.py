@@ -17,7 +17,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from vldistill import __version__
-from vldistill.config import ExperimentConfig, plain_digest
+from vldistill.binding import plain_digest
+from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.models.two_tower import TwoTowerDualEncoder
 

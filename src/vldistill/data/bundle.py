@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from vldistill.config import DataConfig, plain_digest
+from vldistill.binding import plain_digest
+from vldistill.config import DataConfig
 from vldistill.data import synthetic
 from vldistill.data.classes import ImageFolderClasses, load_templates
 from vldistill.data.pairs import InMemoryPairs, PairSplit

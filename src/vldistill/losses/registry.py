@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from vldistill.binding import build_dataclass
+
 # Importing the families registers their losses.
 from vldistill.losses import attention, contrastive, features, hidden, logits, relational  # noqa: F401
 from vldistill.losses.base import LOSSES, DistillLoss, LossContext
@@ -67,8 +69,6 @@ def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "loss
         if isinstance(options.get("temperature"), Mapping):
             temperature = parse_schedule(options["temperature"], f"{where}.{name}.temperature", positive=True)
             options["temperature"] = temperature.at(0.0)
-        from vldistill.config import build_dataclass  # late import: config imports this module
-
         params = build_dataclass(params_cls, options, f"{where}.{name}")
         specs.append(LossSpec(name=name, weight=weight, params=params, temperature=temperature))
     return specs

@@ -18,7 +18,8 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 from vldistill import __version__
 from vldistill.cache.meta import cache_meta
 from vldistill.cache.teacher import CachedTeacher, open_cached_teacher, serve_from_cache
-from vldistill.config import ExperimentConfig, plain_digest
+from vldistill.binding import plain_digest
+from vldistill.config import ExperimentConfig
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import PairCollator, held_out_pairs, pair_loader, repeat_batches
