@@ -37,7 +37,7 @@ from vldistill.config import load_config, packaged_config
 from vldistill.data.pairs import PairCollator
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.quality import DataQuality
-from vldistill.data.synthetic import vocabulary
+from vldistill.data.grammar import vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.data.webdataset import WebDatasetPairs, write_synthetic_shards
 from vldistill.models.student import clip_config_from_spec

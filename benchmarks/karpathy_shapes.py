@@ -16,14 +16,14 @@ image size (its config.json, else its preprocessor_config.json, else 32). Each i
 5 wordings of the same four attributes, every one stating size, colour, shape and position (so each
 caption determines all four):
 
-    a {size} {colour} {shape} {position}                 (synthetic.CANONICAL_CAPTION: val/test captions)
+    a {size} {colour} {shape} {position}                 (grammar.CANONICAL_CAPTION: val/test captions)
     a photo of a {size} {colour} {shape} {position}      (a training wording)
     {position} there is a {size} {colour} {shape}        (a training wording)
     a picture of a {size} {colour} {shape} {position}    (new; training says "a picture of a {colour} ...")
     there is a {size} {colour} {shape} {position}        (new order of training phrases)
 
 The other training wordings leave out size or position and are not used. Every word is in the shapes
-vocabulary (`synthetic.vocabulary()`), so a model trained on the shapes data has no unknown tokens.
+vocabulary (`grammar.vocabulary()`), so a model trained on the shapes data has no unknown tokens.
 
 `metrics` and `table` are the CLI's scoring without `--config`: `retrieval_match` "pair", as
 CLIP_benchmark scores COCO and Flickr30k (a text hits only its own image, an image only its own 5
@@ -52,10 +52,10 @@ from typing import Optional
 from PIL import Image
 
 from vldistill.config import packaged_config
-from vldistill.data import synthetic
+from vldistill.data import grammar, synthetic
 
 CAPTION_WORDINGS = (
-    synthetic.CANONICAL_CAPTION,
+    grammar.CANONICAL_CAPTION,
     "a photo of a {size} {colour} {shape} {position}",
     "{position} there is a {size} {colour} {shape}",
     "a picture of a {size} {colour} {shape} {position}",
@@ -109,7 +109,7 @@ def model_image_size(model: str) -> int:
 
 def captions_for(attributes: dict[str, str]) -> list[str]:
     """The 5 captions of an image with these attributes, one per wording in CAPTION_WORDINGS."""
-    fields = {**attributes, "position": synthetic.POSITION_PHRASES[attributes["position"]]}
+    fields = {**attributes, "position": grammar.POSITION_PHRASES[attributes["position"]]}
     return [wording.format(**fields) for wording in CAPTION_WORDINGS]
 
 

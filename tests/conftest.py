@@ -1,5 +1,9 @@
-"""Shared, seeded fixtures: the offline word tokenizer, a tiny CLIP teacher and real-caption batches; and
-a comparison of two runs' saved students."""
+"""Shared, seeded fixtures: the offline word tokenizer, a tiny CLIP teacher, real-caption batches, a tiny
+BERT text backbone folder and a pretrained tiny teacher folder. Plain helpers live in tests/helpers.py.
+
+Markers: `slow` marks tests that take more than a few seconds (the demo, torchrun / two-process runs,
+killed-and-resumed subprocess runs, benchmarks, fresh interpreters). `pytest -m "not slow"` is the fast
+inner loop; a plain `pytest` (what CI runs) runs everything."""
 
 from __future__ import annotations
 
@@ -10,16 +14,14 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import CLIPConfig, CLIPModel
+from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, save_tiny_bert, teacher_spec
 
+from vldistill.cli import main
+from vldistill.config import packaged_config
 from vldistill.data.synthetic import make_split, vocabulary
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.data.transforms import to_pixel_values
-from vldistill.models import CLIPDualEncoder, DualEncoderSpec, TowerSpec, clip_config_from_spec
-
-IMAGE_SIZE = 16
-TEXT_LENGTH = 32
+from vldistill.models import CLIPDualEncoder
 
 
 @pytest.fixture(autouse=True)
@@ -28,34 +30,6 @@ def _seed_everything() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-
-
-def teacher_spec() -> DualEncoderSpec:
-    """The tiny teacher: 2 layers, width 32, 2 heads per tower, 8x8 patches, 32-d embeddings."""
-    return DualEncoderSpec(
-        vision=TowerSpec(layers=2, width=32, heads=2, patch_size=8),
-        text=TowerSpec(layers=2, width=32, heads=2),
-        projection_dim=32,
-    )
-
-
-def config_for(spec: DualEncoderSpec, tokenizer) -> CLIPConfig:
-    """A CLIPConfig for `spec` over 16x16 images and the word tokenizer."""
-    return clip_config_from_spec(
-        spec,
-        image_size=IMAGE_SIZE,
-        vocab_size=len(tokenizer),
-        max_text_length=TEXT_LENGTH,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-
-
-def build_clip(config: CLIPConfig, seed: int = 0) -> CLIPDualEncoder:
-    """A randomly initialized dual encoder for `config`, deterministic in `seed`, in eval mode."""
-    torch.manual_seed(seed)
-    return CLIPDualEncoder(CLIPModel(config)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +62,15 @@ def make_batch(tokenizer) -> Callable[..., dict[str, torch.Tensor]]:
     return make
 
 
-def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    """Only the tensors a dual encoder's forward takes."""
-    return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT text backbone folder (helpers.save_tiny_bert), built once; tests must not change it."""
+    return save_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
-def assert_same_student(found: Path, expected: Path, atol: float, key_biases: bool = True) -> None:
-    """The students saved by two runs (`<out>/student`) have the same tensors within `atol`. Runs that sum
-    in another order (other process counts) differ in the key-projection biases (`key_biases=False` skips
-    them): their exact gradient is 0 (softmax ignores a shift) and Adam scales float noise up to full steps."""
-    found_weights, expected_weights = (load_file(run / "student" / "model.safetensors") for run in (found, expected))
-    assert found_weights.keys() == expected_weights.keys()
-    for name, value in expected_weights.items():
-        if key_biases or not name.endswith("k_proj.bias"):
-            assert torch.allclose(found_weights[name], value, atol=atol), name
+@pytest.fixture(scope="session")
+def pretrained_teacher(tmp_path_factory) -> Path:
+    """The folder of a teacher that `vldistill pretrain-teacher` trained on configs/tiny.yaml (built once)."""
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["pretrain-teacher", str(packaged_config("tiny")), "--out", str(out)]) == 0
+    return out / "teacher"

@@ -26,7 +26,8 @@ from vldistill.config import OptimConfig
 from vldistill.data.bundle import in_memory_bundle
 from vldistill.data.pairs import InMemoryPairs, PairCollator, view_generator, view_hash
 from vldistill.data.preprocess import BatchPreprocessor
-from vldistill.data.synthetic import POSITION_PHRASES, TRAIN_CAPTIONS, make_split, vocabulary
+from vldistill.data.grammar import POSITION_PHRASES, TRAIN_CAPTIONS, vocabulary
+from vldistill.data.synthetic import make_split
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.train.runs import _batches
 

@@ -6,17 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vldistill.data.synthetic import (
-    COLOURS,
-    POSITION_PHRASES,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    class_names,
-    make_split,
-    render,
-    vocabulary,
-)
+from vldistill.data.grammar import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES, class_names, vocabulary
+from vldistill.data.synthetic import make_split, render
 from vldistill.data.tokenizer import BOS, EOS, PAD, UNK, build_word_tokenizer, make_tokenize
 from vldistill.data.transforms import CLIP_MEAN, CLIP_STD, to_pixel_values
 

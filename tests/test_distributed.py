@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator
 from PIL import Image
-from conftest import assert_same_student, build_clip, config_for, teacher_spec
+from helpers import assert_same_student, build_clip, config_for, teacher_spec
 from test_accumulation import batches, gradients, student_and_objective
 from test_checkpoint import logged_steps, mark_log, steps_after_mark
 
@@ -28,9 +28,10 @@ from vldistill.cache.store import CacheReader
 from vldistill.cli import main
 from vldistill.config import load_config, packaged_config
 from vldistill.data.bundle import load_data
+from vldistill.data.grammar import vocabulary
 from vldistill.data.pairs import InMemoryPairs, PairCollator, pair_loader, repeat_batches
 from vldistill.data.preprocess import BatchPreprocessor
-from vldistill.data.synthetic import make_split, vocabulary
+from vldistill.data.synthetic import make_split
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.distributed import on_every_rank, settle_collectives
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over

@@ -138,8 +138,8 @@ def test_distill_from_streamed_webdataset_shards(tmp_path):
 @pytest.mark.parametrize("workers", [2])
 def test_bad_input_counts_reach_the_main_process_from_loader_workers(tmp_path, workers):
     from vldistill.config import OptimConfig
+    from vldistill.data.grammar import vocabulary
     from vldistill.data.preprocess import BatchPreprocessor
-    from vldistill.data.synthetic import vocabulary
     from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
     from vldistill.train.runs import _batches
 

@@ -13,7 +13,7 @@ Two caption rules keep pairs correct:
 - A horizontal flip swaps the words "left" and "right" in the caption (whole words, any case). This
   is exact for the shapes data and right for most natural captions ("all right" is the odd casualty).
 - Paraphrase needs the sample's attributes (size, colour, shape, position; only the embedded shapes
-  data has them): the caption is re-rendered with a random wording from `synthetic.TRAIN_CAPTIONS`
+  data has them): the caption is re-rendered with a random wording from `grammar.TRAIN_CAPTIONS`
   among those that state every attribute the original caption states. Without attributes it is a
   no-op.
 """
@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+
+from vldistill.data.grammar import POSITION_PHRASES, TRAIN_CAPTIONS
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision use
 CROP_ATTEMPTS = 10
@@ -87,7 +88,7 @@ class ImageAugmentParams:
 
 @dataclass(frozen=True)
 class TextAugmentParams:
-    """The drawn caption edit: paraphrase wording (index into `synthetic.TRAIN_CAPTIONS`, None = keep),
+    """The drawn caption edit: paraphrase wording (index into `grammar.TRAIN_CAPTIONS`, None = keep),
     left/right swap, adjacent swaps (word i with i + 1, in order) and dropped word positions."""
 
     wording: Optional[int] = None
@@ -186,18 +187,11 @@ def apply_image_augment(image: torch.Tensor, params: ImageAugmentParams) -> torc
     return pixels.round().clamp(0, 255).to(torch.uint8)
 
 
-def _synthetic() -> ModuleType:
-    """The shapes data module, imported late: synthetic -> pairs -> augment would be an import cycle."""
-    from vldistill.data import synthetic
-
-    return synthetic
-
-
 def _stated_attributes(caption: str, attributes: Mapping[str, str]) -> set[str]:
     """Which of size/colour/shape/position the shapes caption states (its words or position phrase)."""
     words = caption.split()
     stated = {key for key in ("size", "colour", "shape") if attributes[key] in words}
-    if _synthetic().POSITION_PHRASES[attributes["position"]] in caption:
+    if POSITION_PHRASES[attributes["position"]] in caption:
         stated.add("position")
     return stated
 
@@ -205,16 +199,14 @@ def _stated_attributes(caption: str, attributes: Mapping[str, str]) -> set[str]:
 def _paraphrase_choices(caption: str, attributes: Mapping[str, str]) -> list[int]:
     """Indices of the TRAIN_CAPTIONS wordings that state every attribute `caption` states."""
     stated = _stated_attributes(caption, attributes)
-    wordings = _synthetic().TRAIN_CAPTIONS
-    return [i for i, wording in enumerate(wordings) if all(f"{{{key}}}" in wording for key in stated)]
+    return [i for i, wording in enumerate(TRAIN_CAPTIONS) if all(f"{{{key}}}" in wording for key in stated)]
 
 
 def _render(wording: int, attributes: Mapping[str, str]) -> str:
     """TRAIN_CAPTIONS[wording] filled in with the sample's attributes."""
-    synthetic = _synthetic()
     values = {key: attributes[key] for key in _PLACEHOLDERS}
-    values["position"] = synthetic.POSITION_PHRASES[values["position"]]
-    return synthetic.TRAIN_CAPTIONS[wording].format(**values)
+    values["position"] = POSITION_PHRASES[values["position"]]
+    return TRAIN_CAPTIONS[wording].format(**values)
 
 
 def mirror_caption(caption: str) -> str:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from vldistill.binding import plain_digest
 from vldistill.config import DataConfig
-from vldistill.data import synthetic
+from vldistill.data import grammar, synthetic
 from vldistill.data.classes import ImageFolderClasses, load_templates
 from vldistill.data.pairs import InMemoryPairs, PairSplit
 from vldistill.data.quality import DataQuality
@@ -187,11 +187,11 @@ def _shapes(cfg: DataConfig, progress: bool) -> DataBundle:
         val=in_memory["val"],
         test=splits["test"],
         zeroshot=splits["test"],
-        classnames=synthetic.class_names(),
-        templates=list(synthetic.ZERO_SHOT_TEMPLATES),
+        classnames=grammar.class_names(),
+        templates=list(grammar.ZERO_SHOT_TEMPLATES),
         fingerprint=data_fingerprint(cfg),
         quality=DataQuality(threshold=cfg.max_bad_share),
-        grammar=tuple(synthetic.vocabulary()),
+        grammar=tuple(grammar.vocabulary()),
     )
 
 
