@@ -18,7 +18,8 @@ from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, save_tiny_b
 
 from vldistill.cli import main
 from vldistill.config import packaged_config
-from vldistill.data.synthetic import make_split, vocabulary
+from vldistill.data.grammar import vocabulary
+from vldistill.data.synthetic import make_split
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.models import CLIPDualEncoder
