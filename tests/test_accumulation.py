@@ -7,47 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, teacher_spec
+from helpers import batches, build_clip, config_for, gradients, student_and_objective, teacher_spec
 
 from vldistill.config import OptimConfig
-from vldistill.data.synthetic import make_split
-from vldistill.data.tokenizer import make_tokenize
-from vldistill.data.transforms import to_pixel_values
-from vldistill.losses import LossContext, build_objective
-from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
-from vldistill.train.loop import StudentWithObjective, backward_window, train
+from vldistill.train.loop import backward_window, train
 
-STUDENT = DualEncoderSpec(vision=TowerSpec(layers=1, width=16, heads=1, patch_size=8),
-                          text=TowerSpec(layers=1, width=16, heads=1), projection_dim=16)
 EVERY_SIGNAL = {
     "clip": {}, "kd": {"temperature": 2.0}, "affinity": {}, "feature": {}, "crd": {}, "icl": {},
     "hidden": {"weight": 0.5}, "attention": {"weight": 0.5},
 }
-
-
-def batches(tokenizer, n: int, parts: int, seed: int = 0) -> tuple[dict, list[dict]]:
-    """n pairs as one batch and as `parts` micro-batches, each tokenized (and padded) on its own."""
-    data = make_split("train", n, seed=seed, image_size=IMAGE_SIZE)
-    captions = [" ".join(c.split()[: 3 + (i * 7) % 11]) for i, c in enumerate(data.captions)]  # varied lengths
-    tokenize = make_tokenize(tokenizer, TEXT_LENGTH)
-
-    def batch(rows: slice) -> dict:
-        return {"pixel_values": to_pixel_values(data.images[rows]), **tokenize(captions[rows])}
-
-    size = n // parts
-    return batch(slice(0, n)), [batch(slice(k * size, (k + 1) * size)) for k in range(parts)]
-
-
-def student_and_objective(tokenizer, losses) -> StudentWithObjective:
-    student = build_clip(config_for(STUDENT, tokenizer), seed=1).train()
-    torch.manual_seed(2)
-    objective = build_objective(losses, LossContext(16, 32, STUDENT, teacher_spec()))
-    return StudentWithObjective(student, objective)
-
-
-def gradients(module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("losses, teachers, method", [

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import build_clip, config_for
+from helpers import build_clip, config_for
 
 from vldistill.cache import CacheCorruptError, CacheIncompleteError, CacheMismatchError, CacheReader, CacheViewMismatchError, CacheWriter
 from vldistill.cache.build import PROBE_SIZES, build_cache, pick_batch_size

@@ -2,7 +2,6 @@
 a checkpoint resumes to the same student as an uninterrupted run, running only the steps left (a resume
 that silently started over would train the same student, so each test also reads which steps ran)."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_same_student
+from helpers import assert_same_student, mark_log, steps_after_mark
 from safetensors.torch import load_file
 
 from vldistill.cli import main
@@ -25,34 +24,10 @@ def distill_args(out, teacher, *extra):
             "--set", "distill.checkpoint.every=2", "--set", "distill.train.log_every=1", *extra]
 
 
-RESUME_MARK = '{"mark": "the run is resumed after this line"}\n'
-
-
-def logged_steps(out) -> list[int]:
-    """The steps a run in `out` logged (every step, with log_every=1), in order."""
-    return [json.loads(line)["step"] for line in (out / "logs" / "distill.jsonl").read_text().splitlines()]
-
-
-def mark_log(out) -> list[int]:
-    """End the log of the interrupted run in `out` with a mark; the steps it logged."""
-    steps = logged_steps(out)
-    with open(out / "logs" / "distill.jsonl", "a") as log:
-        log.write(RESUME_MARK)
-    return steps
-
-
-def steps_after_mark(out) -> list[int]:
-    """The steps logged after `mark_log`: those the resumed run took (it appends to the log)."""
-    text = (out / "logs" / "distill.jsonl").read_text()
-    assert RESUME_MARK in text, "the resumed run started a new log: it did not continue the interrupted run"
-    return [json.loads(line)["step"] for line in text.split(RESUME_MARK, 1)[1].splitlines()]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert main(["pretrain-teacher", TINY, "--out", str(out)]) == 0
-    return out / "teacher"
+@pytest.fixture
+def teacher(pretrained_teacher):
+    """This file's teacher: the pretrained tiny teacher's folder."""
+    return pretrained_teacher
 
 
 def test_checkpoints_keep_the_newest_and_refuse_other_runs(tmp_path):
@@ -96,6 +71,7 @@ GAP_AND_ACCUMULATION = [  # gap ratios measured at step 3 must come back from th
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], GAP_AND_ACCUMULATION], ids=["plain", "gap-accumulation"])
 def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, teacher, extra):
     assert main(distill_args(tmp_path / "straight", teacher, *extra)) == 0
@@ -123,6 +99,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
     assert_same_student(tmp_path / "killed", tmp_path / "straight", atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterrupted_run(tmp_path, teacher):
     """SIGTERM (a scheduler's preemption) during step 3: the step completes, checkpoint 3 is written although
     checkpoints are due every 2 steps, the run exits with 143, and --resume ends where a straight run does."""

@@ -20,9 +20,18 @@ import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator
 from PIL import Image
-from helpers import assert_same_student, build_clip, config_for, teacher_spec
-from test_accumulation import batches, gradients, student_and_objective
-from test_checkpoint import logged_steps, mark_log, steps_after_mark
+from helpers import (
+    assert_same_student,
+    batches,
+    build_clip,
+    config_for,
+    gradients,
+    logged_steps,
+    mark_log,
+    steps_after_mark,
+    student_and_objective,
+    teacher_spec,
+)
 
 from vldistill.cache.store import CacheReader
 from vldistill.cli import main
@@ -47,6 +56,7 @@ LOSSES = {
 }
 TINY = str(packaged_config("tiny"))
 TIMEOUT = 120  # seconds: a hung collective fails the test instead of stalling CI
+pytestmark = pytest.mark.slow  # every test starts two processes
 
 
 def setup():
@@ -114,13 +124,6 @@ def test_two_processes_match_one_on_the_whole_batch(tmp_path):
             assert (found["grads"][name] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-6, (micro_batches, name)
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert main(["pretrain-teacher", TINY, "--out", str(out)]) == 0
-    return out / "teacher"
-
-
 def torchrun(*args: str) -> None:
     """Run `python -m vldistill ARGS` as 2 processes under torchrun (one thread each); fail on error."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vldistill"]
@@ -129,8 +132,8 @@ def torchrun(*args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(tmp_path, teacher_dir):
-    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4"]
+def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(tmp_path, pretrained_teacher):
+    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=4"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     two = [*args, "--set", "distill.train.accumulation_steps=2", "--set", "distill.checkpoint.every=2",
            "--set", "distill.train.log_every=1"]
@@ -142,8 +145,8 @@ def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(
     assert_same_student(tmp_path / "resumed", tmp_path / "two", atol=1e-6)
 
 
-def test_accelerate_launch_two_processes_train_the_student_one_process_trains(tmp_path, teacher_dir):
-    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4"]
+def test_accelerate_launch_two_processes_train_the_student_one_process_trains(tmp_path, pretrained_teacher):
+    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=4"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vldistill"]
@@ -171,7 +174,7 @@ def natural_batches(count: int, batch_size: int, steps: int) -> list[list[int]]:
     return [batch["sample_index"].tolist() for batch in repeat_batches(loader, steps)]
 
 
-def test_two_processes_refill_corrupt_images_and_train_the_one_process_student(tmp_path, teacher_dir, monkeypatch):
+def test_two_processes_refill_corrupt_images_and_train_the_one_process_student(tmp_path, pretrained_teacher, monkeypatch):
     """Corrupt images in a manifest, 4 in the first process's share of the first two batches and 1 in the
     second's: each is replaced from later batches at its place, so every micro-batch of both processes stays
     full, the embeddings gather, and 2 processes x 2 micro-batches train the student 1 process trains."""
@@ -200,7 +203,7 @@ def test_two_processes_refill_corrupt_images_and_train_the_one_process_student(t
     assert [len(micro) for micro in one] == [16] * 8 and not set(corrupt) & {i for micro in one for i in micro}
     assert all([len(micro) for micro in share] == [8] * 8 for share in ranks)
     assert [ranks[0][k] + ranks[1][k] for k in range(8)] == one
-    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", *(a for d in data for a in ("--set", d))]
+    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={pretrained_teacher}", *(a for d in data for a in ("--set", d))]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun(*args, "--set", "distill.train.accumulation_steps=2", "--out", str(tmp_path / "two"))
     assert_same_student(tmp_path / "two", tmp_path / "one", atol=1e-4, key_biases=False)
@@ -223,12 +226,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_path, teacher_dir):
+def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_path, pretrained_teacher):
     """A process dies in step 3. Without restarts torchrun fails, and the same command again (a scheduler's
     requeue) continues from checkpoint 2 with `--resume auto`; with `--max-restarts 1` torchrun restarts both
     processes, which do the same. Both run only steps 3 and 4 again and end with the student of an
     uninterrupted run."""
-    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher_dir}", "--set", "distill.train.steps=4",
+    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=4",
             "--set", "distill.checkpoint.every=2", "--set", "distill.train.log_every=1", "--resume", "auto"]
     torchrun(*args, "--out", str(tmp_path / "straight"))
     script = tmp_path / "crash.py"
@@ -255,8 +258,8 @@ def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_pat
     assert_same_student(tmp_path / "restarted", tmp_path / "straight", atol=1e-6)
 
 
-def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, teacher_dir):
-    args = ["cache", TINY, "--set", f"teacher.path={teacher_dir}", "--set", "cache.shard_rows=60"]
+def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, pretrained_teacher):
+    args = ["cache", TINY, "--set", f"teacher.path={pretrained_teacher}", "--set", "cache.shard_rows=60"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun(*args, "--out", str(tmp_path / "two"))
     one, two = (CacheReader.open(tmp_path / run, verify=True) for run in ("one", "two"))

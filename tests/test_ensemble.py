@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, teacher_spec
+from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, teacher_spec
 
 from vldistill.data.preprocess import BatchPreprocessor, inputs_for
 from vldistill.data.synthetic import make_split

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, build_clip, config_for
+from helpers import IMAGE_SIZE, build_clip, config_for
 from PIL import Image
 
 from vldistill.cli import main

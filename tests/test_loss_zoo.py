@@ -10,7 +10,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import model_inputs
+from helpers import model_inputs
 from torch import nn
 from transformers import CLIPModel
 

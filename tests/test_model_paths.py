@@ -8,8 +8,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from conftest import build_clip, config_for, teacher_spec
-from test_teachers import tiny_vision
+from helpers import build_clip, config_for, teacher_spec, tiny_vision
 from transformers.utils import logging as transformers_logging
 
 from vldistill import cli

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, model_inputs, teacher_spec
+from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, model_inputs, teacher_spec
 from transformers import CLIPConfig
 
 from vldistill.data.transforms import CLIP_MEAN, CLIP_STD, to_pixel_values

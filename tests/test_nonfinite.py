@@ -3,7 +3,7 @@ run keeps the count."""
 
 import pytest
 import torch
-from conftest import build_clip, config_for, teacher_spec
+from helpers import build_clip, config_for, teacher_spec
 
 from vldistill.config import ConfigError, OptimConfig, load_config
 from vldistill.losses import LossContext, build_objective

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_clip, config_for, teacher_spec
-from test_accumulation import batches, student_and_objective
+from helpers import batches, build_clip, config_for, student_and_objective, teacher_spec
 
 from vldistill.config import OptimConfig
 from vldistill.train.loop import train, uses_bf16

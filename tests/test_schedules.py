@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TEXT_LENGTH, build_clip, config_for, model_inputs
+from helpers import TEXT_LENGTH, build_clip, config_for, model_inputs
 
 from vldistill.config import ConfigError, OptimConfig, load_config
 from vldistill.data.bundle import in_memory_bundle

