@@ -33,8 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from vldistill.cache.build import build_cache
 from vldistill.config import ExperimentConfig, load_config, packaged_config
 from vldistill.data.bundle import DataBundle, load_data
-from vldistill.data.preprocess import BatchPreprocessor, inputs_for
+from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.eval.suite import evaluate_model
+from vldistill.models.inputs import inputs_for
 from vldistill.train.runs import TrainedModel, build_student, obtain_teacher, train_student
 
 

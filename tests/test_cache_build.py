@@ -25,9 +25,10 @@ from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
 from vldistill.data.bundle import load_data
 from vldistill.data import pairs as pairs_module
 from vldistill.data.pairs import PairCollator, make_view, view_generator, view_hash
-from vldistill.data.preprocess import MODEL_INPUTS, BatchPreprocessor, inputs_for
+from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.models.inputs import MODEL_INPUTS, inputs_for
 from vldistill.models.io import read_metadata, save_dual_encoder
 from vldistill.train.runs import _batches, cached_teacher, obtain_teacher, teacher_ensemble, train_student
 

@@ -9,7 +9,8 @@ import torch
 from vldistill.data.grammar import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES, class_names, vocabulary
 from vldistill.data.synthetic import make_split, render
 from vldistill.data.tokenizer import BOS, EOS, PAD, UNK, build_word_tokenizer, make_tokenize
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD, to_pixel_values
+from vldistill.data.transforms import to_pixel_values
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
 
 TINT_NOISE = 12  # std of the per-image colour jitter in render()
 

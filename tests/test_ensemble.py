@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, teacher_spec
 
-from vldistill.data.preprocess import BatchPreprocessor, inputs_for
+from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.synthetic import make_split
 from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
 from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.ensemble import TeacherEnsemble, combine_outputs, confidence_weights
-from vldistill.models.inputs import InputSpec
+from vldistill.models.inputs import InputSpec, inputs_for
 from vldistill.models.outputs import DualEncoderOutput
 
 

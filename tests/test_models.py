@@ -14,7 +14,7 @@ import torch
 from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, model_inputs, teacher_spec
 from transformers import CLIPConfig
 
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD, to_pixel_values
+from vldistill.data.transforms import to_pixel_values
 from vldistill.models import (
     DualEncoderSpec,
     TowerSpec,
@@ -24,6 +24,7 @@ from vldistill.models import (
     student_config_from_teacher,
     uniform_layer_map,
 )
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
 from vldistill.models.io import load_dual_encoder, read_metadata, save_dual_encoder
 
 SMALL_SPEC = DualEncoderSpec(

@@ -18,10 +18,9 @@ from torch.testing import assert_close
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
 from vldistill.losses.contrastive import clip_contrastive_loss
 from vldistill.models.clip import CLIPDualEncoder
-from vldistill.models.inputs import InputSpec
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.two_tower import TwoTowerDualEncoder

@@ -3,18 +3,12 @@ every rank so contrastive and similarity losses see the global batch, as open_cl
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-
-if TYPE_CHECKING:  # imported for annotations only: models/ imports this module
-    from vldistill.models.outputs import DualEncoderOutput
 
 
 def process_rank() -> tuple[int, int]:
@@ -80,20 +74,6 @@ def _gather_group():
     if key not in _GROUPS:
         _GROUPS[key] = dist.new_group(backend=dist.get_backend())
     return _GROUPS[key]
-
-
-def gather_embeddings(output: DualEncoderOutput, keep_grad: bool) -> DualEncoderOutput:
-    """The output with image and text embeddings of the global batch (hidden states and attention maps
-    stay local: the layer-wise losses are per-sample means, which DDP's averaging makes global)."""
-    if not gathering():
-        return output
-    if output.image_to_text_logits is not None:
-        raise ValueError("gather the teachers' outputs before combining them into an ensemble")
-    return dataclasses.replace(
-        output,
-        image_embeds=all_gather_rows(output.image_embeds, keep_grad),
-        text_embeds=all_gather_rows(output.text_embeds, keep_grad),
-    )
 
 
 def on_every_rank(flag: bool, device: torch.device) -> bool:

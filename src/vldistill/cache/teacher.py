@@ -14,10 +14,9 @@ from torch import nn
 
 from vldistill.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchError
 from vldistill.config import CacheConfig, ConfigError
-from vldistill.distributed import gather_embeddings
 from vldistill.losses.base import LOSSES
 from vldistill.models.ensemble import check_combine_method, teacher_output_over
-from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput
+from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput, gather_embeddings
 from vldistill.schedules import WeightingConfig
 
 TOWERS = ("image", "text")

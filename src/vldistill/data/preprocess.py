@@ -9,12 +9,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from vldistill.data.tokenizer import make_tokenize
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD, to_pixel_values
-from vldistill.models.inputs import InputSpec
+from vldistill.data.transforms import to_pixel_values
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec
 
 Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
-# The batch entries a dual encoder's forward takes.
-MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 
 
 class BatchPreprocessor:
@@ -52,10 +50,3 @@ class BatchPreprocessor:
             self.tokenize is other.tokenize
             and (self.image_size, self.image_mean, self.image_std) == (other.image_size, other.image_mean, other.image_std)
         )
-
-
-def inputs_for(batch: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-    """One model's inputs from a collated batch: its `MODEL_INPUTS`, prefixed `key.` when `key`, else
-    the unprefixed ones (other batch entries, such as `sample_index`, `view` and `view_hash`, are not inputs)."""
-    prefix = f"{key}." if key else ""
-    return {name: batch[prefix + name] for name in MODEL_INPUTS if prefix + name in batch}

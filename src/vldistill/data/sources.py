@@ -20,7 +20,6 @@ counts into its own copy of the `DataQuality`.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import re
 from pathlib import Path
@@ -33,6 +32,7 @@ from vldistill.data.caption_json import read_caption_json
 from vldistill.data.images import ImageSource, decode_counted
 from vldistill.data.pairs import PairSample
 from vldistill.data.quality import DataQuality
+from vldistill.data.webdataset import WebDatasetPairs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 HF_MARKERS = ("dataset_info.json", "state.json")
@@ -261,19 +261,6 @@ def _is_shards(path: Path) -> bool:
     return path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar")))
 
 
-def _open_shards(path: Path, image_size: int, quality: DataQuality) -> Dataset:
-    """Hook for webdataset tar shards: dispatch to vldistill.data.webdataset.WebDatasetPairs."""
-    try:
-        module = importlib.import_module("vldistill.data.webdataset")
-    except ModuleNotFoundError as error:
-        if error.name != "vldistill.data.webdataset":
-            raise
-        module = None
-    if module is None or not hasattr(module, "WebDatasetPairs"):
-        raise ValueError(f"{path}: webdataset shards: use data.webdataset (vldistill.data.webdataset.WebDatasetPairs is not available)")
-    return module.WebDatasetPairs(str(path), image_size, quality)
-
-
 def open_pairs(
     path: Union[str, Path], image_size: int, quality: DataQuality, split: Optional[str] = None,
     image_root: Optional[Union[str, Path]] = None, default_split: Optional[str] = None,
@@ -290,7 +277,7 @@ def open_pairs(
     if path.is_file() and path.suffix.lower() == ".json":
         return CaptionFilePairs(path, image_size, quality, split, image_root, default_split)
     if _is_shards(path):
-        return _open_shards(path, image_size, quality)
+        return WebDatasetPairs(str(path), image_size, quality)
     if path.is_dir() and any((path / marker).is_file() for marker in HF_MARKERS):
         return HFDatasetPairs(path, image_size, quality)
     if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):

@@ -7,14 +7,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
+
 # Integer greyscale modes (16-bit, and Pillow's 32-bit "I", which 16-bit PGM/TIFF files open as): values 0..65535.
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # What transparent pixels show: white, as a web page behind the image would.
 BACKGROUND = (255, 255, 255)
-# OpenAI CLIP's normalization, also what CLIPImageProcessor uses by default.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_pixel_values(images: np.ndarray | torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel
 
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
 from vldistill.models.common import clamp_log_scale_, joint_forward
-from vldistill.models.inputs import InputSpec, image_normalization
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
 from vldistill.models.outputs import DualEncoderOutput
 
 

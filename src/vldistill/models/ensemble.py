@@ -24,9 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vldistill.data.preprocess import inputs_for
-from vldistill.distributed import gather_embeddings
-from vldistill.models.outputs import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES, DualEncoderOutput, concat_outputs
+from vldistill.models.inputs import inputs_for
+from vldistill.models.outputs import (
+    TEACHER_ATTENTIONS,
+    TEACHER_HIDDEN_STATES,
+    DualEncoderOutput,
+    concat_outputs,
+    gather_embeddings,
+)
 
 COMBINE_METHODS = ("fixed", "confidence", "average")
 
@@ -95,7 +100,7 @@ class TeacherEnsemble(nn.Module):
     """Frozen teachers run without gradients on their own inputs from a batch, combined into one output.
 
     `input_keys[k]` names teacher k's inputs in the batch ("" for the unprefixed, student-shared ones;
-    see data.preprocess.inputs_for). A single teacher is an ensemble of one (its output unchanged).
+    see models.inputs.inputs_for). A single teacher is an ensemble of one (its output unchanged).
     """
 
     def __init__(

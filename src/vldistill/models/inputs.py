@@ -1,4 +1,5 @@
-"""What inputs a dual encoder expects: image size and normalization, text length and padding."""
+"""What inputs a dual encoder expects: image size and normalization, text length and padding; which batch
+entries are a model's inputs."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
+import torch
 
+# OpenAI CLIP's normalization, also what CLIPImageProcessor uses by default.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_PADDINGS = ("longest", "max_length")
+# The batch entries a dual encoder's forward takes.
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 
 
 @dataclass(frozen=True)
@@ -44,3 +50,10 @@ def image_normalization(
         return tuple(mean), tuple(std)
     config = json.loads(path.read_text())
     return tuple(config.get("image_mean", mean)), tuple(config.get("image_std", std))
+
+
+def inputs_for(batch: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """One model's inputs from a collated batch: its `MODEL_INPUTS`, prefixed `key.` when `key`, else
+    the unprefixed ones (other batch entries, such as `sample_index`, `view` and `view_hash`, are not inputs)."""
+    prefix = f"{key}." if key else ""
+    return {name: batch[prefix + name] for name in MODEL_INPUTS if prefix + name in batch}

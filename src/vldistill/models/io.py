@@ -16,9 +16,9 @@ from huggingface_hub import ModelCard
 from transformers import PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
 from vldistill.fileio import atomic_directory
 from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
 from vldistill.models.common import load_tokenizer_if_present
 from vldistill.models.locate import NotAModelError, checked_source, hub_errors, require_tokenizer
 

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from vldistill.distributed import all_gather_rows, gathering
+
 
 # What a loss may need from the teacher. An empty set means a task loss (no teacher at all).
 TEACHER_EMBEDDINGS = "embeddings"
@@ -103,6 +105,20 @@ def concat_outputs(outputs: Sequence[DualEncoderOutput]) -> DualEncoderOutput:
             None if first.text_attention_mask is None
             else _cat_padded([o.text_attention_mask for o in outputs], token_dims=(1,))
         ),
+    )
+
+
+def gather_embeddings(output: DualEncoderOutput, keep_grad: bool) -> DualEncoderOutput:
+    """The output with image and text embeddings of the global batch (hidden states and attention maps
+    stay local: the layer-wise losses are per-sample means, which DDP's averaging makes global)."""
+    if not gathering():
+        return output
+    if output.image_to_text_logits is not None:
+        raise ValueError("gather the teachers' outputs before combining them into an ensemble")
+    return replace(
+        output,
+        image_embeds=all_gather_rows(output.image_embeds, keep_grad),
+        text_embeds=all_gather_rows(output.text_embeds, keep_grad),
     )
 
 

@@ -26,7 +26,6 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from vldistill.data.transforms import CLIP_MEAN, CLIP_STD
 from vldistill.fileio import atomic_directory
 from vldistill.models.common import (
     PREPROCESSOR_FILE,
@@ -36,7 +35,7 @@ from vldistill.models.common import (
     square_image_size,
     text_token_settings_from,
 )
-from vldistill.models.inputs import InputSpec
+from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec
 from vldistill.models.io import write_metadata
 from vldistill.models.locate import ModelNotFoundError, NotAModelError, checked_source, hub_errors, local_folder
 from vldistill.models.outputs import DualEncoderOutput

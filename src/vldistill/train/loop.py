@@ -35,12 +35,12 @@ from vldistill.train.stop import StopRequests, TrainingStopped
 from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
-from vldistill.data.preprocess import inputs_for
 from vldistill.distributed import (
-    every_rank_values, gather_embeddings, join_process_group, on_every_rank, settle_collectives,
+    every_rank_values, join_process_group, on_every_rank, settle_collectives,
 )
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
-from vldistill.models.outputs import DualEncoderOutput, concat_outputs
+from vldistill.models.inputs import inputs_for
+from vldistill.models.outputs import DualEncoderOutput, concat_outputs, gather_embeddings
 
 
 LOSS_SIDE_NAMES = ("logit_scale", "logit_bias")
