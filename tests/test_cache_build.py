@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import re
 import shutil
 
@@ -225,12 +226,13 @@ def test_student_on_the_first_pairs_reads_their_rows_of_a_whole_set_cache(tiny, 
         assert cached_row["loss/kd"] == pytest.approx(online_row["loss/kd"], rel=1e-3, abs=1e-5)
 
 
-def test_hidden_state_loss_runs_online_in_auto_and_fails_in_require(tiny, plain_cache, capsys, tmp_path) -> None:
+def test_hidden_state_loss_runs_online_in_auto_and_fails_in_require(tiny, plain_cache, caplog, tmp_path) -> None:
     losses = "distill.losses={clip: {weight: 1.0}, kd: {weight: 1.0}, hidden: {weight: 1.0}}"
     cfg = plain_cfg(tiny, losses)
-    student = train_student(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto")
-    out = capsys.readouterr().out
-    assert "running the teachers online: distill.losses.hidden needs the teacher's hidden_states" in out
+    student = train_student(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto", progress=False)
+    [warning] = [r for r in caplog.records if r.name == "vldistill.cache.teacher"]
+    assert warning.levelno == logging.WARNING
+    assert "running the teachers online: distill.losses.hidden needs the teacher's hidden_states" in warning.getMessage()
     assert student.result.steps == 8 and read_metadata(tmp_path / "auto")["teacher_cache"] is None
     with pytest.raises(ConfigError, match=r"cache.mode is require.*distill\.losses\.hidden needs the teacher's hidden_states"):
         train_student(plain_cfg(tiny, losses, "cache.mode=require"), tiny["data"], tiny["teacher"], tmp_path / "req")
@@ -297,6 +299,30 @@ def test_cli_cache_builds_and_reports(tiny, tmp_path, capsys) -> None:
     assert CacheReader.open(tmp_path / "c").total_rows == 256
     assert main(["cache", tiny_yaml, "--out", str(tmp_path / "d")]) == 2
     assert "teacher.path is not set" in capsys.readouterr().err
+
+
+def test_cli_quiet_drops_info_and_progress_bars_but_not_warnings_or_errors(tiny, tmp_path, capsys) -> None:
+    """`vldistill cache` logs its auto batch size and draws a bar on stderr; with `--quiet` (before or after
+    the subcommand) stderr is empty while stdout keeps the result. A distillation that cannot use the cache
+    still warns under --quiet, without the training bar; and errors print."""
+    args = ["cache", str(packaged_config("tiny")), "--set", f"teacher.path={tiny['root'] / 'teacher'}",
+            "--set", "cache.batch_size=auto"]
+    assert main([*args, "--out", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr()
+    assert re.search(r"^vldistill: cache.batch_size auto: using \d+ ", loud.err, re.MULTILINE)
+    assert "teacher cache: 100%" in loud.err and "256 rows" in loud.out
+    for n, quiet in enumerate(([*args, "--quiet"], ["--quiet", *args])):
+        assert main([*quiet, "--out", str(tmp_path / f"quiet{n}")]) == 0
+        silent = capsys.readouterr()
+        assert silent.err == "" and "256 rows" in silent.out
+    distill = ["distill", str(packaged_config("tiny")), "--quiet", "--no-eval", "--out", str(tmp_path / "run"),
+               "--set", f"teacher.path={tiny['root'] / 'teacher'}", "--set", f"cache.path={tmp_path / 'loud'}",
+               "--set", "distill.losses={clip: {weight: 1.0}, hidden: {weight: 1.0}}"]
+    assert main(distill) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vldistill: warning: teacher cache {tmp_path / 'loud'} not used, running")
+    assert main(["cache", str(packaged_config("tiny")), "--quiet", "--out", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err == "vldistill: error: teacher.path is not set: point it at the teacher to cache (e.g. from `vldistill pretrain-teacher`)\n"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -448,10 +474,13 @@ def test_pick_batch_size_raises_when_the_smallest_batch_fails() -> None:
         pick_batch_size(fake_timing({64: RuntimeError("out of memory")}, []), PROBE_SIZES)
 
 
-def test_auto_batch_size_build_prints_the_choice(tiny, plain_cache, tmp_path, capsys) -> None:
+def test_auto_batch_size_build_logs_the_choice(tiny, plain_cache, tmp_path, caplog) -> None:
     cfg = plain_cfg(tiny, "cache.batch_size=auto", f"cache.path={tmp_path / 'auto'}")
+    caplog.set_level(logging.INFO, logger="vldistill")
     result = build_cache(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto", progress=False)
-    out = capsys.readouterr().out
+    [record] = [r for r in caplog.records if r.name == "vldistill.cache.build"]
+    assert record.levelno == logging.INFO
+    out = record.getMessage()
     assert re.search(r"cache.batch_size auto: using (64|128|256) \(\d+ images/s; probed 64: \d+", out)
     assert not re.search(r"\b(512|1024): ", out)  # the cache has 256 rows: larger sizes are not probed
     auto, plain = CacheReader.open(result.path), CacheReader.open(plain_cache.path)

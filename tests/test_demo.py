@@ -1,6 +1,7 @@
 """The demo pipeline end to end on configs/tiny.yaml, and the CLI around it."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import torch
 
 from vldistill.cli import main
 from vldistill.config import load_config, packaged_config
-from vldistill.demo import run_demo
+from vldistill.demo import format_summary, run_demo
 from vldistill.eval.results import read_result
 from vldistill.models.io import read_metadata
 
@@ -119,6 +120,42 @@ def test_demo_reuses_a_matching_teacher(tiny_demo, tmp_path):
     assert again["models"]["teacher"]["acc1"] == summary["models"]["teacher"]["acc1"]
     retrained = run_demo(load_config(packaged_config("tiny"), ["teacher.train.steps=4"]), out, progress=False)
     assert "teacher" in retrained["train_seconds"]  # a different teacher config is not reused
+
+
+def test_format_summary_reads_a_hand_made_summary():
+    gap = {"acc1": 0.25, "image_retrieval_recall@1": -0.0625, "text_retrieval_recall@1": 0.0}
+    model = {"params": 12345, "acc1": 0.5, "image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.125,
+             "images_per_second": 1500.0, "images_per_second_p25": 1400.0, "images_per_second_p75": 1600.0}
+    summary = {
+        "models": {"teacher": model}, "teacher_train_pairs": 20000, "student_train_pairs": 1000,
+        "retrieval_match": "identical_caption", "student_minus_baseline": gap,
+        "baseline_minus_scratch": {"acc1": -0.5, "image_retrieval_recall@1": 0.125, "text_retrieval_recall@1": 1.0},
+        "student_retention_percent": {"acc1": 87.5, "image_retrieval_recall@1": 50.0, "text_retrieval_recall@1": 100.0},
+        "compression": 4.0, "image_speedup": {"median": 3.0, "p25": 2.5, "p75": 3.25}, "wall_seconds": 61.25,
+    }
+    assert format_summary(summary).splitlines() == [
+        "model          params    acc1  T->I R@1  I->T R@1         img/s (p25-p75)",
+        "teacher        12,345   0.500     0.250     0.125     1,500 (1,400-1,600)",
+        "teacher trained on 20,000 pairs, students on 1,000; retrieval hits: identical_caption",
+        "distilled minus baseline (what the teacher added): acc1 +0.250, T->I R@1 -0.062, I->T R@1 +0.000",
+        "baseline minus scratch (what inheritance added): acc1 -0.500, T->I R@1 +0.125, I->T R@1 +1.000",
+        "student keeps 87.5% of teacher acc1, 50.0% / 100.0% of its T->I / I->T R@1, at 4.0x fewer parameters "
+        "and 3.0x (p25-p75 2.5-3.2) the image throughput",
+        "wall time: 61.2 s",
+    ]
+
+
+def test_cli_demo_quiet_prints_the_summary_and_nothing_on_stderr(tiny_demo, tmp_path, capsys):
+    """`vldistill demo --quiet`: the summary on stdout (the library returns it, the CLI prints it), no
+    progress bars or messages on stderr."""
+    out, _ = tiny_demo
+    shutil.copytree(out / "teacher", tmp_path / "teacher")  # reused when it still matches: only the students train
+    assert main(["demo", "--quiet", "--config", str(packaged_config("tiny")), "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    wrote = f"wrote {tmp_path / 'summary.json'} and the student to {tmp_path / 'student'}"
+    assert captured.out == f"{format_summary(summary)}\n{wrote}\n"
+    assert captured.err == ""
 
 
 def test_cli_list_losses(capsys):

@@ -1,17 +1,21 @@
 """The `vldistill` command line: thin subcommands over the library, each driven by one YAML config
-plus `--set key.sub=value` overrides."""
+plus `--set key.sub=value` overrides. Progress bars and the library's messages go to stderr (`--quiet`:
+warnings and errors only), results to stdout."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import yaml
+from transformers.utils import logging as transformers_logging
 
 from vldistill.config import ConfigError, ExperimentConfig, check_caption_file_options, load_config, packaged_config
 from vldistill.distributed import process_rank
@@ -23,6 +27,48 @@ def show_progress() -> bool:
     """Whether this process shows progress bars: only the first one when several run together
     (torchrun / accelerate launch), so each bar is printed once."""
     return process_rank()[0] == 0
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Whether this command draws progress bars: on the first process, unless `--quiet`."""
+    return show_progress() and not args.quiet
+
+
+class MessageFormatter(logging.Formatter):
+    """Library log records as CLI lines: `vldistill: message`, with `warning: ` or `error: ` after the
+    prefix for those levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's line with its prefix."""
+        kind = "error: " if record.levelno >= logging.ERROR else "warning: " if record.levelno >= logging.WARNING else ""
+        return f"vldistill: {kind}{super().format(record)}"
+
+
+@contextmanager
+def cli_logging(quiet: bool) -> Iterator[None]:
+    """While the block runs, write the library's log records to stderr: INFO and up (WARNING and up when
+    `quiet`) on the first process, errors only on the others (they would repeat the first one's messages).
+    `quiet` also hides transformers' progress bars (e.g. "Loading weights"). The `vldistill` logger's level,
+    handlers and propagation, and transformers' bar setting, are restored afterwards."""
+    logger = logging.getLogger("vldistill")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(MessageFormatter())
+    saved = logger.level, logger.propagate
+    first = process_rank()[0] == 0
+    logger.setLevel(logging.ERROR if not first else logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False
+    bars = transformers_logging.is_progress_bar_enabled()
+    if quiet:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _config(args: argparse.Namespace, default: Optional[str] = None) -> ExperimentConfig:
@@ -39,11 +85,11 @@ def _save_config(cfg: ExperimentConfig, out_dir: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teacher, distilled student and baseline on the embedded data, with a printed table."""
-    from vldistill.demo import print_summary, run_demo
+    from vldistill.demo import format_summary, run_demo
 
     cfg = _config(args, default="demo")
-    summary = run_demo(cfg, Path(args.out), progress=show_progress())
-    print_summary(summary)
+    summary = run_demo(cfg, Path(args.out), progress=_progress(args))
+    print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'summary.json'} and the student to {Path(args.out) / 'student'}")
     return 0
 
@@ -56,8 +102,9 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out)
     _save_config(cfg, out)
-    data = load_data(cfg.data, progress=show_progress())
-    pretrain_teacher(cfg, data, out / "teacher", log_dir=out / "logs")
+    progress = _progress(args)
+    data = load_data(cfg.data, progress=progress)
+    pretrain_teacher(cfg, data, out / "teacher", log_dir=out / "logs", progress=progress)
     print(f"teacher saved to {out / 'teacher'}")
     print(f"data quality: {data.quality.report()}")
     return 0
@@ -74,17 +121,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ConfigError("teacher.path is not set: point it at a CLIP folder or hub id (e.g. from `vldistill pretrain-teacher`)")
     out = Path(args.out)
     _save_config(cfg, out)
-    data = load_data(cfg.data, progress=show_progress())
-    teacher = obtain_teacher(cfg, data, out / "teacher")
+    progress = _progress(args)
+    data = load_data(cfg.data, progress=progress)
+    teacher = obtain_teacher(cfg, data, out / "teacher", progress=progress)
     student = train_student(
-        cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl", resume=args.resume
+        cfg, data, teacher, out / "student", log_path=out / "logs" / "distill.jsonl", resume=args.resume,
+        progress=progress,
     )
     if process_rank()[0] != 0:
         return 0  # the first process saves, reports and evaluates
     print(f"student saved to {student.path}")
     print(f"data quality: {data.quality.report()}")
     if not args.no_eval:
-        summary = evaluate_model(student.model, student.tokenizer, data, cfg.eval, "student", out / "results")["summary"]
+        evaluation = evaluate_model(student.model, student.tokenizer, data, cfg.eval, "student", out / "results", progress)
+        summary = evaluation["summary"]
         print(json.dumps(summary, indent=2))
     return 0
 
@@ -102,7 +152,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if out is None:
         raise ConfigError("no cache folder: pass --out CACHE_DIR or set cache.path")
     teacher = load_teacher(cfg.teacher.path, cfg.teacher.trust_remote_code)
-    progress = show_progress()
+    progress = _progress(args)
     result = build_cache(cfg, load_data(cfg.data, progress=progress), teacher, Path(out), progress=progress)
     if process_rank()[0] != 0:
         return 0  # the first process reports
@@ -130,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_caption_file_options(args.data, args.split, args.images, ("--data", "--split", "--images"))
     model, tokenizer = load_dual_encoder(args.model)
     name = args.name or Path(args.model).name
-    progress = show_progress()
+    progress = _progress(args)
     if args.data is not None:
         data_cfg = dataclasses.replace(
             cfg.data, dataset="files", test=args.data, test_split=args.split, test_image_root=args.images,
@@ -157,7 +207,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = Path(args.out)
     _save_config(cfg, out)
-    result = run_sweep(cfg, out, progress=show_progress())
+    result = run_sweep(cfg, out, progress=_progress(args))
     print(format_ablation_table(result["runs"]))
     print(f"wrote {out / 'ablation.json'}")
     return 0
@@ -194,7 +244,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         image_size = image_size or data.image_size
     else:
         sources = [(args.path, None, None, None)]
-    failed, progress, checked = False, show_progress(), set()
+    failed, progress, checked = False, _progress(args), set()
     for path, split, root, role in sources:
         quality = DataQuality(threshold=args.threshold)
         source = open_pairs(path, image_size or 224, quality, split, root, default_split=role)
@@ -219,13 +269,24 @@ def _add_config_args(parser: argparse.ArgumentParser, config_positional: bool) -
     )
 
 
+QUIET_HELP = "no progress bars and no informational messages on stderr (warnings and errors still show)"
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    """`--quiet` after a subcommand's name; unset there (SUPPRESS) unless given, so a `--quiet` before
+    the name holds."""
+    parser.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+    """The argument parser with every subcommand; `--quiet` is accepted before or after the subcommand."""
     parser = argparse.ArgumentParser(prog="vldistill", description=__doc__)
+    parser.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func, help: str, config_positional: bool = True, out: Optional[str] = None):
         parser = sub.add_parser(name, help=help)
+        _add_quiet(parser)
         _add_config_args(parser, config_positional)
         parser.add_argument("--out", required=out is None, default=out, help="output folder")
         parser.set_defaults(func=func)
@@ -255,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache = sub.add_parser("cache", help="run the teachers once and store their embeddings (resumable)")
     _add_config_args(cache, config_positional=True)
+    _add_quiet(cache)
     cache.add_argument("--out", default=None, metavar="CACHE_DIR", help="cache folder (default: cache.path)")
     cache.set_defaults(func=cmd_cache)
     command("sweep", cmd_sweep, "ablation: one run per loss and per named combination")
@@ -264,10 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", help="manifest (.jsonl/.csv), image folder, save_to_disk folder, or experiment YAML (its data manifests)")
     check.add_argument("--threshold", type=float, default=0.01, help="largest acceptable bad share (default 0.01)")
     check.add_argument("--image-size", type=int, default=None, help="decode size (default: the config's data.image_size, else 224)")
+    _add_quiet(check)
     check.set_defaults(func=cmd_data_check)
 
     listing = sub.add_parser("list", help="list registered losses, datasets or packaged configs")
     listing.add_argument("kind", choices=["losses", "datasets", "configs"])
+    _add_quiet(listing)
     listing.set_defaults(func=cmd_list)
     return parser
 
@@ -275,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; configuration and input errors print one clear line and exit with status 2
     (set VLDISTILL_DEBUG=1 to see the traceback instead); a run stopped by SIGTERM exits with 143
-    after checkpointing."""
+    after checkpointing. The library's messages go to stderr (see `cli_logging`)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with cli_logging(args.quiet):
+            return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as error:
         if os.environ.get("VLDISTILL_DEBUG"):
             raise

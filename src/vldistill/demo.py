@@ -80,19 +80,21 @@ def environment() -> dict[str, object]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
 
 
-def train_arms(cfg: ExperimentConfig, data, out_dir: Path, logs: Path) -> dict[str, TrainedModel]:
+def train_arms(cfg: ExperimentConfig, data, out_dir: Path, logs: Path, progress: bool = True) -> dict[str, TrainedModel]:
     """Obtain the teacher and train the three students of the demo (see the module docstring)."""
-    teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs)
+    teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs, progress)
     arms = {"teacher": teacher}
-    arms["student"] = train_student(cfg, data, teacher, out_dir / "student", log_path=logs / "student.jsonl")
+    arms["student"] = train_student(
+        cfg, data, teacher, out_dir / "student", log_path=logs / "student.jsonl", progress=progress
+    )
     arms["baseline"] = train_student(
         cfg, data, teacher, out_dir / "baseline", losses=TASK_LOSSES,
-        desc="baseline (same init, no teacher)", log_path=logs / "baseline.jsonl",
+        desc="baseline (same init, no teacher)", log_path=logs / "baseline.jsonl", progress=progress,
     )
     if cfg.student.inherit:
         arms["scratch"] = train_student(
             cfg, data, teacher, out_dir / "scratch", losses=TASK_LOSSES, inherit=False,
-            desc="scratch (random init, no teacher)", log_path=logs / "scratch.jsonl",
+            desc="scratch (random init, no teacher)", log_path=logs / "scratch.jsonl", progress=progress,
         )
     else:
         arms["scratch"] = arms["baseline"]
@@ -109,7 +111,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
     logs.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     data = load_data(cfg.data, progress=progress)
-    arms = train_arms(cfg, data, out_dir, logs)
+    arms = train_arms(cfg, data, out_dir, logs, progress)
     models = {
         name: evaluate_model(trained.model, trained.tokenizer, data, cfg.eval, name, results, progress)["summary"]
         for name, trained in arms.items()
@@ -145,22 +147,23 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
     return summary
 
 
-def print_summary(summary: dict) -> None:
-    """Print the demo's table, what distillation and inheritance changed, retention and wall time."""
-    print(format_table(summary["models"]))
+def format_summary(summary: dict) -> str:
+    """The demo's report as text: its table, what distillation and inheritance changed, retention and wall time."""
+    lines = [format_table(summary["models"])]
     pairs = f"teacher trained on {summary['teacher_train_pairs']:,} pairs, students on {summary['student_train_pairs']:,}"
-    print(f"{pairs}; retrieval hits: {summary['retrieval_match']}")
+    lines.append(f"{pairs}; retrieval hits: {summary['retrieval_match']}")
     for label, key in (("distilled minus baseline (what the teacher added)", "student_minus_baseline"),
                        ("baseline minus scratch (what inheritance added)", "baseline_minus_scratch")):
         gap = summary[key]
-        print(
+        lines.append(
             f"{label}: acc1 {gap['acc1']:+.3f}, T->I R@1 {gap['image_retrieval_recall@1']:+.3f}, "
             f"I->T R@1 {gap['text_retrieval_recall@1']:+.3f}"
         )
     keep, fast = summary["student_retention_percent"], summary["image_speedup"]
-    print(
+    lines.append(
         f"student keeps {keep['acc1']:.1f}% of teacher acc1, {keep['image_retrieval_recall@1']:.1f}% / "
         f"{keep['text_retrieval_recall@1']:.1f}% of its T->I / I->T R@1, at {summary['compression']:.1f}x fewer "
         f"parameters and {fast['median']:.1f}x (p25-p75 {fast['p25']:.1f}-{fast['p75']:.1f}) the image throughput"
     )
-    print(f"wall time: {summary['wall_seconds']:.1f} s")
+    lines.append(f"wall time: {summary['wall_seconds']:.1f} s")
+    return "\n".join(lines)

@@ -116,7 +116,7 @@ def run_sweep(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> di
     to `out_dir/runs/<run>/seed<seed>`."""
     out_dir = Path(out_dir)
     data = load_data(cfg.data, progress=progress)
-    teacher = obtain_teacher(cfg, data, out_dir / "teacher", out_dir / "logs")
+    teacher = obtain_teacher(cfg, data, out_dir / "teacher", out_dir / "logs", progress)
     records: list[dict] = []
     result: dict = {}
     for name, losses in sweep_runs(cfg).items():
@@ -127,6 +127,7 @@ def run_sweep(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> di
             student = train_student(
                 seeded, data, teacher, out_dir / "runs" / name / f"seed{seed}", losses=losses,
                 desc=f"sweep {name} seed {seed}", log_path=out_dir / "logs" / f"{name}-seed{seed}.jsonl",
+                progress=progress,
             )
             seconds = time.perf_counter() - start
             summary = evaluate_model(student.model, student.tokenizer, data, cfg.eval, name, progress=progress)["summary"]

@@ -12,6 +12,7 @@ batches first and the fastest size is used.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.distributed import join_process_group
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.train.runs import TrainedModel, check_teacher_fits_data, ensemble_members, teacher_ensemble
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,20 +158,20 @@ def auto_batch_size(
     report: bool = True,
 ) -> int:
     """The batch size `cache.batch_size: auto` builds with: the fastest of PROBE_SIZES (those no larger
-    than the cache's rows; all rows when fewer than the smallest) by `pick_batch_size`; prints the choice
+    than the cache's rows; all rows when fewer than the smallest) by `pick_batch_size`; logs the choice
     when `report`."""
     total = len(pairs) * views
     sizes = [size for size in PROBE_SIZES if size <= total]
     if not sizes:
         if report:
-            print(f"cache.batch_size auto: using {total}, the cache's {total} rows in one batch")
+            logger.info(f"cache.batch_size auto: using {total}, the cache's {total} rows in one batch")
         return total
     best, rates = pick_batch_size(_throughput(ensemble, collator, ShardRows(pairs, views, 0, total), device), sizes)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     probed = ", ".join(f"{size}: {rate:.0f}" for size, rate in rates.items())
     if report:
-        print(f"cache.batch_size auto: using {best} ({rates[best]:.0f} images/s; probed {probed} images/s)")
+        logger.info(f"cache.batch_size auto: using {best} ({rates[best]:.0f} images/s; probed {probed} images/s)")
     return best
 
 

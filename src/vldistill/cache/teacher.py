@@ -6,6 +6,7 @@ teachers saw."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -18,6 +19,8 @@ from vldistill.losses.base import LOSSES
 from vldistill.models.ensemble import check_combine_method, teacher_output_over
 from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput, gather_embeddings
 from vldistill.schedules import WeightingConfig
+
+logger = logging.getLogger(__name__)
 
 TOWERS = ("image", "text")
 VIEW_HASH = "view_hash"  # the cache field (int64, dim 1) and batch key of each view's fingerprint (data.pairs.view_hash)
@@ -153,8 +156,8 @@ def cache_blockers(losses: Mapping[str, Any], weighting: WeightingConfig) -> lis
 
 def serve_from_cache(cache: CacheConfig, losses: Mapping[str, Any], weighting: WeightingConfig) -> bool:
     """Whether distillation reads the teachers from `cache.path`: only when it is set, a loss uses the
-    teacher, and nothing needs more than the cached embeddings. Otherwise, with `cache.mode` auto, print
-    one line saying why the teachers run online; with `require`, raise a ConfigError naming the reasons."""
+    teacher, and nothing needs more than the cached embeddings. Otherwise, with `cache.mode` auto, log
+    a warning saying why the teachers run online; with `require`, raise a ConfigError naming the reasons."""
     if not any(LOSSES.get(name).needs for name in losses):
         return False
     if cache.path is None:
@@ -166,5 +169,5 @@ def serve_from_cache(cache: CacheConfig, losses: Mapping[str, Any], weighting: W
         return True
     if cache.mode == "require":
         raise ConfigError(f"cache.mode is require, but the teacher cache cannot serve this run: {'; '.join(reasons)}")
-    print(f"teacher cache {cache.path} not used, running the teachers online: {'; '.join(reasons)}")
+    logger.warning(f"teacher cache {cache.path} not used, running the teachers online: {'; '.join(reasons)}")
     return False

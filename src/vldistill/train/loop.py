@@ -162,6 +162,7 @@ def train(
     desc: str = "train",
     log_path: Optional[Path] = None,
     held_out_batch: Optional[dict[str, torch.Tensor]] = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train `student` (and the objective's own parameters) for `optim.steps` optimizer steps, AdamW +
     warmup-cosine, each step over `optim.accumulation_steps` consecutive micro-batches of `batches` (see
@@ -172,7 +173,8 @@ def train(
     Before each step the objective's weight and temperature schedules move to that step; under gap
     weighting its weights are re-measured on `held_out_batch` (required then) every `every` steps from the
     first. Losses, weights, temperatures, the learning rate and the loop's seconds so far are logged every
-    `optim.log_every` steps to the history and `log_path` (JSONL).
+    `optim.log_every` steps to the history and `log_path` (JSONL). A progress bar on the main process
+    when `progress`.
     """
     if objective.needs and teacher is None:
         raise ValueError(f"the selected losses need a teacher ({', '.join(sorted(objective.needs))}), but none was given")
@@ -223,7 +225,9 @@ def train(
     step = resume.step if resume is not None else 0
     nonfinite = resume.nonfinite_steps if resume is not None else 0
     consecutive_nonfinite = 0
-    progress = tqdm(total=steps, initial=step, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps, initial=step, desc=desc, disable=not (progress and accelerator.is_main_process), dynamic_ncols=True
+    )
 
     def write_checkpoint() -> None:
         if checkpointer is not None and accelerator.is_main_process:
@@ -265,14 +269,14 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress.update(1)
+            bar.update(1)
             if step % optim.log_every == 0 or step == steps:
                 record = {
                     "step": step, "seconds": round(time.perf_counter() - start, 3), "lr": scheduler.get_last_lr()[0],
                     **{k: float(v) for k, v in parts.items()},
                 }
                 history.append(record)
-                progress.set_postfix(loss=f"{record['loss/total']:.3f}")
+                bar.set_postfix(loss=f"{record['loss/total']:.3f}")
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
@@ -288,7 +292,7 @@ def train(
                 raise TrainingStopped(_stopped_message(stop, step, steps, checkpointer), stop.signal_number or signal.SIGTERM)
     finally:
         stop.restore()
-        progress.close()
+        bar.close()
         if log_file is not None:
             log_file.close()
     settle_collectives()

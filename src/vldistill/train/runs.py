@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +46,8 @@ from vldistill.train.checkpoint import (
     CheckpointDamagedError, CheckpointError, TrainState, checkpoints, latest_checkpoint, load_checkpoint,
 )
 from vldistill.train.loop import Checkpointer, TrainResult, train
+
+logger = logging.getLogger(__name__)
 
 TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions are truncated
 
@@ -108,13 +110,16 @@ def _new_two_tower(cfg: ExperimentConfig) -> tuple[TwoTowerDualEncoder, PreTrain
     return model, model.tokenizer
 
 
-def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log_dir: Optional[Path] = None) -> TrainedModel:
+def pretrain_teacher(
+    cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log_dir: Optional[Path] = None, progress: bool = True
+) -> TrainedModel:
     """Train the configured teacher with the CLIP loss on the training split and save it: a CLIP built
-    from `teacher.model` from scratch, or only the projection heads of `teacher.two_tower` (LiT)."""
+    from `teacher.model` from scratch, or only the projection heads of `teacher.two_tower` (LiT); a
+    progress bar when `progress`."""
     set_seed(cfg.seed)
     if cfg.teacher.two_tower is not None:
         teacher, tokenizer = _new_two_tower(cfg)
-        return _pretrain(cfg, data, teacher, tokenizer, out_dir, log_dir)
+        return _pretrain(cfg, data, teacher, tokenizer, out_dir, log_dir, progress)
     tokenizer = build_word_tokenizer(data.words(), max_length=TEXT_LENGTH)
     config = clip_config_from_spec(
         cfg.teacher.model,
@@ -125,10 +130,12 @@ def pretrain_teacher(cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return _pretrain(cfg, data, CLIPDualEncoder(CLIPModel(config)), tokenizer, out_dir, log_dir)
+    return _pretrain(cfg, data, CLIPDualEncoder(CLIPModel(config)), tokenizer, out_dir, log_dir, progress)
 
 
-def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, tokenizer, out_dir: Path, log_dir) -> TrainedModel:
+def _pretrain(
+    cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, tokenizer, out_dir: Path, log_dir, progress: bool
+) -> TrainedModel:
     objective = build_objective({"clip": {"weight": 1.0}}, LossContext(teacher.embed_dim))
     preprocess = BatchPreprocessor.for_model(tokenizer, teacher.input_spec)
     batches = _batches(data, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment, num_workers=cfg.data.num_workers)
@@ -141,7 +148,9 @@ def _pretrain(cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, token
         return teacher.save_pretrained(folder, metadata=metadata)
 
     with saved_on_bad_data(lambda: save(Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted"))):
-        result = train(teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path)
+        result = train(
+            teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path, progress=progress
+        )
     if process_rank()[0] == 0:  # one writer when several processes train together
         save(out_dir)
     return TrainedModel(teacher, tokenizer, Path(out_dir), result)
@@ -185,7 +194,7 @@ def _newest_readable(folder: Path, fingerprint: str) -> TrainState:
         try:
             return load_checkpoint(path, fingerprint)
         except CheckpointDamagedError as error:
-            print(f"vldistill: warning: {error}; trying the checkpoint before it", file=sys.stderr)
+            logger.warning(f"{error}; trying the checkpoint before it")
     raise CheckpointError(f"--resume: every checkpoint in {folder} is damaged ({len(found)})")
 
 
@@ -205,14 +214,17 @@ def load_teacher(path: str, trust_remote_code: bool = False) -> TrainedModel:
     return TrainedModel(model, tokenizer, Path(path))
 
 
-def obtain_teacher(cfg: ExperimentConfig, data: DataBundle, cache_dir: Path, log_dir: Optional[Path] = None) -> TrainedModel:
+def obtain_teacher(
+    cfg: ExperimentConfig, data: DataBundle, cache_dir: Path, log_dir: Optional[Path] = None, progress: bool = True
+) -> TrainedModel:
     """The configured (primary) teacher: `teacher.path` when set, else a pretrained one from `cache_dir`
-    if it matches this config and data exactly, else a newly pretrained one saved there."""
+    if it matches this config and data exactly, else a newly pretrained one saved there (a progress bar
+    when `progress`)."""
     if cfg.teacher.path is not None:
         return load_teacher(cfg.teacher.path, cfg.teacher.trust_remote_code)
     if read_metadata(cache_dir).get("fingerprint") == teacher_fingerprint(cfg, data):
         return load_teacher(str(cache_dir))
-    return pretrain_teacher(cfg, data, cache_dir, log_dir)
+    return pretrain_teacher(cfg, data, cache_dir, log_dir, progress)
 
 
 def ensemble_members(cfg: ExperimentConfig, primary: TrainedModel) -> list[TrainedModel]:
@@ -329,11 +341,12 @@ def train_student(
     desc: str = "distill student",
     log_path: Optional[Path] = None,
     resume: Optional[str] = None,
+    progress: bool = True,
 ) -> TrainedModel:
     """Build the configured student for the (primary) teacher, train it with `losses` (default:
     `cfg.distill.losses`) and save it. The teachers are used only if a loss needs them: read from the
     teacher cache at `cache.path` when it can serve every loss (see cache.teacher.serve_from_cache),
-    else run online."""
+    else run online. A progress bar when `progress`."""
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
@@ -377,6 +390,7 @@ def train_student(
         result = train(
             student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path,
             held_out_batch=held_out, checkpointer=checkpointer if checkpointer.every else None, resume=state,
+            progress=progress,
         )
     if process_rank()[0] == 0:  # one writer when several processes train together
         save_dual_encoder(student, teacher.tokenizer, out_dir, metadata={**metadata, "data_quality": data.quality.summary()})
