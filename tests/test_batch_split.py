@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, Dataset, IterableDataset, RandomSampler
+from helpers import IndexPairs
+from torch.utils.data import BatchSampler, IterableDataset, RandomSampler
 
 from vldistill.data.pairs import (
-    PairCollator, PairSample, RefillingPairs, SkippingBatchSampler, pair_loader, repeat_batches,
+    PairCollator, RefillingPairs, SkippingBatchSampler, pair_loader, repeat_batches,
 )
 from vldistill.data.quality import DataQuality, DataQualityError
 
@@ -23,24 +24,9 @@ def global_batches(seed: int = 0) -> BatchSampler:
     return BatchSampler(RandomSampler(range(30), generator=torch.Generator().manual_seed(seed)), 8, drop_last=True)
 
 
-class Pairs(Dataset):
-    """30 pairs whose image is filled with its index; the `bad` ones are bad input (None)."""
-
-    def __init__(self, bad: set[int] = frozenset()) -> None:
-        self.bad = set(bad)
-
-    def __len__(self) -> int:
-        return 30
-
-    def __getitem__(self, index: int):
-        if index in self.bad:
-            return None
-        return PairSample(torch.full((2, 2, 3), index, dtype=torch.uint8), f"pair {index}", None, index)
-
-
 def read(slices, bad=frozenset()) -> list[list[int]]:
     """The indices of the pairs each slice reads (Nones for positions without a good candidate)."""
-    pairs = RefillingPairs(Pairs(bad))
+    pairs = RefillingPairs(IndexPairs(30, bad))
     return [[None if sample is None else sample.index for sample in pairs.__getitems__(part)] for part in slices]
 
 
@@ -114,25 +100,25 @@ def loaded(loader, steps: int, start_step: int = 0) -> list[list[int]]:
 
 def all_but_three() -> set[int]:
     """Every pair but the first 3 of the first global batch a seed-0 loader draws."""
-    first = loaded(pair_loader(Pairs(), collate(), 8, seed=0), steps=1)[0]
+    first = loaded(pair_loader(IndexPairs(30), collate(), 8, seed=0), steps=1)[0]
     return set(range(30)) - set(first[:3])
 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_every_rank_s_loader_yields_full_batches_that_make_up_the_one_process_batches(monkeypatch, workers):
     bad = {14, 13, 6, 2, 21, 0}
-    natural = loaded(pair_loader(Pairs(), collate(), 8, seed=0), steps=4)
+    natural = loaded(pair_loader(IndexPairs(30), collate(), 8, seed=0), steps=4)
     shares = [[batch[p] for batch in natural for p in positions] for positions in ([0, 1, 4, 5], [2, 3, 6, 7])]
     assert [sum(i in bad for i in share) for share in shares] == [4, 2]  # bad pairs in each rank's share
-    one = loaded(pair_loader(Pairs(bad), collate(), 8, seed=0), steps=4)
+    one = loaded(pair_loader(IndexPairs(30, bad), collate(), 8, seed=0), steps=4)
     assert one[1][:2] == [23, 24]  # 2 -> 13 (bad) -> 23 (its lane wraps around to batch 0); 0 -> 24
     assert [len(batch) for batch in one] == [8] * 4 and len(bad & {i for batch in one for i in batch}) == 0
     monkeypatch.setenv("WORLD_SIZE", "2")
     ranks = {}
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        ranks[rank] = loaded(pair_loader(Pairs(bad), collate(), 8, seed=0, num_workers=workers, micro_batches=2), 16)
-        resumed = pair_loader(Pairs(bad), collate(), 8, seed=0, micro_batches=2)
+        ranks[rank] = loaded(pair_loader(IndexPairs(30, bad), collate(), 8, seed=0, num_workers=workers, micro_batches=2), 16)
+        resumed = pair_loader(IndexPairs(30, bad), collate(), 8, seed=0, micro_batches=2)
         assert loaded(resumed, 16, start_step=10) == ranks[rank][10:]  # step 5 of 8, in the second pass
     assert all(len(part) == 2 for rank in (0, 1) for part in ranks[rank])  # 2 micro-batches of 2 pairs per step
     for step, batch in enumerate(one):
@@ -140,17 +126,17 @@ def test_every_rank_s_loader_yields_full_batches_that_make_up_the_one_process_ba
 
 
 def test_a_batch_without_enough_good_candidates_stops_the_run():
-    loader = pair_loader(Pairs(all_but_three()), collate(), 8, seed=0)
+    loader = pair_loader(IndexPairs(30, all_but_three()), collate(), 8, seed=0)
     with pytest.raises(ValueError, match=r"batch 1 holds 3 of its 8 pairs: its 24 candidate pairs held no more good "
                                          r"ones, so nearly all of the training data is bad input"):
         loaded(loader, steps=3)
 
 
-class CountedPairs(Pairs):
-    """`Pairs` recording each fetch in a tally, as the lazy sources do."""
+class CountedPairs(IndexPairs):
+    """`IndexPairs` recording each fetch in a tally, as the lazy sources do."""
 
     def __init__(self, bad, quality: DataQuality) -> None:
-        super().__init__(bad)
+        super().__init__(30, bad)
         self.quality = quality
 
     def __getitem__(self, index: int):
@@ -174,7 +160,7 @@ class Stream(IterableDataset):
 
     def __iter__(self):
         for index in range(20):
-            yield None if index % 3 == 0 else Pairs()[index]
+            yield None if index % 3 == 0 else IndexPairs(30)[index]
 
 
 def test_a_stream_s_bad_pairs_are_left_out_before_batching():

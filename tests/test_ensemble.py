@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, teacher_spec
+from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, dual_output, seeded, teacher_spec, unit_rows
 
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.synthetic import make_split
@@ -21,12 +21,10 @@ from vldistill.models.inputs import InputSpec, inputs_for
 from vldistill.models.outputs import DualEncoderOutput
 
 
-def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
-
-
 def output(dim: int, seed: int, scale: float, rows: int = 4) -> DualEncoderOutput:
-    return DualEncoderOutput(unit(rows, dim, seed), unit(rows, dim, seed + 100), torch.tensor(scale, dtype=torch.float64))
+    """float64 unit image rows seeded by `seed`, text rows by `seed` + 100, and the logit scale."""
+    image = unit_rows(rows, dim, dtype=torch.float64, generator=seeded(seed))
+    return dual_output(image, unit_rows(rows, dim, dtype=torch.float64, generator=seeded(seed + 100)), scale)
 
 
 def softmax_rows(matrix: list[list[float]]) -> list[list[float]]:

@@ -9,21 +9,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import IMAGE_SIZE, build_clip, config_for
+from helpers import IMAGE_SIZE, SMALL_SPEC, build_clip, config_for
 from PIL import Image
 
 from vldistill.cli import main
 from vldistill.data.synthetic import make_split
 from vldistill.data.transforms import fit_image, to_pixel_values
 from vldistill.eval.results import read_result
-from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.io import save_dual_encoder
-
-STUDENT = DualEncoderSpec(
-    vision=TowerSpec(layers=1, width=16, heads=2, mlp_ratio=2.0, patch_size=8),
-    text=TowerSpec(layers=1, width=16, heads=2, mlp_ratio=2.0),
-    projection_dim=16,
-)
 
 
 def five_captions(caption: str, attributes: dict[str, str]) -> list[str]:
@@ -48,7 +41,7 @@ def write_karpathy_set(folder, test_images=4):
 
 @pytest.fixture
 def saved_student(tmp_path, tokenizer):
-    model = build_clip(config_for(STUDENT, tokenizer), seed=1)
+    model = build_clip(config_for(SMALL_SPEC, tokenizer), seed=1)
     return model, save_dual_encoder(model, tokenizer, tmp_path / "student")
 
 

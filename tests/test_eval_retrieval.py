@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from helpers import BagOfWordsDualEncoder, seeded, word_tokenizer
 
 from vldistill.eval import (
     embed_images,
@@ -20,34 +20,12 @@ DIM = 12  # = 3 * 2 * 2, so an image (3, 2, 2) flattens to one embedding-sized v
 VOCAB = {"a": 1, "red": 2, "circle": 3, "blue": 4, "square": 5, "green": 6, "cross": 7}  # 0 = padding
 
 
-class BagOfWordsDualEncoder(nn.Module):
-    """encode_image = normalize(identity linear(flatten(x))); encode_text = normalize(sum of word vectors)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.image_proj = nn.Linear(DIM, DIM, bias=False)
-        self.words = nn.Embedding(len(VOCAB) + 1, DIM)
-        self.dropout = nn.Dropout(0.5)
-        with torch.no_grad():
-            self.image_proj.weight.copy_(torch.eye(DIM))
-            self.words.weight.copy_(torch.randn(len(VOCAB) + 1, DIM, generator=generator))
-
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.dropout(self.image_proj(pixel_values.flatten(1))), dim=-1)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        summed = (self.words(input_ids) * attention_mask[..., None]).sum(dim=1)
-        return F.normalize(self.dropout(summed), dim=-1)
+tokenize = word_tokenizer(VOCAB)
 
 
-def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
-    ids = [[VOCAB[word] for word in text.lower().split()] for text in texts]
-    length = max(len(row) for row in ids)
-    return {
-        "input_ids": torch.tensor([row + [0] * (length - len(row)) for row in ids]),
-        "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in ids]),
-    }
+def bag_of_words() -> BagOfWordsDualEncoder:
+    """Random word vectors (seed 0) and dropout 0.5, which evaluation must switch off."""
+    return BagOfWordsDualEncoder(torch.randn(len(VOCAB) + 1, DIM, generator=seeded(0)), dropout=0.5)
 
 
 def images_showing(model: BagOfWordsDualEncoder, captions: list[str]) -> torch.Tensor:
@@ -128,7 +106,7 @@ def test_query_without_positive_raises() -> None:
 
 
 def test_embed_images_accepts_tensor_or_batches() -> None:
-    model = BagOfWordsDualEncoder()
+    model = bag_of_words()
     images = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(1))
     from_tensor = embed_images(model, images, batch_size=2, progress=False)
     from_batches = embed_images(model, [images[:3], images[3:]], progress=False)
@@ -140,7 +118,7 @@ def test_embed_images_accepts_tensor_or_batches() -> None:
 
 
 def test_evaluate_retrieval_end_to_end_restores_training_mode() -> None:
-    model = BagOfWordsDualEncoder()
+    model = bag_of_words()
     captions = ["a red circle", "a blue square", "A red  circle", "a green cross"]
     images = images_showing(model, captions)
     model.train()
@@ -161,7 +139,7 @@ def test_evaluate_retrieval_end_to_end_restores_training_mode() -> None:
 
 
 def test_evaluate_retrieval_with_several_captions_per_image() -> None:
-    model = BagOfWordsDualEncoder()
+    model = bag_of_words()
     captions = ["a red circle", "a blue square"]
     texts = ["a red circle", "red circle", "a blue square", "blue square", "square"]
     metrics = evaluate_retrieval(
@@ -232,7 +210,7 @@ def test_identical_captions_with_several_captions_per_image() -> None:
 def test_evaluate_retrieval_over_texts_alone() -> None:
     """Without image captions: texts and text_to_image; identical_caption also counts image 1's
     caption "a red circle" for text 0, so text 0's tie with image 1 is no longer a miss."""
-    model = BagOfWordsDualEncoder()
+    model = bag_of_words()
     texts = ["a red circle", "red circle", "a blue square", "a red circle"]
     images = images_showing(model, ["a red circle", "a red circle"])  # two identical images
     pair = evaluate_retrieval(model, tokenize, images, texts=texts, text_to_image=[0, 0, 1, 1], ks=(1,), progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from helpers import BagOfWordsDualEncoder, seeded, word_tokenizer
 
 from vldistill.eval import classification_metrics, evaluate_zero_shot, zero_shot_classifier
 from vldistill.eval.zeroshot import reported_top_k, unreported_note
@@ -16,38 +16,16 @@ TEMPLATES = ["a {}", "a photo of a {}", "{c} photo"]
 VOCAB = {"circle": 1, "square": 2, "cross": 3, "a": 4, "photo": 5, "of": 6}  # 0 = padding
 
 
-class BagOfWordsDualEncoder(nn.Module):
-    """encode_image = normalize(identity linear(flatten(x))); encode_text = normalize(sum of word vectors)
-
-    Class word k is the basis vector e_k (k = 0, 1, 2); the other words live in dimensions 3.., so a
-    class's embedding is a positive multiple of e_k plus a part shared by all classes.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.image_proj = nn.Linear(DIM, DIM, bias=False)
-        self.words = nn.Embedding(len(VOCAB) + 1, DIM)
-        with torch.no_grad():
-            self.image_proj.weight.copy_(torch.eye(DIM))
-            self.words.weight.zero_()
-            self.words.weight[1:4, :3] = torch.eye(3)
-            self.words.weight[4:, 3:] = torch.randn(len(VOCAB) - 3, DIM - 3, generator=generator)
-
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(pixel_values.flatten(1)), dim=-1)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize((self.words(input_ids) * attention_mask[..., None]).sum(dim=1), dim=-1)
+tokenize = word_tokenizer(VOCAB)
 
 
-def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
-    ids = [[VOCAB[word] for word in text.split()] for text in texts]
-    length = max(len(row) for row in ids)
-    return {
-        "input_ids": torch.tensor([row + [0] * (length - len(row)) for row in ids]),
-        "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in ids]),
-    }
+def bag_of_words() -> BagOfWordsDualEncoder:
+    """Class word k is the basis vector e_k (k = 0, 1, 2); the other words live in dimensions 3.., so a
+    class's embedding is a positive multiple of e_k plus a part shared by all classes."""
+    words = torch.zeros(len(VOCAB) + 1, DIM)
+    words[1:4, :3] = torch.eye(3)
+    words[4:, 3:] = torch.randn(len(VOCAB) - 3, DIM - 3, generator=seeded(0))
+    return BagOfWordsDualEncoder(words)
 
 
 def test_classification_metrics_hand_worked() -> None:
@@ -101,7 +79,7 @@ def test_classification_metrics_rejects_bad_labels() -> None:
 
 
 def test_zero_shot_classifier_is_the_normalized_template_mean() -> None:
-    model = BagOfWordsDualEncoder()
+    model = bag_of_words()
     classifier = zero_shot_classifier(model, tokenize, CLASSNAMES, TEMPLATES, batch_size=2, progress=False)
     expected = []
     with torch.no_grad():
@@ -118,11 +96,11 @@ def test_zero_shot_classifier_is_the_normalized_template_mean() -> None:
 
 def test_template_without_placeholder_raises() -> None:
     with pytest.raises(ValueError, match="placeholder"):
-        zero_shot_classifier(BagOfWordsDualEncoder(), tokenize, CLASSNAMES, ["a {}", "photo"], progress=False)
+        zero_shot_classifier(bag_of_words(), tokenize, CLASSNAMES, ["a {}", "photo"], progress=False)
 
 
 def test_evaluate_zero_shot_end_to_end_restores_training_mode() -> None:
-    model = BagOfWordsDualEncoder()
+    model = bag_of_words()
     labels = [0, 1, 2, 2, 1, 0]
     images = (2.0 * torch.eye(DIM)[labels]).reshape(-1, 3, 2, 2)  # an image of class k is 2 e_k
     model.train()

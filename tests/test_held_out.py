@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+from helpers import IndexPairs
+from torch.utils.data import IterableDataset
 
 from vldistill.data.bundle import DataBundle
-from vldistill.data.pairs import PairSample, held_out_pairs
+from vldistill.data.pairs import held_out_pairs
 from vldistill.data.quality import DataQuality
 from vldistill.data.sources import ManifestPairs
 from vldistill.data.synthetic import make_split
@@ -85,42 +86,27 @@ def test_too_few_good_pairs_is_one_clear_error(tmp_path, monkeypatch):
             held_out(data, monkeypatch, rank, world=2)
 
 
-class Pairs(Dataset):
-    """`size` pairs whose image is filled with its index; the `bad` ones are bad input (None)."""
-
-    def __init__(self, size: int, bad=frozenset()) -> None:
-        self.size, self.bad = size, set(bad)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int):
-        if index in self.bad:
-            return None
-        return PairSample(torch.full((2, 2, 3), index, dtype=torch.uint8), f"pair {index}", None, index)
-
-
 def indices(samples) -> list[int]:
     return [sample.index for sample in samples]
 
 
 def test_a_set_smaller_than_the_batch_is_used_whole_in_equal_shares():
     # seed 0 orders 5 pairs as 4, 0, 1, 3, 2
-    assert indices(held_out_pairs(Pairs(5), 8, seed=0)) == [4, 0, 1, 3, 2]
-    assert [indices(held_out_pairs(Pairs(5), 8, 0, rank, world=2)) for rank in (0, 1)] == [[4, 0], [1, 3]]
-    assert [indices(held_out_pairs(Pairs(5, bad={0}), 8, 0, rank, world=2)) for rank in (0, 1)] == [[4, 1], [3, 2]]
+    assert indices(held_out_pairs(IndexPairs(5), 8, seed=0)) == [4, 0, 1, 3, 2]
+    assert [indices(held_out_pairs(IndexPairs(5), 8, 0, rank, world=2)) for rank in (0, 1)] == [[4, 0], [1, 3]]
+    assert [indices(held_out_pairs(IndexPairs(5, bad={0}), 8, 0, rank, world=2)) for rank in (0, 1)] == [[4, 1], [3, 2]]
     with pytest.raises(ValueError, match=r"needs 5 good pairs, but the 5 pairs of the data it drew hold only 4"):
-        held_out_pairs(Pairs(5, bad={0}), 8, seed=0)
+        held_out_pairs(IndexPairs(5, bad={0}), 8, seed=0)
     with pytest.raises(ValueError, match=r"^the held-out batch needs a pair per process, but the data holds 1 for 2$"):
-        held_out_pairs(Pairs(1), 8, 0, 0, world=2)
+        held_out_pairs(IndexPairs(1), 8, 0, 0, world=2)
 
 
 def test_replacements_come_from_the_first_32_pairs_per_position_at_most():
     # seed 0 orders 100 pairs starting 44, 19, ..., with 1 at place 63 and 51 last; a batch of 2 draws 64
     good = {44, 1, 51}
-    assert indices(held_out_pairs(Pairs(100, bad=set(range(100)) - good), 2, seed=0)) == [44, 1]
+    assert indices(held_out_pairs(IndexPairs(100, bad=set(range(100)) - good), 2, seed=0)) == [44, 1]
     with pytest.raises(ValueError, match=r"needs 2 good pairs, but the 64 pairs of the data it drew hold only 1"):
-        held_out_pairs(Pairs(100, bad=set(range(100)) - {44, 51}), 2, seed=0)
+        held_out_pairs(IndexPairs(100, bad=set(range(100)) - {44, 51}), 2, seed=0)
 
 
 class Stream(IterableDataset):
@@ -131,7 +117,7 @@ class Stream(IterableDataset):
 
     def __iter__(self):
         for index in range(self.size):
-            yield None if index % 3 == 0 else Pairs(self.size)[index]
+            yield None if index % 3 == 0 else IndexPairs(self.size)[index]
 
 
 def test_a_stream_gives_each_process_its_first_good_pairs_or_one_clear_error():

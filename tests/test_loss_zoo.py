@@ -10,7 +10,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import model_inputs
+from helpers import dual_output, model_inputs, random_output, unit_rows
 from torch import nn
 from transformers import CLIPModel
 
@@ -25,27 +25,9 @@ B, S_DIM, T_DIM = 4, 6, 10
 F64 = torch.float64
 
 
-def unit_rows(n: int, dim: int, *, requires_grad: bool = False) -> torch.Tensor:
-    """A float64 leaf of n L2-normalized random rows."""
-    return F.normalize(torch.randn(n, dim, dtype=F64), dim=-1).requires_grad_(requires_grad)
-
-
 def embeddings(dim: int, scale: float, *, requires_grad: bool = False) -> DualEncoderOutput:
     """Random float64 normalized embeddings and a logit scale, all leaves."""
-    return DualEncoderOutput(
-        unit_rows(B, dim, requires_grad=requires_grad),
-        unit_rows(B, dim, requires_grad=requires_grad),
-        torch.tensor(scale, dtype=F64, requires_grad=requires_grad),
-    )
-
-
-def fixed(image: list, text: list, scale: float, *, requires_grad: bool = False) -> DualEncoderOutput:
-    """Hand-written embeddings (used as given) and scale."""
-    return DualEncoderOutput(
-        torch.tensor(image, dtype=F64, requires_grad=requires_grad),
-        torch.tensor(text, dtype=F64, requires_grad=requires_grad),
-        torch.tensor(scale, dtype=F64),
-    )
+    return random_output(B, dim, scale, dtype=F64, requires_grad=requires_grad, scale_grad=requires_grad)
 
 
 def objective_for(name: str, context: Optional[LossContext] = None, **params):
@@ -97,7 +79,7 @@ def test_siglip_hand_worked_example() -> None:
     """Orthonormal pairs, t = 1, b = 0: logits 1 on the diagonal, 0 off it, so the loss is
     (1/2) (2 log(1 + e^-1) + 2 log 2)."""
     objective, _ = objective_for("siglip", init_bias=0.0)
-    student = fixed([[1, 0], [0, 1]], [[1, 0], [0, 1]], 1.0)
+    student = dual_output([[1, 0], [0, 1]], [[1, 0], [0, 1]], 1.0)
     loss, parts = objective(student, None)  # a task loss: no teacher
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)) + math.log(2), rel=1e-12)
     assert parts["part/siglip_bias"].item() == 0.0
@@ -199,8 +181,8 @@ def test_icl_hand_worked_example_with_equal_dims() -> None:
     directions give log(1 + e^-s); the student's own scale is not used."""
     objective, icl = objective_for("icl", LossContext(2, 2))
     assert isinstance(icl.image_projection, nn.Identity) and list(objective.parameters()) == []
-    student = fixed([[1, 0], [0, 1]], [[1, 0], [0, 1]], 99.0)
-    teacher = fixed([[1, 0], [0, 1]], [[1, 0], [0, 1]], 3.0)
+    student = dual_output([[1, 0], [0, 1]], [[1, 0], [0, 1]], 99.0)
+    teacher = dual_output([[1, 0], [0, 1]], [[1, 0], [0, 1]], 3.0)
     assert objective(student, teacher)[0].item() == pytest.approx(math.log(1 + math.exp(-3.0)), rel=1e-12)
 
 
@@ -280,8 +262,8 @@ def test_crd_hand_worked_facts() -> None:
     """With B = 2 each same-modality row has one other sample (softmax = 1): those parts are 0. The
     loss is scale-invariant (cosine) and 0 for a student equal to its teacher."""
     objective, _ = objective_for("crd")
-    student = fixed([[1, 0], [0, 1]], [[0.8, 0.6], [0.6, 0.8]], 1.0)
-    teacher = fixed([[1, 0], [0, 1]], [[1, 0], [0, 1]], 1.0)
+    student = dual_output([[1, 0], [0, 1]], [[0.8, 0.6], [0.6, 0.8]], 1.0)
+    teacher = dual_output([[1, 0], [0, 1]], [[1, 0], [0, 1]], 1.0)
     loss, parts = objective(student, teacher)
     assert parts["part/crd_image"].item() == 0 and parts["part/crd_text"].item() == 0
     # cross, row 0: teacher softmax((1, 0) / 0.1), student softmax((0.8, 0.6) / 0.1); row 1 is its mirror image.
@@ -549,7 +531,7 @@ def test_attention_hand_worked_kl_and_head_modes() -> None:
     def maps(rows_head0, rows_head1) -> DualEncoderOutput:
         attention = torch.tensor([[rows_head0, rows_head1]], dtype=F64).expand(B, 2, 2, 2)
         return DualEncoderOutput(
-            unit_rows(B, 2), unit_rows(B, 2), torch.tensor(1.0), image_attentions=(attention,), text_attentions=(attention,)
+            unit_rows(B, 2, dtype=F64), unit_rows(B, 2, dtype=F64), torch.tensor(1.0), image_attentions=(attention,), text_attentions=(attention,)
         )
 
     student, teacher = maps(student_row, [[0.75, 0.25], [0.25, 0.75]]), maps(teacher_row, teacher_row)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import random_output
 from torch import nn
 
 from vldistill.losses import LOSSES, LossContext, build_objective
@@ -28,17 +28,9 @@ TEACHER_SPEC = DualEncoderSpec(
 TOKENS = {"image": 5, "text": 6}  # 16x16 images in 8x8 patches plus CLS; 6 text positions
 
 
-def unit_rows(n: int, dim: int, *, requires_grad: bool = False, dtype=torch.float32) -> torch.Tensor:
-    """A leaf tensor of n L2-normalized random rows."""
-    return F.normalize(torch.randn(n, dim, dtype=dtype), dim=-1).requires_grad_(requires_grad)
-
-
 def output(dim: int, scale: float, *, requires_grad: bool = False, dtype=torch.float32) -> DualEncoderOutput:
-    return DualEncoderOutput(
-        image_embeds=unit_rows(B, dim, requires_grad=requires_grad, dtype=dtype),
-        text_embeds=unit_rows(B, dim, requires_grad=requires_grad, dtype=dtype),
-        logit_scale=torch.tensor(scale, dtype=dtype),
-    )
+    """B random unit rows per tower (global RNG) and the logit scale."""
+    return random_output(B, dim, scale, dtype=dtype, requires_grad=requires_grad)
 
 
 def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_grad: bool = False) -> DualEncoderOutput:

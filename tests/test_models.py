@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, model_inputs, teacher_spec
+from helpers import IMAGE_SIZE, SMALL_SPEC, TEXT_LENGTH, build_clip, config_for, model_inputs, teacher_spec
 from transformers import CLIPConfig
 
 from vldistill.data.transforms import to_pixel_values
@@ -26,12 +26,6 @@ from vldistill.models import (
 )
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
 from vldistill.models.io import load_dual_encoder, read_metadata, save_dual_encoder
-
-SMALL_SPEC = DualEncoderSpec(
-    vision=TowerSpec(layers=1, width=16, heads=2, mlp_ratio=2.0, patch_size=8),
-    text=TowerSpec(layers=1, width=16, heads=2, mlp_ratio=2.0),
-    projection_dim=16,
-)
 
 
 # ---------------------------------------------------------------- CLIPDualEncoder

@@ -10,8 +10,7 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import TEXT_LENGTH, build_clip, config_for, model_inputs
+from helpers import TEXT_LENGTH, build_clip, config_for, model_inputs, random_output, seeded
 
 from vldistill.config import ConfigError, OptimConfig, load_config
 from vldistill.data.bundle import in_memory_bundle
@@ -48,9 +47,7 @@ def _one_thread():
 
 def outputs(dim: int = DIM, scale: float = 10.0, seed: int = 0) -> DualEncoderOutput:
     """float64 outputs with random unit rows, deterministic in `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = lambda: F.normalize(torch.randn(B, dim, generator=generator, dtype=torch.float64), dim=-1)  # noqa: E731
-    return DualEncoderOutput(image_embeds=rows(), text_embeds=rows(), logit_scale=torch.tensor(scale, dtype=torch.float64))
+    return random_output(B, dim, scale, dtype=torch.float64, generator=seeded(seed))
 
 
 def value_of(losses: dict, student: DualEncoderOutput, teacher: DualEncoderOutput, **kwargs) -> float:
