@@ -36,7 +36,8 @@ from vldistill.data.bundle import DataBundle, load_data
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.eval.suite import evaluate_model
 from vldistill.models.inputs import inputs_for
-from vldistill.train.runs import TrainedModel, build_student, obtain_teacher, train_student
+from vldistill.train.runs import build_student, obtain_teacher, train_student
+from vldistill.trained import TrainedModel
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -31,7 +31,8 @@ from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.models.inputs import MODEL_INPUTS, inputs_for
 from vldistill.models.io import read_metadata, save_dual_encoder
-from vldistill.train.runs import _batches, cached_teacher, obtain_teacher, teacher_ensemble, train_student
+from vldistill.teachers import teacher_ensemble
+from vldistill.train.runs import _batches, cached_teacher, obtain_teacher, train_student
 
 AUGMENT = AugmentConfig(crop_prob=0.8, flip_prob=0.5, brightness=0.4, word_dropout_prob=0.2, paraphrase_prob=0.5)
 AUGMENT_SET = "data.augment={crop_prob: 0.8, flip_prob: 0.5, brightness: 0.4, word_dropout_prob: 0.2, paraphrase_prob: 0.5}"

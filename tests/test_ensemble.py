@@ -152,7 +152,7 @@ def test_distill_from_two_teachers_with_different_inputs(tmp_path, tokenizer) ->
     from vldistill.config import load_config, packaged_config
     from vldistill.data.bundle import load_data
     from vldistill.models.io import read_metadata, save_dual_encoder
-    from vldistill.train.loop import TrainResult
+    from vldistill.trained import TrainResult
     from vldistill.train.runs import obtain_teacher, train_student
 
     cfg = load_config(packaged_config("tiny"))

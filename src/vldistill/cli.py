@@ -143,7 +143,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """Run the teachers once over every training pair and view; store their embeddings for distillation."""
     from vldistill.cache.build import build_cache
     from vldistill.data.bundle import load_data
-    from vldistill.train.runs import load_teacher
+    from vldistill.teachers import load_teacher
 
     cfg = _config(args)
     if cfg.teacher.path is None:

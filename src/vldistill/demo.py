@@ -27,7 +27,8 @@ from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
 from vldistill.fileio import write_text_atomic
 from vldistill.profile.throughput import compare_image_throughput, speedup
 from vldistill.report.model_card import student_card
-from vldistill.train.runs import TrainedModel, obtain_teacher, train_student
+from vldistill.train.runs import obtain_teacher, train_student
+from vldistill.trained import TrainedModel
 
 TASK_LOSSES = {"clip": {"weight": 1.0}}
 ARMS = ("teacher", "student", "baseline", "scratch")

@@ -35,7 +35,8 @@ from vldistill.data.pairs import PairCollator, PairSample
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.distributed import join_process_group
 from vldistill.models.ensemble import TeacherEnsemble
-from vldistill.train.runs import TrainedModel, check_teacher_fits_data, ensemble_members, teacher_ensemble
+from vldistill.teachers import check_teacher_fits_data, ensemble_members, teacher_ensemble
+from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import json
 import signal
 import time
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
@@ -41,20 +41,10 @@ from vldistill.distributed import (
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.models.inputs import inputs_for
 from vldistill.models.outputs import DualEncoderOutput, concat_outputs, gather_embeddings
+from vldistill.trained import TrainResult
 
 
 LOSS_SIDE_NAMES = ("logit_scale", "logit_bias")
-
-
-@dataclass
-class TrainResult:
-    """What a run did: steps taken, wall seconds of the loop, the logged history and how many steps were
-    skipped for a NaN or infinite loss."""
-
-    steps: int
-    seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
-    nonfinite_steps: int = 0
 
 
 @dataclass

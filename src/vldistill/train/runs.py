@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -31,11 +31,8 @@ from vldistill.losses import LossContext, build_objective
 from vldistill.losses.registry import losses_need
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inherit import inherit_weights
-from vldistill.models.ensemble import TeacherEnsemble
-from vldistill.models.inputs import InputSpec
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.io import read_metadata, save_dual_encoder
-from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.student import (
     clip_config_from_spec,
     spec_from_clip_config,
@@ -45,21 +42,13 @@ from vldistill.models.student import (
 from vldistill.train.checkpoint import (
     CheckpointDamagedError, CheckpointError, TrainState, checkpoints, latest_checkpoint, load_checkpoint,
 )
-from vldistill.train.loop import Checkpointer, TrainResult, train
+from vldistill.train.loop import Checkpointer, train
+from vldistill.teachers import check_teacher_fits_data, ensemble_members, load_teacher, teacher_ensemble, teacher_weights
+from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
 
 TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions are truncated
-
-
-@dataclass
-class TrainedModel:
-    """A trained dual encoder with its tokenizer, where it was saved and how its training went."""
-
-    model: nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    path: Path
-    result: Optional[TrainResult] = None
 
 
 def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
@@ -208,12 +197,6 @@ def saved_on_bad_data(save: Callable[[], Path]) -> Iterator[None]:
         raise DataQualityError(f"{error}\nthe model trained so far was saved to {save()}") from None
 
 
-def load_teacher(path: str, trust_remote_code: bool = False) -> TrainedModel:
-    """A teacher from a model folder or hub id (CLIP, SigLIP or a vldistill two-tower folder)."""
-    model, tokenizer = load_dual_encoder_any(path, trust_remote_code=trust_remote_code)
-    return TrainedModel(model, tokenizer, Path(path))
-
-
 def obtain_teacher(
     cfg: ExperimentConfig, data: DataBundle, cache_dir: Path, log_dir: Optional[Path] = None, progress: bool = True
 ) -> TrainedModel:
@@ -227,50 +210,11 @@ def obtain_teacher(
     return pretrain_teacher(cfg, data, cache_dir, log_dir, progress)
 
 
-def ensemble_members(cfg: ExperimentConfig, primary: TrainedModel) -> list[TrainedModel]:
-    """The primary teacher followed by each loaded `teacher.ensemble` entry."""
-    return [primary, *(load_teacher(entry.path, entry.trust_remote_code) for entry in cfg.teacher.ensemble)]
-
-
-def teacher_weights(cfg: ExperimentConfig) -> list[float]:
-    """The combine weight of each teacher: the primary's, then the ensemble's."""
-    return [cfg.teacher.weight, *(entry.weight for entry in cfg.teacher.ensemble)]
-
-
-def teacher_ensemble(
-    cfg: ExperimentConfig,
-    primary: TrainedModel,
-    student_inputs: InputSpec,
-    members: Optional[list[TrainedModel]] = None,
-) -> tuple[TeacherEnsemble, dict[str, BatchPreprocessor]]:
-    """The primary teacher plus `teacher.ensemble` (or the given `members`, primary first), and the
-    preprocessors of the teachers that take other inputs than the student (batch keys prefixed
-    `teacher{k}.`): every further teacher, and the primary when its input spec differs (e.g. SigLIP's
-    max-length padding)."""
-    members = ensemble_members(cfg, primary) if members is None else members
-    keys, extra = [""], {}
-    if primary.model.input_spec != student_inputs:
-        keys[0] = "teacher0"
-        extra["teacher0"] = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
-    for k, member in enumerate(members[1:], start=1):
-        keys.append(f"teacher{k}")
-        extra[f"teacher{k}"] = BatchPreprocessor.for_model(member.tokenizer, member.model.input_spec)
-    teachers = [member.model for member in members]
-    return TeacherEnsemble(teachers, keys, cfg.teacher.combine, teacher_weights(cfg)), extra
-
-
 def cached_teacher(cfg: ExperimentConfig, data: DataBundle, primary: TrainedModel) -> CachedTeacher:
     """The teachers read from the cache at `cache.path`, which must have been built from exactly these
     teachers (loaded, never run), data and views."""
     members = ensemble_members(cfg, primary)
     return open_cached_teacher(cfg.cache.path, cache_meta(cfg, data, members), teacher_weights(cfg), cfg.teacher.combine)
-
-
-def check_teacher_fits_data(teacher, data_image_size: int) -> None:
-    """Raise ValueError when the data's images are not the size the primary teacher's image tower takes."""
-    expected = teacher.input_spec.image_size
-    if expected != data_image_size:
-        raise ValueError(f"data.image_size is {data_image_size} but the teacher takes {expected}x{expected} images")
 
 
 def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> CLIPDualEncoder:
