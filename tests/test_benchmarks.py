@@ -24,6 +24,7 @@ import pytest
 
 BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
 TIMEOUT = 300  # seconds for every benchmark together; scale_out.py's own --tiny deadline is 240 s
+pytestmark = pytest.mark.slow  # every benchmark script runs in a fresh process
 
 
 def documented_keys(script: Path, printed: dict) -> set[str]:

@@ -24,6 +24,7 @@ def tiny_demo(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_summary_has_every_model_and_figure(tiny_demo):
     out, summary = tiny_demo
     on_disk = json.loads((out / "summary.json").read_text())
@@ -51,6 +52,7 @@ def test_summary_has_every_model_and_figure(tiny_demo):
     )
 
 
+@pytest.mark.slow
 def test_results_records_and_metadata(tiny_demo):
     out, summary = tiny_demo
     record = read_result(out / "results" / "student_zeroshot_classification.json")
@@ -69,6 +71,7 @@ def test_results_records_and_metadata(tiny_demo):
     assert (out / "logs" / "student.jsonl").read_text().count("\n") == 2  # steps 4 and 8
 
 
+@pytest.mark.slow
 def test_baseline_starts_where_the_student_starts(tiny_demo, tmp_path):
     """The baseline differs from the distilled student only by the teacher: the same inherited weights at
     step 0. With one step of the same loss they would end equal; scratch starts elsewhere."""
@@ -83,6 +86,7 @@ def test_baseline_starts_where_the_student_starts(tiny_demo, tmp_path):
     assert not all(torch.equal(student[k], scratch[k]) for k in student)
 
 
+@pytest.mark.slow
 def test_student_without_inheritance_has_no_separate_scratch_run(tmp_path):
     summary = run_demo(load_config(packaged_config("tiny"), ["student.inherit=false"]), tmp_path, progress=False)
     assert summary["scratch_is_baseline"] is True
@@ -90,11 +94,13 @@ def test_student_without_inheritance_has_no_separate_scratch_run(tmp_path):
     assert "scratch" not in {p.name for p in tmp_path.iterdir()}
 
 
+@pytest.mark.slow
 def test_train_pairs_limits_the_students_data(tmp_path):
     summary = run_demo(load_config(packaged_config("tiny"), ["distill.train_pairs=64"]), tmp_path, progress=False)
     assert summary["teacher_train_pairs"] == 256 and summary["student_train_pairs"] == 64
 
 
+@pytest.mark.slow
 def test_student_loads_without_vldistill(tiny_demo):
     out, _ = tiny_demo
     script = (
@@ -113,6 +119,7 @@ def test_student_loads_without_vldistill(tiny_demo):
     assert loaded == {"dim": 16, "params": summary["models"]["student"]["params"]}
 
 
+@pytest.mark.slow
 def test_demo_reuses_a_matching_teacher(tiny_demo, tmp_path):
     out, summary = tiny_demo
     again = run_demo(load_config(packaged_config("tiny")), out, progress=False)
@@ -145,6 +152,7 @@ def test_format_summary_reads_a_hand_made_summary():
     ]
 
 
+@pytest.mark.slow
 def test_cli_demo_quiet_prints_the_summary_and_nothing_on_stderr(tiny_demo, tmp_path, capsys):
     """`vldistill demo --quiet`: the summary on stdout (the library returns it, the CLI prints it), no
     progress bars or messages on stderr."""
@@ -193,6 +201,7 @@ def test_cli_pretrain_distill_eval(tmp_path, capsys):
     assert record["metrics"] == pytest.approx(distilled["metrics"])  # saved model evaluates the same
 
 
+@pytest.mark.slow
 def test_console_entry_point_imports_cleanly():
     """A fresh interpreter entering through the CLI (not through the test's imports) must work."""
     result = subprocess.run([sys.executable, "-m", "vldistill", "list", "losses"], capture_output=True, text=True)

@@ -363,6 +363,7 @@ PLAIN_TRANSFORMERS_SCRIPT = textwrap.dedent(
 
 
 @torch.no_grad()
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_saved_folder_loads_with_plain_transformers_in_a_fresh_process(teacher, tokenizer, make_batch, tmp_path) -> None:
     out_dir = save_dual_encoder(teacher, tokenizer, tmp_path / "model")
     batch = make_batch(3)
