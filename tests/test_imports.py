@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "vldistill"
 
@@ -199,13 +201,26 @@ def test_no_late_imports_of_vldistill_modules() -> None:
     assert not late, "\n".join(dict.fromkeys(late))
 
 
-def test_models_never_import_data() -> None:
-    """vldistill.models sits below vldistill.data: no models module imports a data module."""
+# Layers that must not reach up: (importer, imported, why). A name covers the module and everything under it.
+FORBIDDEN = [
+    (f"{PACKAGE}.models", f"{PACKAGE}.data", "models sit below data: data prepares batches for a model's input spec"),
+    (f"{PACKAGE}.cache", f"{PACKAGE}.train", "the teacher cache is built from teachers and data, not from training"),
+    (f"{PACKAGE}.binding", PACKAGE, "the YAML binder is the ground floor: it imports nothing of vldistill"),
+]
+
+
+def _within(module: str, name: str) -> bool:
+    return module == name or module.startswith(name + ".")
+
+
+@pytest.mark.parametrize("importer, imported, why", FORBIDDEN, ids=[f"{a} -/-> {b}" for a, b, _ in FORBIDDEN])
+def test_layers_never_import_upward(importer: str, imported: str, why: str) -> None:
+    """No module under `importer` imports a module under `imported` (vldistill.models never imports vldistill.data)."""
     wrong = sorted(
         {f"{edge.source} imports {edge.target} (line {edge.line})" for edge in import_edges()
-         if edge.source.startswith(f"{PACKAGE}.models") and edge.target.startswith(f"{PACKAGE}.data")}
+         if _within(edge.source, importer) and _within(edge.target, imported)}
     )
-    assert not wrong, "\n".join(wrong)
+    assert not wrong, f"{why}:\n" + "\n".join(wrong)
 
 
 _IMPORT_EACH = """
