@@ -87,7 +87,11 @@ def test_eval_of_another_model_type_names_it(tmp_path, capsys):
     (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (folder / "model.safetensors").write_bytes(b"")
     assert main(["eval", str(folder), "--config", TINY, "--out", str(tmp_path / "results")]) == 2
-    assert error_line(capsys) == f"vldistill: error: {folder} holds a model of type 'bert', not a CLIP model ('clip')"
+    assert error_line(capsys) == (
+        f"vldistill: error: {folder} holds a model of type 'bert', which is not a supported dual encoder; supported "
+        "model types: clip (an HF CLIPModel), siglip (an HF SiglipModel), two-tower (a vldistill two-tower folder: "
+        "two_tower.json)"
+    )
 
 
 @pytest.mark.parametrize("path", ["/nonexistent/model", "./no/such/model", "a/b/c"])

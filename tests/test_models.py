@@ -25,7 +25,8 @@ from vldistill.models import (
     uniform_layer_map,
 )
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
-from vldistill.models.io import load_dual_encoder, read_metadata, save_dual_encoder
+from vldistill.models.io import read_metadata, save_dual_encoder
+from vldistill.models.loading import load_dual_encoder_any
 
 
 # ---------------------------------------------------------------- CLIPDualEncoder
@@ -271,7 +272,7 @@ def test_save_load_round_trip(teacher, tokenizer, make_batch, tmp_path) -> None:
     assert preprocessor["image_std"] == pytest.approx(list(CLIP_STD))
     assert preprocessor["crop_size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
 
-    loaded, loaded_tokenizer = load_dual_encoder(out_dir)
+    loaded, loaded_tokenizer = load_dual_encoder_any(out_dir)
     batch = make_batch(4)
     again = loaded_tokenizer(batch["captions"], padding="longest", return_tensors="pt")
     assert torch.equal(again["input_ids"], batch["input_ids"])
@@ -295,7 +296,7 @@ def test_save_over_existing_folder_replaces_it(teacher, tokenizer, make_batch, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert not (out_dir / "stale.txt").exists()
     assert not (out_dir / "vldistill.json").exists()  # nothing survives from the previous save
-    loaded, _ = load_dual_encoder(out_dir)
+    loaded, _ = load_dual_encoder_any(out_dir)
     pixels = make_batch(2)["pixel_values"]
     assert torch.allclose(loaded.encode_image(pixels), other.encode_image(pixels), atol=1e-6)
     assert not torch.allclose(loaded.encode_image(pixels), teacher.encode_image(pixels), atol=1e-3)
@@ -320,7 +321,7 @@ def test_load_without_config_raises_file_not_found(tmp_path) -> None:
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.json") as error:
-        load_dual_encoder(folder)
+        load_dual_encoder_any(folder)
     assert str(folder) in str(error.value)
 
 

@@ -168,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vldistill.data.bundle import load_data, load_test_data
     from vldistill.eval.results import format_records
     from vldistill.eval.suite import evaluate_model
-    from vldistill.models.io import load_dual_encoder
+    from vldistill.models.loading import load_dual_encoder_any
 
     if args.data is None and (args.split is not None or args.images is not None):
         raise ConfigError("--split and --images apply to the file given with --data")
@@ -178,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.data is not None:
         check_caption_file_options(args.data, args.split, args.images, ("--data", "--split", "--images"))
-    model, tokenizer = load_dual_encoder(args.model)
+    model, tokenizer = load_dual_encoder_any(args.model)
     name = args.name or Path(args.model).name
     progress = _progress(args)
     if args.data is not None:

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from vldistill.config import EvalConfig
@@ -18,7 +19,6 @@ from vldistill.data.transforms import to_pixel_values
 from vldistill.eval.results import make_result, write_result
 from vldistill.eval.retrieval import evaluate_retrieval
 from vldistill.eval.zeroshot import evaluate_zero_shot, unreported_note
-from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inputs import InputSpec
 from vldistill.profile.throughput import count_parameters, images_per_second
 
@@ -34,7 +34,7 @@ def pixel_batches(images: np.ndarray, spec: InputSpec, batch_size: int) -> Itera
 
 
 def evaluate_model(
-    model: CLIPDualEncoder,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     data: DataBundle,
     cfg: EvalConfig,
@@ -42,7 +42,8 @@ def evaluate_model(
     results_dir: Optional[Path] = None,
     progress: bool = True,
 ) -> dict:
-    """Zero-shot and retrieval records for `model` on `data.test`, plus a flat summary of key figures.
+    """Zero-shot and retrieval records for `model` (any loaded dual encoder: CLIP, SigLIP, two-tower) on
+    `data.test`, plus a flat summary of key figures.
 
     Retrieval runs over the test split's distinct images and all their captions (see
     `retrieval_metrics`): a text hits when its image is among the top K, an image when any of its
@@ -81,7 +82,7 @@ def evaluate_model(
         for task, record in records.items():
             write_result(record, Path(results_dir) / f"{model_name}_{task}.json")
     summary = {
-        "params": count_parameters(model.model),
+        "params": count_parameters(model),
         **{key: {**zeroshot, **retrieval}.get(key) for key in SUMMARY_KEYS},
         "images_per_second": images_per_second(model, spec.image_size, batch_size=cfg.throughput_batch_size),
     }

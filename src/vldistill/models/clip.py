@@ -7,10 +7,12 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel
+from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from vldistill.models.common import clamp_log_scale_, joint_forward
+from vldistill.models.adapters import register_adapter
+from vldistill.models.common import clamp_log_scale_, joint_forward, load_tokenizer_if_present
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
+from vldistill.models.locate import require_tokenizer
 from vldistill.models.outputs import DualEncoderOutput
 
 
@@ -105,3 +107,14 @@ class CLIPDualEncoder(nn.Module):
     def num_parameters(self) -> int:
         """Total parameter count of both towers and projections."""
         return sum(p.numel() for p in self.model.parameters())
+
+
+@register_adapter("clip", "an HF CLIPModel")
+def load_clip(
+    name_or_path: str | os.PathLike, *, attentions: bool = False, trust_remote_code: bool = False
+) -> tuple[CLIPDualEncoder, PreTrainedTokenizerBase]:
+    """A CLIP checkpoint (folder or hub id) as a CLIPDualEncoder with its folder's image normalization,
+    and the tokenizer it holds."""
+    model = CLIPDualEncoder.from_pretrained(name_or_path, attentions=attentions, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer_if_present(name_or_path, trust_remote_code=trust_remote_code)
+    return model, require_tokenizer(tokenizer, name_or_path)

@@ -2,7 +2,8 @@
 
 A saved folder holds `config.json`, `model.safetensors`, the tokenizer files, `preprocessor_config.json`
 and, when given, a model card `README.md` and a `vldistill.json` of run metadata. It loads with
-`transformers.CLIPModel.from_pretrained(dir)` without vldistill installed.
+`transformers.CLIPModel.from_pretrained(dir)` without vldistill installed, and with
+`vldistill.models.loading.load_dual_encoder_any` (which loads every supported family).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from vldistill.fileio import atomic_directory
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
-from vldistill.models.common import load_tokenizer_if_present
-from vldistill.models.locate import NotAModelError, checked_source, hub_errors, require_tokenizer
 
 METADATA_FILE = "vldistill.json"
 
@@ -55,20 +54,6 @@ def save_dual_encoder(
         if card is not None:
             card.save(tmp / "README.md")
     return out_dir
-
-
-def load_dual_encoder(
-    name_or_path: str | os.PathLike, *, attentions: bool = False, trust_remote_code: bool = False
-) -> tuple[CLIPDualEncoder, PreTrainedTokenizerBase]:
-    """Load a CLIP dual encoder and its tokenizer from a local folder or a hub id; a path that holds no
-    CLIP model, or a hub id the hub cannot serve, raises a one-line ModelNotFoundError / NotAModelError."""
-    folder, config = checked_source(name_or_path)
-    if config is not None and config["model_type"] != "clip":
-        raise NotAModelError(f"{folder} holds a model of type {config['model_type']!r}, not a CLIP model ('clip')")
-    with hub_errors(name_or_path, local=folder is not None):
-        model = CLIPDualEncoder.from_pretrained(name_or_path, attentions=attentions, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer_if_present(name_or_path, trust_remote_code=trust_remote_code)
-    return model, require_tokenizer(tokenizer, name_or_path)
 
 
 def write_metadata(folder: str | os.PathLike, metadata: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase, SiglipModel
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from vldistill.fileio import atomic_directory
+from vldistill.models.adapters import register_adapter
 from vldistill.models.common import (
     clamp_log_scale_,
     joint_forward,
@@ -34,6 +35,7 @@ from vldistill.models.common import (
     text_token_settings_from,
 )
 from vldistill.models.inputs import InputSpec, image_normalization
+from vldistill.models.locate import require_tokenizer
 from vldistill.models.outputs import DualEncoderOutput
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -152,3 +154,12 @@ class SiglipDualEncoder(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Keep the learned log temperature within [0, ln 100], as CLIP and open_clip do."""
         clamp_log_scale_(self.model.logit_scale)
+
+
+@register_adapter("siglip", "an HF SiglipModel")
+def load_siglip(
+    name_or_path: str | os.PathLike, *, attentions: bool = False, trust_remote_code: bool = False
+) -> tuple[SiglipDualEncoder, PreTrainedTokenizerBase]:
+    """A SigLIP checkpoint (folder or hub id) as a SiglipDualEncoder, and the tokenizer it holds."""
+    model = SiglipDualEncoder.from_pretrained(name_or_path, attentions=attentions, trust_remote_code=trust_remote_code)
+    return model, require_tokenizer(model.tokenizer, name_or_path)

@@ -27,6 +27,7 @@ from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from vldistill.fileio import atomic_directory
+from vldistill.models.adapters import register_adapter
 from vldistill.models.common import (
     PREPROCESSOR_FILE,
     clamp_log_scale_,
@@ -37,7 +38,9 @@ from vldistill.models.common import (
 )
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec
 from vldistill.models.io import write_metadata
-from vldistill.models.locate import ModelNotFoundError, NotAModelError, checked_source, hub_errors, local_folder
+from vldistill.models.locate import (
+    ModelNotFoundError, NotAModelError, checked_source, hub_errors, local_folder, require_tokenizer,
+)
 from vldistill.models.outputs import DualEncoderOutput
 
 TWO_TOWER_FILE = "two_tower.json"
@@ -363,3 +366,12 @@ class TwoTowerDualEncoder(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Keep the learned log temperature within [0, ln 100], as CLIP and open_clip do."""
         clamp_log_scale_(self.log_logit_scale)
+
+
+@register_adapter("two-tower", f"a vldistill two-tower folder: {TWO_TOWER_FILE}", marker=TWO_TOWER_FILE)
+def load_two_tower(
+    folder: str | os.PathLike, *, attentions: bool = False, trust_remote_code: bool = False
+) -> tuple[TwoTowerDualEncoder, PreTrainedTokenizerBase]:
+    """A folder written by `TwoTowerDualEncoder.save_pretrained`, and the tokenizer in its text/ folder."""
+    model = TwoTowerDualEncoder.from_pretrained(folder, attentions=attentions, trust_remote_code=trust_remote_code)
+    return model, require_tokenizer(model.tokenizer, Path(folder) / TEXT_DIR)
