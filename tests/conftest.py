@@ -18,6 +18,7 @@ from helpers import IMAGE_SIZE, TEXT_LENGTH, build_clip, config_for, save_tiny_b
 
 from vldistill.cli import main
 from vldistill.config import packaged_config
+from vldistill.data import bundle
 from vldistill.data.grammar import vocabulary
 from vldistill.data.synthetic import make_split
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
@@ -61,6 +62,27 @@ def make_batch(tokenizer) -> Callable[..., dict[str, torch.Tensor]]:
         }
 
     return make
+
+
+@pytest.fixture
+def first_process(monkeypatch) -> None:
+    """A single process, as without a launcher: no RANK or WORLD_SIZE in the environment."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+@pytest.fixture
+def progress_flags(monkeypatch) -> list[bool]:
+    """Data loading replaced by a stub that records the `progress` each call is given, then stops the
+    command with a ValueError (exit code 2 from the CLI): the list of recorded flags."""
+    seen = []
+
+    def load_data(cfg, progress=True):
+        seen.append(progress)
+        raise ValueError("stop after loading the data")
+
+    monkeypatch.setattr(bundle, "load_data", load_data)
+    return seen
 
 
 @pytest.fixture(scope="session")

@@ -309,7 +309,14 @@ def gradients(module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-# ---------------------------------------------------------------- a run's step log
+# ---------------------------------------------------------------- launchers and a run's step log
+
+
+def launched_as(monkeypatch, rank: int, world_size: int) -> None:
+    """The environment torchrun / accelerate launch give process `rank` of `world_size`."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+
 
 RESUME_MARK = '{"mark": "the run is resumed after this line"}\n'
 

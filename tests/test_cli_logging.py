@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from helpers import launched_as
 from transformers.utils import logging as transformers_logging
 
 from vldistill import cli
-from vldistill.data import bundle
 
 LIBRARY = logging.getLogger("vldistill.cache.build")  # any module logger under the package's
 
@@ -19,12 +19,6 @@ def _log_one_of_each() -> None:
     LIBRARY.info("probed 64: 900 images/s")
     LIBRARY.warning("teacher cache not used")
     LIBRARY.error("shard 0 is corrupt")
-
-
-@pytest.fixture
-def first_process(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
 def test_messages_go_to_stderr_with_their_prefix(first_process, capsys):
@@ -49,8 +43,7 @@ def test_quiet_keeps_warnings_and_errors(first_process, capsys):
 
 
 def test_a_second_process_writes_errors_only(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    launched_as(monkeypatch, 1, 2)
     with cli.cli_logging(quiet=False):
         _log_one_of_each()
     assert capsys.readouterr().err.splitlines() == ["vldistill: error: shard 0 is corrupt"]
@@ -86,16 +79,9 @@ def test_quiet_is_a_global_option(argv, quiet):
     assert cli.build_parser().parse_args(argv).quiet is quiet
 
 
-def test_quiet_turns_off_progress_bars(first_process, monkeypatch, tmp_path):
+def test_quiet_turns_off_progress_bars(first_process, progress_flags, tmp_path):
     """The commands pass `progress=False` to the library under --quiet (here: data loading)."""
-    seen = []
-
-    def load_data(cfg, progress=True):
-        seen.append(progress)
-        raise ValueError("stop after loading the data")
-
-    monkeypatch.setattr(bundle, "load_data", load_data)
     tiny = str(cli.packaged_config("tiny"))
     for argv in (["pretrain-teacher", tiny, "--out", str(tmp_path)], ["pretrain-teacher", tiny, "--out", str(tmp_path), "-q"]):
         assert cli.main(argv) == 2
-    assert seen == [True, False]
+    assert progress_flags == [True, False]
