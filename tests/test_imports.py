@@ -238,6 +238,7 @@ sys.exit(1 if failed else 0)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers (about 10 s)
 def test_every_module_imports_alone() -> None:
     """Each module imports as the first vldistill import of an interpreter (sys.modules cleared of vldistill
     between modules; third-party modules stay loaded, so one subprocess serves them all)."""
