@@ -9,7 +9,6 @@ import json
 import re
 
 import numpy as np
-import pytest
 import torch
 from helpers import SIGLIP_TEXT_LENGTH, tiny_siglip, tiny_vision
 from torch.testing import assert_close

@@ -14,7 +14,7 @@ from vldistill.binding import build_dataclass
 
 # Importing the families registers their losses.
 from vldistill.losses import attention, contrastive, features, hidden, logits, relational  # noqa: F401
-from vldistill.losses.base import LOSSES, DistillLoss, LossContext
+from vldistill.losses.base import LOSSES, LossContext
 from vldistill.models.outputs import DualEncoderOutput
 from vldistill.schedules import (
     Schedule,

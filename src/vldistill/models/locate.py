@@ -43,17 +43,26 @@ def local_folder(name_or_path: str | os.PathLike) -> Optional[Path]:
     return None
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in the file at `path`; NotAModelError naming the file when it is not valid UTF-8
+    JSON or holds something other than an object (`what` says what it should have been)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NotAModelError(f"{path} is not valid JSON ({error}): not {what}") from None
+    if not isinstance(value, dict):
+        raise NotAModelError(f"{path} holds a JSON {type(value).__name__}, not {what}")
+    return value
+
+
 def model_config(folder: Path) -> dict[str, Any]:
     """The config.json of a local Hugging Face model folder, after checking that the folder holds a model:
     a config that parses and names its model_type, and a weights file."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{folder} is not a model folder: it has no {CONFIG_FILE}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise NotAModelError(f"{path} is not valid JSON ({error}): not a model folder") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+    config = read_json_object(path, "a model config")
+    if not isinstance(config.get("model_type"), str):
         raise NotAModelError(f"{path} names no model_type: {folder} is not a Hugging Face model folder")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ModelNotFoundError(f"{folder} holds no model weights ({' or '.join(WEIGHT_FILES[::2])})")

@@ -39,7 +39,7 @@ from vldistill.models.common import (
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec
 from vldistill.models.io import write_metadata
 from vldistill.models.locate import (
-    ModelNotFoundError, NotAModelError, checked_source, hub_errors, local_folder, require_tokenizer,
+    ModelNotFoundError, checked_source, hub_errors, local_folder, read_json_object, require_tokenizer,
 )
 from vldistill.models.outputs import DualEncoderOutput
 
@@ -72,12 +72,7 @@ def read_two_tower_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / TWO_TOWER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a two-tower folder: it has no {TWO_TOWER_FILE}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise NotAModelError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise NotAModelError(f"{path} holds a JSON {type(config).__name__}, not a two-tower config")
+    config = read_json_object(path, "a two-tower config")
     differences = [
         f"{key} is {config.get(key)!r}, expected {expected!r}"
         for key, expected in (("format", TWO_TOWER_FORMAT), ("version", TWO_TOWER_VERSION))
