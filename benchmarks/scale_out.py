@@ -166,7 +166,7 @@ def measure(args: argparse.Namespace, config: str, work: Path, deadline: Deadlin
     checkpoint = next((work / "checkpointed" / "student-checkpoints").iterdir())
     memory = {
         k: arm(f"memory-{k}", 3, single, {}, f"distill.train.batch_size={args.memory_batch}",
-               f"distill.train.accumulation_steps={k}")["peak_mb"]
+               f"distill.train.accumulation_steps={k}", "distill.train_pairs=null")["peak_mb"]
         for k in (1, 8)
     }
     return {
