@@ -113,7 +113,8 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distill the config's student from `teacher.path` and evaluate it."""
     from vldistill.data.bundle import load_data
-    from vldistill.eval.suite import evaluate_model
+    from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
+    from vldistill.export import write_card
     from vldistill.train.runs import obtain_teacher, train_student
 
     cfg = _config(args)
@@ -135,6 +136,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if not args.no_eval:
         evaluation = evaluate_model(student.model, student.tokenizer, data, cfg.eval, "student", out / "results", progress)
         summary = evaluation["summary"]
+        write_card(student.path, {key: summary[key] for key in SUMMARY_KEYS}, data.name)
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -24,9 +24,9 @@ import yaml
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import load_data
 from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
+from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
 from vldistill.profile.throughput import compare_image_throughput, speedup
-from vldistill.report.model_card import student_card
 from vldistill.train.runs import obtain_teacher, train_student
 from vldistill.trained import TrainedModel
 
@@ -55,18 +55,6 @@ def format_table(models: dict[str, dict]) -> str:
             f"{m['text_retrieval_recall@1']:>10.3f}{m['images_per_second']:>10,.0f} {spread:>13}"
         )
     return "\n".join([header, *rows])
-
-
-def _card(cfg: ExperimentConfig, student: TrainedModel, teacher: TrainedModel, models: dict, data_name: str):
-    return student_card(
-        model_name=student.path.name,
-        base_model=str(teacher.path),
-        dataset=data_name,
-        metrics={k: models["student"][k] for k in SUMMARY_KEYS},
-        params=models["student"]["params"],
-        teacher_params=models["teacher"]["params"],
-        losses=cfg.distill.losses,
-    )
 
 
 def environment() -> dict[str, object]:
@@ -142,8 +130,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
         "dataset": data.name,
         "data_quality": data.quality.summary(),
     }
-    card = _card(cfg, arms["student"], arms["teacher"], models, data.name)
-    write_text_atomic(out_dir / "student" / "README.md", card.content)
+    write_card(arms["student"].path, {key: models["student"][key] for key in SUMMARY_KEYS}, data.name)
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

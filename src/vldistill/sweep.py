@@ -14,6 +14,7 @@ from typing import Any
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import load_data
 from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
+from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
 from vldistill.losses import LOSSES
 from vldistill.schedules import describe_schedule
@@ -131,6 +132,7 @@ def run_sweep(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> di
             )
             seconds = time.perf_counter() - start
             summary = evaluate_model(student.model, student.tokenizer, data, cfg.eval, name, progress=progress)["summary"]
+            write_card(student.path, {key: summary[key] for key in SUMMARY_KEYS}, data.name, f"{name}-seed{seed}")
             per_seed.append({
                 "seed": seed,
                 **{key: summary[key] for key in SUMMARY_KEYS},

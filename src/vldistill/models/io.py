@@ -1,7 +1,8 @@
 """Save and load dual encoders as plain Hugging Face folders, written atomically.
 
 A saved folder holds `config.json`, `model.safetensors`, the tokenizer files, `preprocessor_config.json`
-and, when given, a model card `README.md` and a `vldistill.json` of run metadata. It loads with
+and, when given, a `vldistill.json` of run metadata (a student's whole folder, with its model card, is
+written by `vldistill.export`). It loads with
 `transformers.CLIPModel.from_pretrained(dir)` without vldistill installed, and with
 `vldistill.models.loading.load_dual_encoder_any` (which loads every supported family).
 """
@@ -13,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from huggingface_hub import ModelCard
 from transformers import PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -40,20 +40,22 @@ def save_dual_encoder(
     out_dir: str | os.PathLike,
     *,
     metadata: Optional[dict[str, Any]] = None,
-    card: Optional[ModelCard] = None,
 ) -> Path:
     """Write `model` with its tokenizer and image processor as an HF folder at `out_dir`, atomically."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        model.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        spec = model.input_spec
-        image_processor_for(spec.image_size, spec.image_mean, spec.image_std).save_pretrained(tmp)
+        write_dual_encoder(model, tokenizer, tmp)
         if metadata is not None:
             write_metadata(tmp, metadata)
-        if card is not None:
-            card.save(tmp / "README.md")
     return out_dir
+
+
+def write_dual_encoder(model: CLIPDualEncoder, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> None:
+    """Write the HF files of `model` (config, weights, tokenizer, image processor) into a folder being assembled."""
+    model.model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    spec = model.input_spec
+    image_processor_for(spec.image_size, spec.image_mean, spec.image_std).save_pretrained(folder)
 
 
 def write_metadata(folder: str | os.PathLike, metadata: dict[str, Any]) -> None:

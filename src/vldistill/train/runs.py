@@ -7,7 +7,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sized
 
 import torch
 from accelerate.utils import set_seed
@@ -26,6 +26,7 @@ from vldistill.data.pairs import PairCollator, held_out_pairs, pair_loader, repe
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.quality import DataQualityError
 from vldistill.distributed import process_rank
+from vldistill.export import export_student
 from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.losses import LossContext, build_objective
 from vldistill.losses.registry import losses_need
@@ -33,6 +34,7 @@ from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inherit import inherit_weights
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.io import read_metadata, save_dual_encoder
+from vldistill.profile.throughput import count_parameters
 from vldistill.models.student import (
     clip_config_from_spec,
     spec_from_clip_config,
@@ -337,5 +339,9 @@ def train_student(
             progress=progress,
         )
     if process_rank()[0] == 0:  # one writer when several processes train together
-        save_dual_encoder(student, teacher.tokenizer, out_dir, metadata={**metadata, "data_quality": data.quality.summary()})
+        export_student(student, teacher.tokenizer, out_dir, {
+            **metadata, "data_quality": data.quality.summary(), "steps": result.steps,
+            "train_pairs": len(data.train) if isinstance(data.train, Sized) else cfg.distill.train_pairs,
+            "teacher_params": count_parameters(teacher.model),
+        })
     return TrainedModel(student, teacher.tokenizer, Path(out_dir), result)

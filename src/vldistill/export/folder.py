@@ -1,0 +1,51 @@
+"""The student folder: the Hugging Face model files, the `vldistill.json` run metadata and the model card
+`README.md`, written together and atomically; the card is rewritten with the metrics once measured."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from transformers import PreTrainedTokenizerBase
+
+from vldistill.export.model_card import student_card
+from vldistill.fileio import atomic_directory, write_text_atomic
+from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.io import METADATA_FILE, read_metadata, write_dual_encoder, write_metadata
+from vldistill.profile.throughput import count_parameters
+
+CARD_FILE = "README.md"
+
+
+def export_student(
+    student: CLIPDualEncoder,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | os.PathLike,
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Write `student` as a plain HF folder at `folder`, atomically: model files, `vldistill.json` (the run
+    `metadata` plus the student's parameter count) and a model card saying how it was distilled."""
+    folder = Path(folder)
+    metadata = {**metadata, "params": count_parameters(student)}
+    with atomic_directory(folder) as tmp:
+        write_dual_encoder(student, tokenizer, tmp)
+        write_metadata(tmp, metadata)
+        (tmp / CARD_FILE).write_text(student_card(metadata, folder.name).content, encoding="utf-8")
+    return folder
+
+
+def write_card(
+    folder: str | os.PathLike,
+    metrics: Optional[Mapping[str, Optional[float]]] = None,
+    dataset: Optional[str] = None,
+    model_name: Optional[str] = None,
+) -> Path:
+    """Rewrite a saved student's `README.md` atomically from its `vldistill.json`, with `metrics` measured on
+    `dataset` (None values left out) as the card's `model-index`; the model is named `model_name` (default:
+    the folder's name)."""
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    if not metadata:
+        raise FileNotFoundError(f"{folder / METADATA_FILE}: no run metadata to write a model card from")
+    return write_text_atomic(folder / CARD_FILE, student_card(metadata, model_name or folder.name, metrics, dataset).content)

@@ -1,1 +1,0 @@
-"""Reporting: model cards and printed summaries."""
