@@ -3,7 +3,9 @@ how it was distilled and, once evaluated, its measured metrics as a `model-index
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from vldistill.models.io import read_metadata
 from vldistill.train.runs import obtain_teacher, train_student
 
 TINY = str(packaged_config("tiny"))
+MODELS = Path(__file__).resolve().parents[1] / "src" / "vldistill" / "models"
 
 METADATA = {
     "role": "student",
@@ -127,3 +130,16 @@ def test_sweep_run_folders_have_their_cards(tmp_path, pretrained_teacher, capsys
         measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
         assert measured["image_retrieval_recall@1"] == pytest.approx(run["image_retrieval_recall@1"])
         assert f"- Losses: {'clip (weight 1)' if run['name'] == 'clip' else 'clip (weight 1), kd (weight 1'}" in card.text
+
+
+def test_models_never_import_export():
+    """export/ builds on models/ (it writes their folders); a model module importing export/ would turn that around."""
+    imported = set()
+    for path in MODELS.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported.update((path.name, alias.name) for alias in node.names)
+    assert any(module == "vldistill.models.io" for _, module in imported)  # the walk sees vldistill imports
+    assert [pair for pair in imported if pair[1].startswith("vldistill.export")] == []
