@@ -20,7 +20,7 @@ import time
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence
+from typing import IO, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -166,127 +166,221 @@ def train(
     `optim.log_every` steps to the history and `log_path` (JSONL). A progress bar on the main process
     when `progress`.
     """
+    check_inputs(objective, teacher, held_out_batch)
+    run = _Run.prepare(student, objective, optim, checkpointer)
+    if resume is not None:
+        run.restore(resume)
+    run.attach_teacher(teacher, held_out_batch)
+    run.module.train()
+    run.open_log(log_path, append=resume is not None)
+    run.start = time.perf_counter()
+    run.bar = tqdm(
+        total=optim.steps, initial=run.step, desc=desc, disable=not (progress and run.accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    stop = StopRequests()
+    stop.install()
+    try:
+        for window in _windows(batches, optim.accumulation_steps):
+            loss, parts = run.backward(window)
+            run.update(loss, parts)
+            run.log(parts)
+            if run.finished_or_stopped(stop):
+                break
+    finally:
+        stop.restore()
+        run.close()
+    settle_collectives()
+    return TrainResult(
+        steps=run.step, seconds=time.perf_counter() - run.start, history=run.history, nonfinite_steps=run.nonfinite
+    )
+
+
+def check_inputs(
+    objective: DistillationObjective, teacher: Optional[nn.Module], held_out_batch: Optional[dict[str, torch.Tensor]]
+) -> None:
+    """Raise ValueError when the objective needs a teacher or a held-out batch that was not given."""
     if objective.needs and teacher is None:
         raise ValueError(f"the selected losses need a teacher ({', '.join(sorted(objective.needs))}), but none was given")
     if objective.needs_held_out and held_out_batch is None:
         raise ValueError("gap weighting (distill.weighting.kind: gap) needs a held_out_batch to measure the gap on")
-    steps = optim.steps
-    # cpu=True on a machine without an accelerator: accelerate then runs several processes as DDP over gloo
-    # (without it, processes started by torchrun would each train alone).
+
+
+def _accelerator() -> Accelerator:
+    """The process's accelerator, refusing FSDP. cpu=True on a machine without an accelerator: accelerate then
+    runs several processes as DDP over gloo (without it, processes started by torchrun would each train alone)."""
     join_process_group()
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-    # Our own autocast, not accelerate's mixed_precision: that is fixed once per process, and one process may
-    # pretrain a teacher in fp32 and then distill in bf16.
-    autocast = functools.partial(
-        torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=uses_bf16(optim.precision)
-    )
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError(
             "FSDP (accelerate launch --use_fsdp) is not supported: vldistill replicates the student with DDP, and "
             "its checkpoints and saved students read whole parameters, which FSDP shards. Launch without "
             "--use_fsdp; to save memory, cache the teacher's outputs (vldistill cache) instead"
         )
-    module = StudentWithObjective(student, objective)
-    optimizer = torch.optim.AdamW(parameter_groups(module, optim.weight_decay), lr=optim.lr)
-    # The scheduler is stepped once per optimizer step by us (not prepared: accelerate would step it
-    # once per process).
-    scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    if resume is not None:
-        accelerator.unwrap_model(module).load_state_dict(resume.weights)
-        objective.load_weighting_state(resume.weighting)
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
+    return accelerator
+
+
+@dataclass
+class _Run:
+    """One run of the loop: what `train` prepared (accelerator, module, optimizer, scheduler, teacher) and what
+    moves with the steps (the step, the non-finite counts, the history, the log file, the progress bar)."""
+
+    accelerator: Accelerator
+    autocast: Callable[[], ContextManager]
+    module: nn.Module
+    objective: DistillationObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optim: OptimConfig
+    checkpointer: Optional[Checkpointer]
+    teacher: Optional[nn.Module] = None
+    held_out_batch: Optional[dict[str, torch.Tensor]] = None
+    held_out_teacher: Optional[DualEncoderOutput] = None
+    step: int = 0
+    nonfinite: int = 0
+    consecutive_nonfinite: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    log_file: Optional[IO[str]] = None
+    start: float = 0.0
+    bar: Optional[tqdm] = None
+
+    @classmethod
+    def prepare(
+        cls, student: CLIPDualEncoder, objective: DistillationObjective, optim: OptimConfig,
+        checkpointer: Optional[Checkpointer],
+    ) -> _Run:
+        """The accelerator, autocast, and the student with its objective under AdamW and a warmup-cosine schedule."""
+        accelerator = _accelerator()
+        # Our own autocast, not accelerate's mixed_precision: that is fixed once per process, and one process may
+        # pretrain a teacher in fp32 and then distill in bf16.
+        autocast = functools.partial(
+            torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=uses_bf16(optim.precision)
+        )
+        module = StudentWithObjective(student, objective)
+        optimizer = torch.optim.AdamW(parameter_groups(module, optim.weight_decay), lr=optim.lr)
+        # The scheduler is stepped once per optimizer step by us (not prepared: accelerate would step it
+        # once per process).
+        scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.steps)
+        module, optimizer = accelerator.prepare(module, optimizer)
+        return cls(accelerator, autocast, module, objective, optimizer, scheduler, optim, checkpointer)
+
+    def restore(self, resume: TrainState) -> None:
+        """Continue from a checkpoint: weights, gap weighting, optimizer, scheduler, random state, step, count."""
+        self.accelerator.unwrap_model(self.module).load_state_dict(resume.weights)
+        self.objective.load_weighting_state(resume.weighting)
+        self.optimizer.load_state_dict(resume.optimizer)
+        self.scheduler.load_state_dict(resume.scheduler)
         restore_rng(resume.rng)
-    if teacher is not None and objective.needs:
-        if not isinstance(teacher, (TeacherEnsemble, CachedTeacher)):
-            teacher = TeacherEnsemble([teacher])
-        teacher = teacher.to(accelerator.device).eval()
-    if objective.needs_held_out:
-        held_out_batch = {k: v.to(accelerator.device) for k, v in held_out_batch.items()}
-        held_out_teacher = teacher(held_out_batch, objective.needs)
-    module.train()
-    history: list[dict[str, float]] = []
-    log_file = None
-    if log_path is not None and accelerator.is_main_process:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "a" if resume is not None else "w")
-    start = time.perf_counter()
-    step = resume.step if resume is not None else 0
-    nonfinite = resume.nonfinite_steps if resume is not None else 0
-    consecutive_nonfinite = 0
-    bar = tqdm(
-        total=steps, initial=step, desc=desc, disable=not (progress and accelerator.is_main_process), dynamic_ncols=True
-    )
+        self.step, self.nonfinite = resume.step, resume.nonfinite_steps
 
-    def write_checkpoint() -> None:
-        if checkpointer is not None and accelerator.is_main_process:
-            state = TrainState(
-                step, accelerator.unwrap_model(module).state_dict(), optimizer.state_dict(),
-                scheduler.state_dict(), capture_rng(), nonfinite, objective.weighting_state(),
+    def attach_teacher(self, teacher: Optional[nn.Module], held_out_batch: Optional[dict[str, torch.Tensor]]) -> None:
+        """Put the teacher (a lone model wrapped as an ensemble of one) on the device in eval mode when the
+        objective needs one, and take its output on the held-out batch when gap weighting needs that."""
+        if teacher is not None and self.objective.needs:
+            if not isinstance(teacher, (TeacherEnsemble, CachedTeacher)):
+                teacher = TeacherEnsemble([teacher])
+            teacher = teacher.to(self.accelerator.device).eval()
+        self.teacher = teacher
+        if self.objective.needs_held_out:
+            self.held_out_batch = {k: v.to(self.accelerator.device) for k, v in held_out_batch.items()}
+            self.held_out_teacher = teacher(self.held_out_batch, self.objective.needs)
+
+    def open_log(self, log_path: Optional[Path], append: bool) -> None:
+        """Open the JSONL log on the main process (appended to when resuming)."""
+        if log_path is not None and self.accelerator.is_main_process:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(log_path, "a" if append else "w")
+
+    def backward(self, window: list[dict[str, torch.Tensor]]) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """Move the schedules to this step (re-measuring gap weighting when due), take the teacher's output on the
+        window and accumulate the window's gradient; the loss (None when non-finite) and its parts."""
+        accelerator, objective = self.accelerator, self.objective
+        objective.set_progress(self.step, self.optim.steps)
+        if objective.gap_due(self.step):
+            with self.autocast():
+                accelerator.unwrap_model(self.module).refresh_gap(self.held_out_batch, self.held_out_teacher)
+        check_equal_batches(window, accelerator.device)
+        window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
+        with self.autocast():
+            teacher_output = teacher_output_over(self.teacher, window, objective.needs) if objective.needs else None
+        return backward_window(accelerator, self.module, window, teacher_output, self.autocast)
+
+    def update(self, loss: Optional[torch.Tensor], parts: dict[str, torch.Tensor]) -> None:
+        """Finish the step: the optimizer update (clipped, logit scale clamped), or for a non-finite loss none,
+        counted; then the scheduler moves and the step count advances."""
+        if loss is not None:
+            self.consecutive_nonfinite = 0
+            if self.optim.grad_clip is not None:
+                self.accelerator.clip_grad_norm_(self.module.parameters(), self.optim.grad_clip)
+            self.optimizer.step()
+            self.accelerator.unwrap_model(self.module).student.clamp_logit_scale()
+        else:
+            self.skip_nonfinite(parts)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bar.update(1)
+
+    def skip_nonfinite(self, parts: dict[str, torch.Tensor]) -> None:
+        """Count a skipped non-finite step; NonFiniteLossError after `optim.max_nonfinite` in a row."""
+        self.nonfinite += 1
+        self.consecutive_nonfinite += 1
+        if self.consecutive_nonfinite >= self.optim.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} non-finite losses in a row (last at step {self.step + 1}: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items() if k.startswith("loss/"))
+                + f"); stopping (distill.train.max_nonfinite={self.optim.max_nonfinite}). The weights are those "
+                "of the last finite step: lower the learning rate or check the data"
             )
-            save_checkpoint(checkpointer.folder, state, checkpointer.fingerprint, checkpointer.keep)
 
-    stop = StopRequests()
-    stop.install()
-    try:
-        for window in _windows(batches, optim.accumulation_steps):
-            objective.set_progress(step, steps)
-            if objective.gap_due(step):
-                with autocast():
-                    accelerator.unwrap_model(module).refresh_gap(held_out_batch, held_out_teacher)
-            check_equal_batches(window, accelerator.device)
-            window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
-            with autocast():
-                teacher_output = teacher_output_over(teacher, window, objective.needs) if objective.needs else None
-            loss, parts = backward_window(accelerator, module, window, teacher_output, autocast)
-            if loss is not None:
-                consecutive_nonfinite = 0
-                if optim.grad_clip is not None:
-                    accelerator.clip_grad_norm_(module.parameters(), optim.grad_clip)
-                optimizer.step()
-                accelerator.unwrap_model(module).student.clamp_logit_scale()
-            else:  # skip the update, count it, stop after too many in a row
-                nonfinite += 1
-                consecutive_nonfinite += 1
-                if consecutive_nonfinite >= optim.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{consecutive_nonfinite} non-finite losses in a row (last at step {step + 1}: "
-                        + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items() if k.startswith("loss/"))
-                        + f"); stopping (distill.train.max_nonfinite={optim.max_nonfinite}). The weights are those "
-                        "of the last finite step: lower the learning rate or check the data"
-                    )
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % optim.log_every == 0 or step == steps:
-                record = {
-                    "step": step, "seconds": round(time.perf_counter() - start, 3), "lr": scheduler.get_last_lr()[0],
-                    **{k: float(v) for k, v in parts.items()},
-                }
-                history.append(record)
-                bar.set_postfix(loss=f"{record['loss/total']:.3f}")
-                if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-            due = checkpointer is not None and checkpointer.due(step, steps)
-            if due:
-                write_checkpoint()
-            if step == steps:
-                break
-            if not on_every_rank(not stop.requested, accelerator.device):  # a signal reached some rank
-                if not due:
-                    write_checkpoint()
-                settle_collectives()
-                raise TrainingStopped(_stopped_message(stop, step, steps, checkpointer), stop.signal_number or signal.SIGTERM)
-    finally:
-        stop.restore()
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-    settle_collectives()
-    return TrainResult(steps=step, seconds=time.perf_counter() - start, history=history, nonfinite_steps=nonfinite)
+    def log(self, parts: dict[str, torch.Tensor]) -> None:
+        """Every `optim.log_every` steps and at the last one: a record of the step's losses, weights and
+        temperatures, the learning rate and the seconds so far, to the history, the progress bar and the log."""
+        if self.step % self.optim.log_every and self.step != self.optim.steps:
+            return
+        record = {
+            "step": self.step, "seconds": round(time.perf_counter() - self.start, 3),
+            "lr": self.scheduler.get_last_lr()[0], **{k: float(v) for k, v in parts.items()},
+        }
+        self.history.append(record)
+        self.bar.set_postfix(loss=f"{record['loss/total']:.3f}")
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def finished_or_stopped(self, stop: StopRequests) -> bool:
+        """Write the checkpoint due after this step; True after the last step. When a stop signal reached any
+        rank, checkpoint this step (if not just done) and raise TrainingStopped."""
+        due = self.checkpointer is not None and self.checkpointer.due(self.step, self.optim.steps)
+        if due:
+            self.write_checkpoint()
+        if self.step == self.optim.steps:
+            return True
+        if not on_every_rank(not stop.requested, self.accelerator.device):  # a signal reached some rank
+            if not due:
+                self.write_checkpoint()
+            settle_collectives()
+            raise TrainingStopped(
+                _stopped_message(stop, self.step, self.optim.steps, self.checkpointer),
+                stop.signal_number or signal.SIGTERM,
+            )
+        return False
+
+    def write_checkpoint(self) -> None:
+        """Save the run's state after this step (main process only, when checkpointing)."""
+        if self.checkpointer is not None and self.accelerator.is_main_process:
+            state = TrainState(
+                self.step, self.accelerator.unwrap_model(self.module).state_dict(), self.optimizer.state_dict(),
+                self.scheduler.state_dict(), capture_rng(), self.nonfinite, self.objective.weighting_state(),
+            )
+            save_checkpoint(self.checkpointer.folder, state, self.checkpointer.fingerprint, self.checkpointer.keep)
+
+    def close(self) -> None:
+        """Close the progress bar and the log file."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.log_file is not None:
+            self.log_file.close()
 
 
 def _stopped_message(stop: StopRequests, step: int, steps: int, checkpointer: Optional[Checkpointer]) -> str:

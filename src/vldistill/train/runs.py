@@ -45,6 +45,7 @@ from vldistill.train.checkpoint import (
     CheckpointDamagedError, CheckpointError, TrainState, checkpoints, latest_checkpoint, load_checkpoint,
 )
 from vldistill.train.loop import Checkpointer, train
+from vldistill.train.plan import DistillPlan
 from vldistill.teachers import check_teacher_fits_data, ensemble_members, load_teacher, teacher_ensemble, teacher_weights
 from vldistill.trained import TrainedModel
 
@@ -276,7 +277,7 @@ def first_pairs(data: DataBundle, count: Optional[int]) -> DataBundle:
     return dataclasses.replace(data, train=Subset(data.train, range(count)))
 
 
-def train_student(
+def plan_student_run(
     cfg: ExperimentConfig,
     data: DataBundle,
     teacher: TrainedModel,
@@ -284,15 +285,13 @@ def train_student(
     *,
     losses: Optional[Mapping[str, Mapping[str, Any]]] = None,
     inherit: Optional[bool] = None,
-    desc: str = "distill student",
-    log_path: Optional[Path] = None,
     resume: Optional[str] = None,
-    progress: bool = True,
-) -> TrainedModel:
-    """Build the configured student for the (primary) teacher, train it with `losses` (default:
-    `cfg.distill.losses`) and save it. The teachers are used only if a loss needs them: read from the
-    teacher cache at `cache.path` when it can serve every loss (see cache.teacher.serve_from_cache),
-    else run online. A progress bar when `progress`."""
+) -> DistillPlan:
+    """Resolve a student run once: the losses (default `cfg.distill.losses`) and inheritance (default
+    `cfg.student.inherit`), the teachers' source (the cache at `cache.path` when it can serve every loss, see
+    cache.teacher.serve_from_cache; else the online ensemble when a loss needs a teacher; else none), the
+    student (seeded with `cfg.seed`), the objective, the checkpoints beside `out_dir` and the state `resume`
+    names, the batches from that state's step on and gap weighting's held-out batch."""
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
@@ -319,25 +318,47 @@ def train_student(
         data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views, cfg.data.num_workers, start_step
     )
     held_out = held_out_batch(data, preprocess, optim.batch_size, cfg.seed, extra) if objective.needs_held_out else None
+    return DistillPlan(
+        losses=losses, inherit=inherit, from_cache=from_cache, student=student, teachers=teachers, objective=objective,
+        data=data, batches=batches, optim=optim, held_out=held_out,
+        checkpointer=checkpointer if checkpointer.every else None, resume=state,
+    )
+
+
+def train_student(
+    cfg: ExperimentConfig,
+    data: DataBundle,
+    teacher: TrainedModel,
+    out_dir: Path,
+    *,
+    losses: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    inherit: Optional[bool] = None,
+    desc: str = "distill student",
+    log_path: Optional[Path] = None,
+    resume: Optional[str] = None,
+    progress: bool = True,
+) -> TrainedModel:
+    """Build the configured student for the (primary) teacher, train it with `losses` (default:
+    `cfg.distill.losses`) and save it. The teachers are used only if a loss needs them: read from the
+    teacher cache at `cache.path` when it can serve every loss (see cache.teacher.serve_from_cache),
+    else run online. A progress bar when `progress`."""
+    plan = plan_student_run(cfg, data, teacher, out_dir, losses=losses, inherit=inherit, resume=resume)
+    student, data = plan.student, plan.data
     metadata = {
         "role": "student",
         "teacher": str(teacher.path),
         "ensemble": [{"path": t.path, "weight": t.weight} for t in cfg.teacher.ensemble],
         "combine": cfg.teacher.combine,
-        "teacher_cache": cfg.cache.path if from_cache else None,
-        "losses": {k: dict(v) for k, v in losses.items()},
+        "teacher_cache": cfg.cache.path if plan.from_cache else None,
+        "losses": {k: dict(v) for k, v in plan.losses.items()},
         "weighting": asdict(cfg.distill.weighting),
-        "inherit": inherit,
+        "inherit": plan.inherit,
         "seed": cfg.seed,
         "vldistill": __version__,
     }
     interrupted = Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted")
     with saved_on_bad_data(lambda: save_dual_encoder(student, teacher.tokenizer, interrupted, metadata=metadata)):
-        result = train(
-            student, objective, batches, optim, teacher=teachers, desc=desc, log_path=log_path,
-            held_out_batch=held_out, checkpointer=checkpointer if checkpointer.every else None, resume=state,
-            progress=progress,
-        )
+        result = plan.train(desc, log_path, progress)
     if process_rank()[0] == 0:  # one writer when several processes train together
         export_student(student, teacher.tokenizer, out_dir, {
             **metadata, "data_quality": data.quality.summary(), "steps": result.steps,
