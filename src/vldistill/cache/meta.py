@@ -8,22 +8,18 @@ augmentation is refused with one line per differing key.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from vldistill import __version__
 from vldistill.binding import plain_digest
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import DataBundle
-from vldistill.models.two_tower import TwoTowerDualEncoder
-
-# Config entries that describe where or how a model was loaded, not what it computes.
-VOLATILE_CONFIG_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version", "architectures"})
+from vldistill.models.contract import DualEncoder
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -36,51 +32,23 @@ def state_dict_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _stable_config(config: PretrainedConfig) -> dict[str, Any]:
-    """A HF config as JSON data without its volatile entries (private `_*` keys, dtype, versions), so a
-    freshly built model and the same model reloaded from disk describe themselves alike."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {k: clean(v) for k, v in value.items() if not (str(k).startswith("_") or k in VOLATILE_CONFIG_KEYS)}
-        return value
-
-    return json.loads(json.dumps(clean(config.to_dict()), default=str))
-
-
-def model_config(model: nn.Module) -> dict[str, Any]:
-    """The architecture of a dual encoder as JSON data: its HF config (CLIP, SigLIP), or for a
-    two-tower model both backbones' configs and its head settings."""
-    if isinstance(model, TwoTowerDualEncoder):
-        return {
-            "vision": _stable_config(model.vision.config),
-            "text": _stable_config(model.text.config),
-            "projection_dim": model.projection_dim,
-            "vision_pooling": model.vision_pooling,
-            "text_pooling": model.text_pooling,
-        }
-    if isinstance(getattr(getattr(model, "model", None), "config", None), PretrainedConfig):
-        return _stable_config(model.model.config)
-    raise ValueError(f"cannot describe a {type(model).__name__} for the teacher cache: it has no HF config")
-
-
 def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the tokenizer's vocabulary and special tokens."""
     payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
     return plain_digest(payload, length=64)
 
 
-def logit_settings(model: nn.Module) -> dict[str, Optional[float]]:
+def logit_settings(model: DualEncoder) -> dict[str, Optional[float]]:
     """The teacher's (constant) exponentiated logit scale and, for SigLIP, its logit bias."""
-    bias = getattr(model, "logit_bias", None)
+    bias = model.logit_bias
     return {"logit_scale": float(model.logit_scale.detach()), "logit_bias": None if bias is None else float(bias.detach())}
 
 
-def teacher_identity(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def teacher_identity(model: DualEncoder, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Who a teacher is: class, architecture, weights' sha256, tokenizer's sha256 and logit settings."""
     return {
         "class": type(model).__name__,
-        "config": model_config(model),
+        "config": model.architecture_config(),
         "sha256": state_dict_sha256(model),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         **logit_settings(model),

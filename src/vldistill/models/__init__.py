@@ -1,6 +1,7 @@
 """Dual encoders: the common interface, the HF CLIP adapter, student builder and weight inheritance."""
 
 from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.contract import DualEncoder
 from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.siglip import SiglipDualEncoder
@@ -12,6 +13,7 @@ from vldistill.models.student import clip_config_from_spec, spec_from_clip_confi
 
 __all__ = [
     "CLIPDualEncoder",
+    "DualEncoder",
     "SiglipDualEncoder",
     "TeacherEnsemble",
     "TwoTowerDualEncoder",

@@ -4,8 +4,9 @@ a config's model_type to a class). Each adapter module registers a loader for it
     @register_adapter("clip", "an HF CLIPModel")
     def load_clip(name_or_path, *, attentions=False, trust_remote_code=False): ...
 
-A loader takes a local folder or hub id and returns (dual encoder, tokenizer); `models.loading` reads
-a folder's model_type and calls the loader registered for it. A family whose folders have no
+A loader takes a local folder or hub id and returns (dual encoder, tokenizer), the model satisfying
+`models.contract.DualEncoder`; `models.loading` reads a folder's model_type and calls the loader
+registered for it. A family whose folders have no
 `config.json` (the vldistill two-tower folder) names a `marker` file that identifies its folders.
 """
 
@@ -14,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from vldistill.models.contract import DualEncoder
 from vldistill.registry import Registry
 
-Loader = Callable[..., tuple[nn.Module, PreTrainedTokenizerBase]]
+Loader = Callable[..., tuple[DualEncoder, PreTrainedTokenizerBase]]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +12,13 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill.models.adapters import register_adapter
-from vldistill.models.common import clamp_log_scale_, joint_forward, load_tokenizer_if_present
+from vldistill.models.common import clamp_log_scale_, joint_forward, load_tokenizer_if_present, stable_config
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
+from vldistill.models.io import save_dual_encoder
 from vldistill.models.locate import require_tokenizer
 from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.spec import DualEncoderSpec
+from vldistill.models.student import spec_from_clip_config
 
 
 class CLIPDualEncoder(nn.Module):
@@ -76,6 +81,11 @@ class CLIPDualEncoder(nn.Module):
         """The exponentiated temperature that multiplies cosine similarities."""
         return self.model.logit_scale.exp()
 
+    @property
+    def logit_bias(self) -> None:
+        """CLIP adds no bias to its logits."""
+        return None
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalized image embeddings (B, D)."""
         return F.normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
@@ -103,6 +113,31 @@ class CLIPDualEncoder(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Keep the learned temperature within [0, ln 100] as CLIP and open_clip do."""
         clamp_log_scale_(self.model.logit_scale)
+
+    def architecture_spec(self) -> DualEncoderSpec:
+        """The tower spec of the CLIP config (what the layer-wise losses map layers with)."""
+        return spec_from_clip_config(self.model.config)
+
+    def inheritable_clip(self) -> CLIPModel:
+        """The CLIPModel itself: a CLIP student may inherit its config and weights."""
+        return self.model
+
+    def architecture_config(self) -> dict[str, Any]:
+        """The CLIP config as stable JSON data."""
+        return stable_config(self.model.config)
+
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike,
+        metadata: Optional[dict[str, Any]] = None,
+        *,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    ) -> Path:
+        """Write an HF CLIP folder (config, weights, `tokenizer`, image processor, and `vldistill.json` when
+        `metadata` is given) to `out_dir`, atomically; a CLIP adapter keeps no tokenizer, so one is required."""
+        if tokenizer is None:
+            raise ValueError("CLIPDualEncoder.save_pretrained needs the tokenizer to save with the model")
+        return save_dual_encoder(self, tokenizer, out_dir, metadata=metadata)
 
     def num_parameters(self) -> int:
         """Total parameter count of both towers and projections."""

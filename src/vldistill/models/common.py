@@ -1,17 +1,18 @@
 """Pieces the Hugging Face teacher adapters share: eager attention on request, the joint forward pass
-of a CLIP-like model, the logit-scale clamp, the tokenizer a folder may hold, and the token settings a
-CLIP student needs for that tokenizer."""
+of a CLIP-like model, the logit-scale clamp, the tokenizer a folder may hold, the token settings a
+CLIP student needs for that tokenizer, and an HF config as stable JSON data."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from vldistill.models.outputs import DualEncoderOutput
 
@@ -20,6 +21,8 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 # open_clip clamps the learned temperature so logits never exceed this scale.
 MAX_LOGIT_SCALE = 100.0
 PREPROCESSOR_FILE = "preprocessor_config.json"
+# Config entries that describe where or how a model was loaded, not what it computes.
+VOLATILE_CONFIG_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version", "architectures"})
 
 
 @contextmanager
@@ -123,3 +126,15 @@ def square_image_size(image_size: int | list[int] | tuple[int, int], *, where: s
     if height != width:
         raise ValueError(f"only square images are supported, {where} has image_size {image_size}")
     return height
+
+
+def stable_config(config: PretrainedConfig) -> dict[str, Any]:
+    """A HF config as JSON data without its volatile entries (private `_*` keys, dtype, versions), so a
+    freshly built model and the same model reloaded from disk describe themselves alike."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if not (str(k).startswith("_") or k in VOLATILE_CONFIG_KEYS)}
+        return value
+
+    return json.loads(json.dumps(clean(config.to_dict()), default=str))

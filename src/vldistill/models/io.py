@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vldistill.fileio import atomic_directory
-from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
 
 METADATA_FILE = "vldistill.json"
@@ -35,13 +35,14 @@ def image_processor_for(image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> CLIPIm
 
 
 def save_dual_encoder(
-    model: CLIPDualEncoder,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | os.PathLike,
     *,
     metadata: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write `model` with its tokenizer and image processor as an HF folder at `out_dir`, atomically."""
+    """Write `model` (a CLIPDualEncoder) with its tokenizer and image processor as an HF folder at
+    `out_dir`, atomically."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         write_dual_encoder(model, tokenizer, tmp)
@@ -50,8 +51,9 @@ def save_dual_encoder(
     return out_dir
 
 
-def write_dual_encoder(model: CLIPDualEncoder, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> None:
-    """Write the HF files of `model` (config, weights, tokenizer, image processor) into a folder being assembled."""
+def write_dual_encoder(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> None:
+    """Write the HF files of `model` (a CLIPDualEncoder: config, weights, tokenizer, image processor) into a
+    folder being assembled."""
     model.model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     spec = model.input_spec

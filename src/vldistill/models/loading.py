@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 
-from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # Importing an adapter module registers its family.
 from vldistill.models import adapters, clip, siglip, two_tower  # noqa: F401
 from vldistill.models.adapters import Adapter, describe_adapters
+from vldistill.models.contract import DualEncoder
 from vldistill.models.locate import CONFIG_FILE, ModelNotFoundError, NotAModelError, hub_errors, local_folder, model_config
 
 
@@ -58,7 +58,7 @@ def adapter_for(name_or_path: str | os.PathLike, *, trust_remote_code: bool = Fa
 
 def load_dual_encoder_any(
     name_or_path: str | os.PathLike, attentions: bool = False, trust_remote_code: bool = False
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[DualEncoder, PreTrainedTokenizerBase]:
     """The dual-encoder adapter and tokenizer for a folder or hub id, loaded by the adapter registered for
     its model type (see `model_type_of`). A path that is no model folder, a hub id the hub cannot serve,
     or an unsupported model type raises a one-line ModelNotFoundError / NotAModelError naming it."""

@@ -32,9 +32,11 @@ from vldistill.models.common import (
     joint_forward,
     load_tokenizer_if_present,
     square_image_size,
+    stable_config,
     text_token_settings_from,
 )
 from vldistill.models.inputs import InputSpec, image_normalization
+from vldistill.models.io import write_metadata
 from vldistill.models.locate import require_tokenizer
 from vldistill.models.outputs import DualEncoderOutput
 
@@ -80,13 +82,23 @@ class SiglipDualEncoder(nn.Module):
         tokenizer = load_tokenizer_if_present(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, mean, std, tokenizer)
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write the model, its tokenizer (if any) and a SigLIP image processor config to `out_dir`,
-        atomically; the folder loads back with `from_pretrained` and `SiglipModel.from_pretrained`."""
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike,
+        metadata: Optional[dict[str, Any]] = None,
+        *,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    ) -> Path:
+        """Write the model, `tokenizer` (default: its own, if any), a SigLIP image processor config and,
+        when given, the run metadata `vldistill.json` to `out_dir`, atomically; the folder loads back with
+        `from_pretrained` and `SiglipModel.from_pretrained`."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         with atomic_directory(out_dir) as tmp:
+            if metadata is not None:
+                write_metadata(tmp, metadata)
             self.model.save_pretrained(tmp, safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             size = self.input_spec.image_size
             SiglipImageProcessorPil(
                 size={"height": size, "width": size}, image_mean=list(self.image_mean), image_std=list(self.image_std)
@@ -154,6 +166,18 @@ class SiglipDualEncoder(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Keep the learned log temperature within [0, ln 100], as CLIP and open_clip do."""
         clamp_log_scale_(self.model.logit_scale)
+
+    def architecture_spec(self) -> None:
+        """None: the layer-wise losses map layers of CLIP towers only."""
+        return None
+
+    def inheritable_clip(self) -> None:
+        """None: a CLIP student cannot inherit a SigLIP model's weights."""
+        return None
+
+    def architecture_config(self) -> dict[str, Any]:
+        """The SigLIP config as stable JSON data."""
+        return stable_config(self.model.config)
 
 
 @register_adapter("siglip", "an HF SiglipModel")

@@ -34,6 +34,7 @@ from vldistill.models.common import (
     eager_attention,
     load_tokenizer_if_present,
     square_image_size,
+    stable_config,
     text_token_settings_from,
 )
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec
@@ -203,9 +204,16 @@ class TwoTowerDualEncoder(nn.Module):
         model.load_heads(saved_part(path, HEADS_FILE))
         return model
 
-    def save_pretrained(self, out_dir: str | os.PathLike, metadata: Optional[dict[str, Any]] = None) -> Path:
-        """Write the folder described in the module docstring to `out_dir`, atomically (with the run
-        metadata `vldistill.json` when given)."""
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike,
+        metadata: Optional[dict[str, Any]] = None,
+        *,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    ) -> Path:
+        """Write the folder described in the module docstring to `out_dir`, atomically, with `tokenizer`
+        (default: its own, if any) in text/ and the run metadata `vldistill.json` when given."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         with atomic_directory(out_dir) as tmp:
             if metadata is not None:
                 write_metadata(tmp, metadata)
@@ -222,8 +230,8 @@ class TwoTowerDualEncoder(nn.Module):
                 processor = json.dumps(self.image_processor_config, indent=2)
                 (tmp / VISION_DIR / PREPROCESSOR_FILE).write_text(processor + "\n")
             self.text.save_pretrained(tmp / TEXT_DIR)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp / TEXT_DIR)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / TEXT_DIR)
             save_file({name: p.detach().contiguous() for name, p in self.head_parameters().items()}, tmp / HEADS_FILE)
         return Path(out_dir)
 
@@ -299,6 +307,11 @@ class TwoTowerDualEncoder(nn.Module):
         """The exponentiated temperature that multiplies cosine similarities (a scalar)."""
         return self.log_logit_scale.exp()
 
+    @property
+    def logit_bias(self) -> None:
+        """The two-tower model adds no bias to its logits."""
+        return None
+
     def pool_image(self, outputs: ModelOutput) -> torch.Tensor:
         """(B, W) image features from the vision backbone's outputs, by `vision_pooling`."""
         if self.vision_pooling == "pooler":
@@ -361,6 +374,24 @@ class TwoTowerDualEncoder(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Keep the learned log temperature within [0, ln 100], as CLIP and open_clip do."""
         clamp_log_scale_(self.log_logit_scale)
+
+    def architecture_spec(self) -> None:
+        """None: the layer-wise losses map layers of CLIP towers only."""
+        return None
+
+    def inheritable_clip(self) -> None:
+        """None: a CLIP student cannot inherit a two-tower model's weights."""
+        return None
+
+    def architecture_config(self) -> dict[str, Any]:
+        """Both backbones' configs as stable JSON data, and the head settings."""
+        return {
+            "vision": stable_config(self.vision.config),
+            "text": stable_config(self.text.config),
+            "projection_dim": self.projection_dim,
+            "vision_pooling": self.vision_pooling,
+            "text_pooling": self.text_pooling,
+        }
 
 
 @register_adapter("two-tower", f"a vldistill two-tower folder: {TWO_TOWER_FILE}", marker=TWO_TOWER_FILE)

@@ -31,16 +31,12 @@ from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.losses import LossContext, build_objective
 from vldistill.losses.registry import losses_need
 from vldistill.models.clip import CLIPDualEncoder
+from vldistill.models.contract import DualEncoder
 from vldistill.models.inherit import inherit_weights
 from vldistill.models.two_tower import TwoTowerDualEncoder
-from vldistill.models.io import read_metadata, save_dual_encoder
+from vldistill.models.io import read_metadata
 from vldistill.profile.throughput import count_parameters
-from vldistill.models.student import (
-    clip_config_from_spec,
-    spec_from_clip_config,
-    student_config_for_tokens,
-    student_config_from_teacher,
-)
+from vldistill.models.student import clip_config_from_spec, student_config_for_tokens, student_config_from_teacher
 from vldistill.train.checkpoint import (
     CheckpointDamagedError, CheckpointError, TrainState, checkpoints, latest_checkpoint, load_checkpoint,
 )
@@ -135,9 +131,7 @@ def _pretrain(
     metadata = {"role": "teacher", "fingerprint": teacher_fingerprint(cfg, data), "vldistill": __version__}
 
     def save(folder: Path) -> Path:
-        if isinstance(teacher, CLIPDualEncoder):
-            return save_dual_encoder(teacher, tokenizer, folder, metadata=metadata)
-        return teacher.save_pretrained(folder, metadata=metadata)
+        return teacher.save_pretrained(folder, metadata, tokenizer=tokenizer)
 
     with saved_on_bad_data(lambda: save(Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted"))):
         result = train(
@@ -221,10 +215,12 @@ def cached_teacher(cfg: ExperimentConfig, data: DataBundle, primary: TrainedMode
 
 
 def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> CLIPDualEncoder:
-    """The configured student for the primary teacher's tokenizer and images, optionally inheriting its weights."""
+    """The configured (CLIP) student for the primary teacher's tokenizer and images, optionally inheriting
+    its weights (from a teacher that offers a CLIPModel to inherit, see DualEncoder.inheritable_clip)."""
     teacher, spec = primary.model, cfg.student.model
-    if isinstance(teacher, CLIPDualEncoder):
-        config = student_config_from_teacher(teacher.model.config, spec)
+    source = teacher.inheritable_clip()
+    if source is not None:
+        config = student_config_from_teacher(source.config, spec)
     elif inherit:
         raise ValueError(
             f"student.inherit needs a CLIP teacher, but {primary.path} is a {type(teacher).__name__}; "
@@ -234,7 +230,7 @@ def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -
         config = student_config_for_tokens(spec, teacher.input_spec.image_size, teacher.text_token_settings())
     student = CLIPDualEncoder(CLIPModel(config), teacher.input_spec.image_mean, teacher.input_spec.image_std)
     if inherit:
-        inherit_weights(student.model, teacher.model)
+        inherit_weights(student.model, source)
     return student
 
 
@@ -252,16 +248,17 @@ def held_out_batch(
     return PairCollator(preprocess, extra=extra)(samples)
 
 
-def _loss_context(student: CLIPDualEncoder, teachers: Optional[nn.Module], primary: nn.Module) -> LossContext:
-    """Sizes the losses build projections and layer maps from (the layer-wise losses need a CLIP primary)."""
-    student_spec = spec_from_clip_config(student.model.config)
+def _loss_context(student: DualEncoder, teachers: Optional[nn.Module], primary: DualEncoder) -> LossContext:
+    """Sizes the losses build projections and layer maps from (the layer-wise losses need a primary teacher
+    with an architecture spec)."""
+    student_spec = student.architecture_spec()
     if teachers is None:
         return LossContext(student.embed_dim, student_spec=student_spec)
     return LossContext(
         student.embed_dim,
         teachers.embed_dim,
         student_spec=student_spec,
-        teacher_spec=spec_from_clip_config(primary.model.config) if isinstance(primary, CLIPDualEncoder) else None,
+        teacher_spec=primary.architecture_spec(),
     )
 
 
@@ -357,7 +354,7 @@ def train_student(
         "vldistill": __version__,
     }
     interrupted = Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted")
-    with saved_on_bad_data(lambda: save_dual_encoder(student, teacher.tokenizer, interrupted, metadata=metadata)):
+    with saved_on_bad_data(lambda: student.save_pretrained(interrupted, metadata, tokenizer=teacher.tokenizer)):
         result = plan.train(desc, log_path, progress)
     if process_rank()[0] == 0:  # one writer when several processes train together
         export_student(student, teacher.tokenizer, out_dir, {
