@@ -101,17 +101,21 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     data = load_data(cfg.data, progress=progress)
     arms = train_arms(cfg, data, out_dir, logs, progress)
+    distinct = {name: trained for name, trained in arms.items() if name != "scratch" or cfg.student.inherit}
     models = {
-        name: evaluate_model(trained.model, trained.tokenizer, data, cfg.eval, name, results, progress)["summary"]
-        for name, trained in arms.items()
+        name: evaluate_model(
+            trained.model, trained.tokenizer, data, cfg.eval, name, results, progress, throughput=False
+        )["summary"]
+        for name, trained in distinct.items()
     }
     measured = compare_image_throughput(
-        {name: trained.model for name, trained in arms.items()},
-        {name: trained.model.input_spec.image_size for name, trained in arms.items()},
+        {name: trained.model for name, trained in distinct.items()},
+        {name: trained.model.input_spec.image_size for name, trained in distinct.items()},
         batch_size=cfg.eval.throughput_batch_size,
     )
     for name, throughput in measured.items():
         models[name].update(throughput.as_dict())
+    models.setdefault("scratch", models["baseline"])  # without inheritance, scratch is the baseline run
     summary = {
         "wall_seconds": time.perf_counter() - start,
         "models": models,
@@ -120,7 +124,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
         "baseline_minus_scratch": difference(models["baseline"], models["scratch"]),
         "compression": models["teacher"]["params"] / models["student"]["params"],
         "image_speedup": speedup(measured["student"], measured["teacher"]),
-        "train_seconds": {name: m.result.seconds for name, m in arms.items() if m.result},
+        "train_seconds": {name: m.result.seconds for name, m in distinct.items() if m.result},
         "teacher_train_pairs": len(data.train),
         "student_train_pairs": cfg.distill.train_pairs or len(data.train),
         "scratch_is_baseline": not cfg.student.inherit,

@@ -131,7 +131,9 @@ def run_sweep(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> di
                 progress=progress,
             )
             seconds = time.perf_counter() - start
-            summary = evaluate_model(student.model, student.tokenizer, data, cfg.eval, name, progress=progress)["summary"]
+            summary = evaluate_model(
+                student.model, student.tokenizer, data, cfg.eval, name, progress=progress, throughput=False
+            )["summary"]
             write_card(student.path, {key: summary[key] for key in SUMMARY_KEYS}, data.name, f"{name}-seed{seed}")
             per_seed.append({
                 "seed": seed,

@@ -41,6 +41,7 @@ def evaluate_model(
     model_name: str,
     results_dir: Optional[Path] = None,
     progress: bool = True,
+    throughput: bool = True,
 ) -> dict:
     """Zero-shot and retrieval records for `model` (any loaded dual encoder: CLIP, SigLIP, two-tower) on
     `data.test`, plus a flat summary of key figures.
@@ -52,7 +53,9 @@ def evaluate_model(
     Zero-shot classification runs on `data.zeroshot` when the data has one (else `acc1` is None);
     acc5 only with more than 5 classes (the record's `note` says when it is left out). Images and
     texts are prepared as the model's `input_spec` says. Records are written to
-    `results_dir/{model_name}_{task}.json` when given.
+    `results_dir/{model_name}_{task}.json` when given. The summary's `images_per_second` is measured
+    only with `throughput` (callers comparing several models measure them together instead, see
+    profile.throughput.compare_image_throughput).
     """
     spec = model.input_spec
     tokenize = make_tokenize(tokenizer, spec.max_text_length, spec.text_padding)
@@ -81,9 +84,7 @@ def evaluate_model(
     if results_dir is not None:
         for task, record in records.items():
             write_result(record, Path(results_dir) / f"{model_name}_{task}.json")
-    summary = {
-        "params": count_parameters(model),
-        **{key: {**zeroshot, **retrieval}.get(key) for key in SUMMARY_KEYS},
-        "images_per_second": images_per_second(model, spec.image_size, batch_size=cfg.throughput_batch_size),
-    }
+    summary = {"params": count_parameters(model), **{key: {**zeroshot, **retrieval}.get(key) for key in SUMMARY_KEYS}}
+    if throughput:
+        summary["images_per_second"] = images_per_second(model, spec.image_size, batch_size=cfg.throughput_batch_size)
     return {"records": records, "summary": summary}
