@@ -37,7 +37,7 @@ from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
 from vldistill.models import CLIPDualEncoder, DualEncoderSpec, TowerSpec, clip_config_from_spec
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.train.loop import StudentWithObjective
 
 IMAGE_SIZE = 16
@@ -113,14 +113,14 @@ def unit_rows(
     return F.normalize(torch.randn(n, dim, generator=generator, dtype=dtype), dim=-1).requires_grad_(requires_grad)
 
 
-def dual_output(image, text, scale: float, *, requires_grad: bool = False, scale_grad: bool = False) -> DualEncoderOutput:
+def dual_output(image, text, scale: float, *, requires_grad: bool = False, scale_grad: bool = False) -> Signals:
     """The output of the given image and text embeddings (tensors, used as given, or nested lists made
     float64 leaves that require grad when `requires_grad`) and logit scale (a scalar of their dtype, a leaf
     that requires grad when `scale_grad`)."""
     if not isinstance(image, torch.Tensor):
         image = torch.tensor(image, dtype=torch.float64, requires_grad=requires_grad)
         text = torch.tensor(text, dtype=torch.float64, requires_grad=requires_grad)
-    return DualEncoderOutput(
+    return Signals(
         image_embeds=image, text_embeds=text, logit_scale=torch.tensor(scale, dtype=image.dtype, requires_grad=scale_grad)
     )
 
@@ -134,7 +134,7 @@ def random_output(
     generator: Optional[torch.Generator] = None,
     requires_grad: bool = False,
     scale_grad: bool = False,
-) -> DualEncoderOutput:
+) -> Signals:
     """Random unit image rows, then text rows (from `generator`, else the global RNG), and a logit scale."""
     image = unit_rows(rows, dim, dtype=dtype, generator=generator, requires_grad=requires_grad)
     text = unit_rows(rows, dim, dtype=dtype, generator=generator, requires_grad=requires_grad)

@@ -18,10 +18,10 @@ from vldistill.losses import LossContext, build_objective
 from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.ensemble import TeacherEnsemble, combine_outputs, confidence_weights
 from vldistill.models.inputs import InputSpec, inputs_for
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 
 
-def output(dim: int, seed: int, scale: float, rows: int = 4) -> DualEncoderOutput:
+def output(dim: int, seed: int, scale: float, rows: int = 4) -> Signals:
     """float64 unit image rows seeded by `seed`, text rows by `seed` + 100, and the logit scale."""
     image = unit_rows(rows, dim, dtype=torch.float64, generator=seeded(seed))
     return dual_output(image, unit_rows(rows, dim, dtype=torch.float64, generator=seeded(seed + 100)), scale)

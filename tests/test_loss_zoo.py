@@ -17,7 +17,7 @@ from transformers import CLIPModel
 from vldistill.cli import main as cli_main
 from vldistill.losses import LOSSES, LossContext, build_objective
 from vldistill.models import CLIPDualEncoder, spec_from_clip_config, student_config_from_teacher
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 
 
@@ -25,7 +25,7 @@ B, S_DIM, T_DIM = 4, 6, 10
 F64 = torch.float64
 
 
-def embeddings(dim: int, scale: float, *, requires_grad: bool = False) -> DualEncoderOutput:
+def embeddings(dim: int, scale: float, *, requires_grad: bool = False) -> Signals:
     """Random float64 normalized embeddings and a logit scale, all leaves."""
     return random_output(B, dim, scale, dtype=F64, requires_grad=requires_grad, scale_grad=requires_grad)
 
@@ -36,7 +36,7 @@ def objective_for(name: str, context: Optional[LossContext] = None, **params):
     return objective, objective.losses[name]
 
 
-def assert_teacher_untouched(teacher: DualEncoderOutput) -> None:
+def assert_teacher_untouched(teacher: Signals) -> None:
     tensors = [teacher.image_embeds, teacher.text_embeds, teacher.logit_scale]
     for group in (teacher.image_hidden_states, teacher.text_hidden_states, teacher.image_attentions, teacher.text_attentions):
         tensors += list(group or ())
@@ -63,7 +63,7 @@ def test_all_losses_are_registered_and_listed(capsys) -> None:
 # ---------------------------------------------------------------- siglip
 
 
-def siglip_reference(out: DualEncoderOutput, bias: float) -> float:
+def siglip_reference(out: Signals, bias: float) -> float:
     """-(1/B) sum_ij log sigmoid(z_ij (t x_i.y_j + b)) with explicit loops."""
     image, text, t = out.image_embeds.detach(), out.text_embeds.detach(), float(out.logit_scale.detach())
     n = image.shape[0]
@@ -112,10 +112,10 @@ def test_siglip_bias_is_a_learnable_parameter_and_the_scale_gets_gradient() -> N
 # ---------------------------------------------------------------- affinity
 
 
-def affinity_reference(student: DualEncoderOutput, teacher: DualEncoderOutput, temperature: float) -> float:
+def affinity_reference(student: Signals, teacher: Signals, temperature: float) -> float:
     """Soft cross-entropy of row softmaxes with explicit loops, both directions averaged."""
 
-    def logits(out: DualEncoderOutput) -> list[list[float]]:
+    def logits(out: Signals) -> list[list[float]]:
         image, text, t = out.image_embeds.detach(), out.text_embeds.detach(), float(out.logit_scale.detach())
         return [[t * dot(image[i], text[j]) / temperature for j in range(B)] for i in range(B)]
 
@@ -154,7 +154,7 @@ def test_affinity_is_kd_plus_the_teachers_entropy() -> None:
 # ---------------------------------------------------------------- icl
 
 
-def icl_reference(student: DualEncoderOutput, teacher: DualEncoderOutput, image_w, text_w) -> float:
+def icl_reference(student: Signals, teacher: Signals, image_w, text_w) -> float:
     """Explicit loops: project (W or identity), normalize, InfoNCE against the other modality of the
     teacher at the teacher's scale, diagonal positives."""
 
@@ -209,8 +209,8 @@ def test_icl_uses_the_teachers_scale() -> None:
     objective, _ = objective_for("icl")
     student, teacher = embeddings(S_DIM, 10.0), embeddings(T_DIM, 20.0)
     base = objective(student, teacher)[0].item()
-    other_student = DualEncoderOutput(student.image_embeds, student.text_embeds, torch.tensor(50.0, dtype=F64))
-    other_teacher = DualEncoderOutput(teacher.image_embeds, teacher.text_embeds, torch.tensor(50.0, dtype=F64))
+    other_student = Signals(image_embeds=student.image_embeds, text_embeds=student.text_embeds, logit_scale=torch.tensor(50.0, dtype=F64))
+    other_teacher = Signals(image_embeds=teacher.image_embeds, text_embeds=teacher.text_embeds, logit_scale=torch.tensor(50.0, dtype=F64))
     assert objective(other_student, teacher)[0].item() == pytest.approx(base, rel=1e-12)
     assert objective(student, other_teacher)[0].item() != pytest.approx(base, rel=1e-3)
 
@@ -218,7 +218,7 @@ def test_icl_uses_the_teachers_scale() -> None:
 # ---------------------------------------------------------------- crd
 
 
-def crd_reference(student: DualEncoderOutput, teacher: DualEncoderOutput, temperature: float) -> dict[str, float]:
+def crd_reference(student: Signals, teacher: Signals, temperature: float) -> dict[str, float]:
     """Explicit loops: per row i, softmax over j (j != i for the same-modality relations) of cosine / T,
     KL(teacher || student), mean over rows."""
 
@@ -271,7 +271,7 @@ def test_crd_hand_worked_facts() -> None:
     row = sum(t * math.log(t / s) for t, s in zip(p_t, p_s))
     assert parts["part/crd_cross"].item() == pytest.approx(row, rel=1e-12)
     assert loss.item() == pytest.approx(row / 3, rel=1e-12)
-    scaled = DualEncoderOutput(3 * student.image_embeds, 0.5 * student.text_embeds, student.logit_scale)
+    scaled = Signals(image_embeds=3 * student.image_embeds, text_embeds=0.5 * student.text_embeds, logit_scale=student.logit_scale)
     assert objective(scaled, teacher)[0].item() == pytest.approx(loss.item(), rel=1e-12)
     assert objective(teacher, teacher)[0].item() == pytest.approx(0.0, abs=1e-12)
 
@@ -312,28 +312,29 @@ def layer_context(student_spec: DualEncoderSpec = S_SPEC, teacher_spec: DualEnco
     return LossContext(S_DIM, T_DIM, student_spec=student_spec, teacher_spec=teacher_spec)
 
 
-def layered(spec: DualEncoderSpec, *, requires_grad: bool = False, image_tokens: int = N_IMAGE) -> DualEncoderOutput:
+def layered(spec: DualEncoderSpec, *, requires_grad: bool = False, image_tokens: int = N_IMAGE) -> Signals:
     """float64 leaf hidden states (embeddings + one per layer) and attention maps for `spec`, padded texts."""
     out = embeddings(spec.projection_dim, 10.0)
     for prefix, tower, n in (("image", spec.vision, image_tokens), ("text", spec.text, N_TEXT)):
         states = tuple(torch.randn(B, n, tower.width, dtype=F64) for _ in range(tower.layers + 1))
         maps = tuple(torch.softmax(torch.randn(B, tower.heads, n, n, dtype=F64), -1) for _ in range(tower.layers))
-        setattr(out, f"{prefix}_hidden_states", tuple(s.requires_grad_(requires_grad) for s in states))
-        setattr(out, f"{prefix}_attentions", tuple(m.requires_grad_(requires_grad) for m in maps))
-    out.text_attention_mask = (torch.arange(N_TEXT)[None] < torch.tensor(TEXT_LENGTHS)[:, None]).long()
+        out = out.replace(**{
+            f"{prefix}_hidden_states": tuple(s.requires_grad_(requires_grad) for s in states),
+            f"{prefix}_attentions": tuple(m.requires_grad_(requires_grad) for m in maps),
+        })
+    out = out.replace(text_attention_mask=(torch.arange(N_TEXT)[None] < torch.tensor(TEXT_LENGTHS)[:, None]).long())
     return out
 
 
-def perturb_padding(out: DualEncoderOutput) -> DualEncoderOutput:
+def perturb_padding(out: Signals) -> Signals:
     """A copy whose text hidden states and attention maps differ only at padded tokens (rows and columns)."""
     pad = out.text_attention_mask == 0  # (B, N)
     states = tuple(torch.where(pad[..., None], s + 5.0, s) for s in out.text_hidden_states)
     pad_pairs = (pad[:, None, :, None] | pad[:, None, None, :]).expand_as(out.text_attentions[0])
     maps = tuple(torch.where(pad_pairs, torch.rand_like(m), m) for m in out.text_attentions)
-    return DualEncoderOutput(
-        out.image_embeds, out.text_embeds, out.logit_scale, out.image_hidden_states, states,
-        out.image_attentions, maps, out.text_attention_mask,
-    )
+    return Signals(
+        image_embeds=out.image_embeds, text_embeds=out.text_embeds, logit_scale=out.logit_scale, image_hidden_states=out.image_hidden_states, text_hidden_states=states,
+        image_attentions=out.image_attentions, text_attentions=maps, text_attention_mask=out.text_attention_mask,)
 
 
 def bad_layer_params() -> list[tuple[str, dict, str]]:
@@ -399,7 +400,7 @@ def test_layer_maps(name: str, layer_map, pairs: list[tuple[int, int]]) -> None:
 # ---------------------------------------------------------------- hidden
 
 
-def hidden_reference(student: DualEncoderOutput, teacher: DualEncoderOutput, hidden, tower: str) -> float:
+def hidden_reference(student: Signals, teacher: Signals, hidden, tower: str) -> float:
     """Explicit loops: for each mapped layer, sum of squared errors of W s vs t over real tokens and
     features, divided by their count; mean over layers."""
     prefix = "image" if tower == "vision" else "text"
@@ -470,17 +471,16 @@ def test_hidden_vision_compares_cls_only_when_token_counts_differ() -> None:
     student, teacher = layered(fine, image_tokens=17), layered(T_SPEC)
     loss = objective(student, teacher)[0]
     assert loss.item() == pytest.approx(hidden_reference(student, teacher, hidden, "vision"), rel=1e-10)
-    patches_changed = DualEncoderOutput(
-        student.image_embeds, student.text_embeds, student.logit_scale,
-        tuple(torch.cat([s[:, :1], torch.randn_like(s[:, 1:])], dim=1) for s in student.image_hidden_states),
-    )
+    patches_changed = Signals(
+        image_embeds=student.image_embeds, text_embeds=student.text_embeds, logit_scale=student.logit_scale,
+        image_hidden_states=tuple(torch.cat([s[:, :1], torch.randn_like(s[:, 1:])], dim=1) for s in student.image_hidden_states),)
     assert objective(patches_changed, teacher)[0].item() == pytest.approx(loss.item(), rel=1e-12)
 
 
 # ---------------------------------------------------------------- attention
 
 
-def attention_reference(student: DualEncoderOutput, teacher: DualEncoderOutput, loss, tower: str, distance: str, heads: str) -> float:
+def attention_reference(student: Signals, teacher: Signals, loss, tower: str, distance: str, heads: str) -> float:
     """Explicit loops over batch, heads, real query rows and real keys; mean over mapped layers."""
     prefix = "image" if tower == "vision" else "text"
     s_maps, t_maps = getattr(student, f"{prefix}_attentions"), getattr(teacher, f"{prefix}_attentions")
@@ -528,10 +528,10 @@ def test_attention_hand_worked_kl_and_head_modes() -> None:
     context = layer_context(spec, spec)
     teacher_row, student_row = [[0.5, 0.5], [0.5, 0.5]], [[0.25, 0.75], [0.75, 0.25]]
 
-    def maps(rows_head0, rows_head1) -> DualEncoderOutput:
+    def maps(rows_head0, rows_head1) -> Signals:
         attention = torch.tensor([[rows_head0, rows_head1]], dtype=F64).expand(B, 2, 2, 2)
-        return DualEncoderOutput(
-            unit_rows(B, 2, dtype=F64), unit_rows(B, 2, dtype=F64), torch.tensor(1.0), image_attentions=(attention,), text_attentions=(attention,)
+        return Signals(
+            image_embeds=unit_rows(B, 2, dtype=F64), text_embeds=unit_rows(B, 2, dtype=F64), logit_scale=torch.tensor(1.0), image_attentions=(attention,), text_attentions=(attention,)
         )
 
     student, teacher = maps(student_row, [[0.75, 0.25], [0.25, 0.75]]), maps(teacher_row, teacher_row)

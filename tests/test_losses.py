@@ -11,8 +11,8 @@ from helpers import random_output
 from torch import nn
 
 from vldistill.losses import LOSSES, LossContext, build_objective
-from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.losses.base import ATTENTIONS, HIDDEN_STATES
+from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 
 B, STUDENT_DIM, TEACHER_DIM = 5, 8, 12
@@ -28,12 +28,12 @@ TEACHER_SPEC = DualEncoderSpec(
 TOKENS = {"image": 5, "text": 6}  # 16x16 images in 8x8 patches plus CLS; 6 text positions
 
 
-def output(dim: int, scale: float, *, requires_grad: bool = False, dtype=torch.float32) -> DualEncoderOutput:
+def output(dim: int, scale: float, *, requires_grad: bool = False, dtype=torch.float32) -> Signals:
     """B random unit rows per tower (global RNG) and the logit scale."""
     return random_output(B, dim, scale, dtype=dtype, requires_grad=requires_grad)
 
 
-def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_grad: bool = False) -> DualEncoderOutput:
+def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_grad: bool = False) -> Signals:
     """`output` plus random leaf hidden states and attention maps of `spec`'s shapes, and padded texts."""
     out = output(dim, scale, requires_grad=requires_grad)
     for prefix, tower in (("image", spec.vision), ("text", spec.text)):
@@ -43,22 +43,21 @@ def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_gr
             torch.softmax(torch.randn(B, tower.heads, n, n), dim=-1).requires_grad_(requires_grad)
             for _ in range(tower.layers)
         )
-        setattr(out, f"{prefix}_hidden_states", states)
-        setattr(out, f"{prefix}_attentions", maps)
-    out.text_attention_mask = (torch.arange(TOKENS["text"]) < torch.tensor([[6], [5], [4], [3], [6]])).long()
+        out = out.replace(**{f"{prefix}_hidden_states": states, f"{prefix}_attentions": maps})
+    out = out.replace(text_attention_mask=(torch.arange(TOKENS["text"]) < torch.tensor([[6], [5], [4], [3], [6]])).long())
     return out
 
 
-def student_tensors_read(needs: frozenset[str], student: DualEncoderOutput) -> list[torch.Tensor]:
+def student_tensors_read(needs: frozenset[str], student: Signals) -> list[torch.Tensor]:
     """Student tensors a loss with these `needs` must send gradients to (the last layer is always mapped)."""
-    if TEACHER_HIDDEN_STATES in needs:
+    if needs == HIDDEN_STATES:
         return [student.image_hidden_states[-1], student.text_hidden_states[-1]]
-    if TEACHER_ATTENTIONS in needs:
+    if needs == ATTENTIONS:
         return [student.image_attentions[-1], student.text_attentions[-1]]
     return [student.image_embeds, student.text_embeds]
 
 
-def all_tensors(out: DualEncoderOutput) -> list[torch.Tensor]:
+def all_tensors(out: Signals) -> list[torch.Tensor]:
     return [
         out.image_embeds, out.text_embeds, out.logit_scale,
         *out.image_hidden_states, *out.text_hidden_states, *out.image_attentions, *out.text_attentions,
@@ -78,10 +77,10 @@ def clip_reference(image: torch.Tensor, text: torch.Tensor, scale: float) -> flo
     return (i2t + t2i) / 2
 
 
-def kd_reference(student: DualEncoderOutput, teacher: DualEncoderOutput, temperature: float) -> float:
+def kd_reference(student: Signals, teacher: Signals, temperature: float) -> float:
     """Hinton KD with explicit probabilities, each model with its own logit scale, both directions."""
 
-    def logits(out: DualEncoderOutput) -> torch.Tensor:
+    def logits(out: Signals) -> torch.Tensor:
         return float(out.logit_scale) * out.image_embeds.detach().double() @ out.text_embeds.detach().double().t()
 
     def kl(s: torch.Tensor, t: torch.Tensor) -> float:
@@ -135,7 +134,7 @@ def test_clip_loss_is_asymmetric_in_its_two_directions_but_averages_them() -> No
     """Swapping images and texts transposes the logits; the symmetric loss must not change."""
     objective = build_objective({"clip": {}}, LossContext(STUDENT_DIM))
     student = output(STUDENT_DIM, 5.0, dtype=torch.float64)
-    swapped = DualEncoderOutput(student.text_embeds, student.image_embeds, student.logit_scale)
+    swapped = Signals(image_embeds=student.text_embeds, text_embeds=student.image_embeds, logit_scale=student.logit_scale)
     assert objective(student, None)[0].item() == pytest.approx(objective(swapped, None)[0].item(), rel=1e-12)
 
 
@@ -156,7 +155,7 @@ def test_kd_matches_explicit_probabilities(temperature: float) -> None:
 def test_kd_is_zero_for_identical_logits() -> None:
     objective = build_objective({"kd": {"temperature": 3.0}}, LossContext(STUDENT_DIM, STUDENT_DIM))
     student = output(STUDENT_DIM, 12.0)
-    teacher = DualEncoderOutput(student.image_embeds.clone(), student.text_embeds.clone(), torch.tensor(12.0))
+    teacher = Signals(image_embeds=student.image_embeds.clone(), text_embeds=student.text_embeds.clone(), logit_scale=torch.tensor(12.0))
     assert objective(student, teacher)[0].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -165,8 +164,8 @@ def test_kd_temperature_squared_factor() -> None:
     t = 2.0
     student = output(STUDENT_DIM, 10.0, dtype=torch.float64)
     teacher = output(TEACHER_DIM, 25.0, dtype=torch.float64)
-    scaled_student = DualEncoderOutput(student.image_embeds, student.text_embeds, student.logit_scale / t)
-    scaled_teacher = DualEncoderOutput(teacher.image_embeds, teacher.text_embeds, teacher.logit_scale / t)
+    scaled_student = Signals(image_embeds=student.image_embeds, text_embeds=student.text_embeds, logit_scale=student.logit_scale / t)
+    scaled_teacher = Signals(image_embeds=teacher.image_embeds, text_embeds=teacher.text_embeds, logit_scale=teacher.logit_scale / t)
     context = LossContext(STUDENT_DIM, TEACHER_DIM)
     at_t = build_objective({"kd": {"temperature": t}}, context)(student, teacher)[0]
     at_1 = build_objective({"kd": {"temperature": 1.0}}, context)(scaled_student, scaled_teacher)[0]
@@ -177,8 +176,8 @@ def test_kd_temperature_squared_factor() -> None:
 def test_kd_uses_each_models_own_logit_scale() -> None:
     objective = build_objective({"kd": {}}, LossContext(STUDENT_DIM, STUDENT_DIM))
     student = output(STUDENT_DIM, 10.0, dtype=torch.float64)
-    same_embeds = lambda scale: DualEncoderOutput(  # noqa: E731
-        student.image_embeds, student.text_embeds, torch.tensor(scale, dtype=torch.float64)
+    same_embeds = lambda scale: Signals(  image_embeds=# noqa: E731
+        student.image_embeds, text_embeds=student.text_embeds, logit_scale=torch.tensor(scale, dtype=torch.float64)
     )
     # Same embeddings, same scale: nothing to distill. Same embeddings, other teacher scale: a loss.
     assert objective(student, same_embeds(10.0))[0].item() == pytest.approx(0.0, abs=1e-12)
@@ -187,7 +186,7 @@ def test_kd_uses_each_models_own_logit_scale() -> None:
     assert sharper == pytest.approx(kd_reference(student, same_embeds(40.0), 1.0), rel=1e-9)
     # Swapping which model has which scale changes the value (KL is not symmetric), so neither
     # scale is ignored or shared.
-    swapped_student = DualEncoderOutput(student.image_embeds, student.text_embeds, torch.tensor(40.0, dtype=torch.float64))
+    swapped_student = Signals(image_embeds=student.image_embeds, text_embeds=student.text_embeds, logit_scale=torch.tensor(40.0, dtype=torch.float64))
     swapped = objective(swapped_student, same_embeds(10.0))[0].item()
     assert swapped == pytest.approx(kd_reference(swapped_student, same_embeds(10.0), 1.0), rel=1e-9)
     assert swapped != pytest.approx(sharper, rel=1e-3)
@@ -238,7 +237,7 @@ def test_feature_mse_is_mean_squared_norm_of_difference() -> None:
 def test_feature_normalizes_the_student_but_is_zero_for_a_scaled_copy() -> None:
     objective = build_objective({"feature": {}}, LossContext(STUDENT_DIM, STUDENT_DIM))
     teacher = output(STUDENT_DIM, 10.0)
-    student = DualEncoderOutput(3.0 * teacher.image_embeds, 0.5 * teacher.text_embeds, torch.tensor(1.0))
+    student = Signals(image_embeds=3.0 * teacher.image_embeds, text_embeds=0.5 * teacher.text_embeds, logit_scale=torch.tensor(1.0))
     assert objective(student, teacher)[0].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -324,9 +323,10 @@ def test_zero_weight_contributes_nothing() -> None:
 def test_objective_needs() -> None:
     context = LossContext(STUDENT_DIM, TEACHER_DIM)
     assert build_objective({"clip": {}}, context).needs == frozenset()
-    assert "embeddings" in build_objective({"kd": {}}, context).needs
-    assert "embeddings" in build_objective({"feature": {}}, context).needs
-    assert build_objective({"clip": {}, "kd": {}}, context).needs == frozenset({"embeddings"})
+    embeddings = frozenset({"image_embeds", "text_embeds", "logit_scale"})
+    assert build_objective({"kd": {}}, context).needs == embeddings
+    assert build_objective({"feature": {}}, context).needs == embeddings
+    assert build_objective({"clip": {}, "kd": {}}, context).needs == embeddings
 
 
 def test_unknown_loss_lists_the_known_names() -> None:

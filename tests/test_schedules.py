@@ -20,7 +20,7 @@ from vldistill.data.synthetic import make_split
 from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
 from vldistill.models import DualEncoderSpec, TowerSpec
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.schedules import (
     Schedule,
     WeightingConfig,
@@ -45,12 +45,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def outputs(dim: int = DIM, scale: float = 10.0, seed: int = 0) -> DualEncoderOutput:
+def outputs(dim: int = DIM, scale: float = 10.0, seed: int = 0) -> Signals:
     """float64 outputs with random unit rows, deterministic in `seed`."""
     return random_output(B, dim, scale, dtype=torch.float64, generator=seeded(seed))
 
 
-def value_of(losses: dict, student: DualEncoderOutput, teacher: DualEncoderOutput, **kwargs) -> float:
+def value_of(losses: dict, student: Signals, teacher: Signals, **kwargs) -> float:
     """The total of a fresh (fixed-weight) objective for `losses`, in float64."""
     return build_objective(losses, LossContext(DIM, DIM), **kwargs).double()(student, teacher)[0].item()
 
@@ -267,7 +267,7 @@ def test_gap_weighting_gives_all_weight_to_the_loss_with_a_gap_left() -> None:
     teacher = outputs(scale=20.0, seed=7)
     objective.refresh_gap(outputs(seed=8), teacher)
     assert objective.weights == {"clip": 1.0, "kd": 2.0, "crd": 1.0}  # the reference: ratios 1
-    closer = DualEncoderOutput(teacher.image_embeds, teacher.text_embeds, torch.tensor(10.0, dtype=torch.float64))
+    closer = Signals(image_embeds=teacher.image_embeds, text_embeds=teacher.text_embeds, logit_scale=torch.tensor(10.0, dtype=torch.float64))
     objective.refresh_gap(closer, teacher)
     assert objective.gap_ratios["crd"] == 0.0 and objective.gap_ratios["kd"] > 0
     assert objective.weights == pytest.approx({"clip": 1.0, "kd": 3.0, "crd": 0.0}, rel=1e-12)

@@ -26,6 +26,11 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> T:
+        """Remove the entry called `name` and return it (a plugin or test undoing its registration)."""
+        self.get(name)  # a KeyError listing the known names when there is none
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         """Return the entry called `name`, or raise KeyError listing the known names."""
         try:

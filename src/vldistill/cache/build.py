@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from vldistill.cache.meta import cache_meta
 from vldistill.cache.store import CacheReader, CacheWriter
-from vldistill.cache.teacher import TOWERS, VIEW_HASH, field_name
+from vldistill.cache.teacher import VIEW_HASH, field_name
 from vldistill.config import AUTO_BATCH_SIZE, ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import PairCollator, PairSample
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.distributed import join_process_group
 from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.models.signals import cached_per_sample
 from vldistill.teachers import check_teacher_fits_data, ensemble_members, teacher_ensemble
 from vldistill.trained import TrainedModel
 
@@ -92,9 +93,15 @@ class RowCollator:
 
 
 def cache_fields(members: Sequence[TrainedModel], dtype: str) -> dict[str, tuple[int, str]]:
-    """The cache's fields: `teacher{k}/image` and `teacher{k}/text` of each teacher's embedding size, and
-    `view_hash` (int64) fingerprinting the view each row was computed from."""
-    fields = {field_name(k, tower): (m.model.embed_dim, dtype) for k, m in enumerate(members) for tower in TOWERS}
+    """The cache's fields: per teacher k, `teacher{k}/<field>` for every per-sample signal kind it produces
+    (models/signals.py `cache_field` and `cache_width`: its image and text embeddings), and `view_hash`
+    (int64) fingerprinting the view each row was computed from."""
+    fields = {
+        field_name(k, kind.cache_field): (width, dtype)
+        for k, m in enumerate(members)
+        for kind in cached_per_sample()
+        if (width := kind.cache_width(m.model)) is not None
+    }
     return {**fields, VIEW_HASH: (1, "int64")}
 
 
@@ -198,8 +205,10 @@ def _shard_arrays(
             batch = {key: value.to(device) for key, value in batch.items()}
             local = (batch["sample_index"] * views + batch["view"]).cpu().numpy() - rows.start
             for k, output in enumerate(ensemble.outputs(batch)):
-                for tower, embeds in zip(TOWERS, (output.image_embeds, output.text_embeds)):
-                    arrays[field_name(k, tower)][local] = embeds.float().cpu().numpy()
+                for kind in cached_per_sample():
+                    name = field_name(k, kind.cache_field)
+                    if name in arrays:
+                        arrays[name][local] = output[kind.name].float().reshape(len(local), -1).cpu().numpy()
             arrays[VIEW_HASH][local, 0] = batch[VIEW_HASH].cpu().numpy()
             progress.update(len(local))
     return arrays

@@ -20,6 +20,7 @@ from vldistill.binding import plain_digest
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.models.contract import DualEncoder
+from vldistill.models.signals import cached_per_model
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -38,10 +39,10 @@ def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
     return plain_digest(payload, length=64)
 
 
-def logit_settings(model: DualEncoder) -> dict[str, Optional[float]]:
-    """The teacher's (constant) exponentiated logit scale and, for SigLIP, its logit bias."""
-    bias = model.logit_bias
-    return {"logit_scale": float(model.logit_scale.detach()), "logit_bias": None if bias is None else float(bias.detach())}
+def per_model_signals(model: DualEncoder) -> dict[str, Optional[float]]:
+    """The teacher's constant per-model signals the cache keeps (models/signals.py `cache_meta`): its
+    exponentiated logit scale and, for SigLIP, its logit bias (None otherwise)."""
+    return {kind.name: kind.cache_meta(model) for kind in cached_per_model()}
 
 
 def teacher_identity(model: DualEncoder, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def teacher_identity(model: DualEncoder, tokenizer: PreTrainedTokenizerBase) -> 
         "config": model.architecture_config(),
         "sha256": state_dict_sha256(model),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
-        **logit_settings(model),
+        **per_model_signals(model),
     }
 
 

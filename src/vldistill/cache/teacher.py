@@ -1,6 +1,7 @@
 """The teacher cache standing in for the teachers during distillation: `CachedTeacher` is called like
-a `TeacherEnsemble` (batch, needs) -> DualEncoderOutput, but reads the embeddings stored for the
-batch's samples and view instead of running any model. Every batch's views are checked against the
+a `TeacherEnsemble` (batch, needs) -> Signals, but reads the signals stored for the batch's samples and
+view (the kinds models/signals.py declares cacheable: the embeddings, the logit scale and bias) instead
+of running any model. Every batch's views are checked against the
 fingerprints (`view_hash`) stored when the cache was built, so the student is fed exactly the views the
 teachers saw."""
 
@@ -17,18 +18,18 @@ from vldistill.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchEr
 from vldistill.config import CacheConfig, ConfigError
 from vldistill.losses.base import LOSSES
 from vldistill.models.ensemble import check_combine_method, teacher_output_over
-from vldistill.models.outputs import TEACHER_EMBEDDINGS, DualEncoderOutput, gather_embeddings
+from vldistill.models.signals import Signals, cacheable_signals, cached_per_model, cached_per_sample, gather_signals
 from vldistill.schedules import WeightingConfig
 
 logger = logging.getLogger(__name__)
 
-TOWERS = ("image", "text")
 VIEW_HASH = "view_hash"  # the cache field (int64, dim 1) and batch key of each view's fingerprint (data.pairs.view_hash)
 
 
-def field_name(teacher: int, tower: str) -> str:
-    """The cache field of teacher `teacher`'s `tower` ("image" or "text") embeddings."""
-    return f"teacher{teacher}/{tower}"
+def field_name(teacher: int, signal_field: str) -> str:
+    """The cache field holding teacher `teacher`'s signal stored as `signal_field` (e.g. "image" for its
+    image embeddings, see models/signals.py `cache_field`)."""
+    return f"teacher{teacher}/{signal_field}"
 
 
 def cache_row(sample_index: torch.Tensor, view: torch.Tensor, views: int) -> torch.Tensor:
@@ -37,41 +38,44 @@ def cache_row(sample_index: torch.Tensor, view: torch.Tensor, views: int) -> tor
 
 
 class CachedTeacher(nn.Module):
-    """The teachers' combined output read from a cache: per teacher k the rows of `teacher{k}/image`
-    and `teacher{k}/text` for the batch's `sample_index` and `view`, as float32 on the batch's device,
-    with its logit scale (and bias) from the cache meta, combined as `TeacherEnsemble` combines. Each
-    batch's `view_hash` must equal the cached rows' (else CacheViewMismatchError)."""
+    """The teachers' combined output read from a cache: per teacher k, every per-sample signal stored for
+    it (`teacher{k}/<field>`, e.g. its image and text embeddings) at the batch's `sample_index` and `view`,
+    as float32 on the batch's device, plus its per-model signals (`model_signals[k]`, e.g. its logit scale
+    and bias, from the cache meta), combined as `TeacherEnsemble` combines. Each batch's `view_hash` must
+    equal the cached rows' (else CacheViewMismatchError)."""
 
     def __init__(
         self,
         reader: CacheReader,
         weights: Sequence[float],
         method: str,
-        logit_scales: Sequence[float],
-        logit_biases: Optional[Sequence[Optional[float]]] = None,
+        model_signals: Sequence[Mapping[str, Optional[float]]],
         views: int = 1,
     ) -> None:
         super().__init__()
         check_combine_method(method)
-        count = len(logit_scales)
-        if len(weights) != count or (logit_biases is not None and len(logit_biases) != count):
-            raise ValueError("weights, logit_scales and logit_biases must have one entry per cached teacher")
-        wanted = [*(field_name(k, t) for k in range(count) for t in TOWERS), VIEW_HASH]
+        count = len(model_signals)
+        if len(weights) != count:
+            raise ValueError("weights and model_signals must have one entry per cached teacher")
+        wanted = [*(field_name(k, t) for k in range(count) for t in ("image", "text")), VIEW_HASH]
         missing = [name for name in wanted if name not in reader.fields]
         if missing:
             raise ValueError(f"teacher cache at {reader.root} lacks the fields {', '.join(missing)}; {REBUILD_HINT}")
         self.reader = reader
         self.weights = list(weights)
         self.method = method
-        self.logit_scales = list(logit_scales)
-        self.logit_biases = list(logit_biases) if logit_biases is not None else [None] * count
+        self.model_signals = [dict(signals) for signals in model_signals]
         self.views = views
 
     @property
     def embed_dim(self) -> int:
         """Size of the combined embedding, as `TeacherEnsemble.embed_dim`."""
-        dims = [self.reader.fields[field_name(k, "image")][0] for k in range(len(self.logit_scales))]
+        dims = [self.reader.fields[field_name(k, "image")][0] for k in range(len(self.model_signals))]
         return sum(dims) if len(dims) > 1 else dims[0]
+
+    def held_signals(self, teacher: int) -> list[str]:
+        """Names of the per-sample signals the cache holds for teacher `teacher`."""
+        return [kind.name for kind in cached_per_sample() if field_name(teacher, kind.cache_field) in self.reader.fields]
 
     def _rows(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         for key in ("sample_index", "view", VIEW_HASH):
@@ -97,31 +101,36 @@ class CachedTeacher(nn.Module):
                 f"augmentation) and must be rebuilt: {REBUILD_HINT}"
             )
 
-    def forward(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
-        """The combined cached output for the batch; only embeddings are cached."""
+    def forward(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> Signals:
+        """The combined cached output for the batch."""
         return teacher_output_over(self, [batch], needs)
 
     @torch.no_grad()
-    def gathered_outputs(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[DualEncoderOutput]:
-        """Each cached teacher's output for the batch, with the embeddings of every rank."""
-        if needs - {TEACHER_EMBEDDINGS}:
-            raise ValueError(f"the teacher cache holds embeddings only, not {', '.join(sorted(needs - {TEACHER_EMBEDDINGS}))}")
+    def gathered_outputs(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
+        """Each cached teacher's signals for the batch, its gathered signals holding every rank's rows."""
+        held = set(self.held_signals(0)) | {kind.name for kind in cached_per_model()}
+        if needs - held:
+            raise ValueError(
+                f"the teacher cache at {self.reader.root} holds {', '.join(sorted(held))}, "
+                f"not {', '.join(sorted(needs - held))}"
+            )
         rows = self._rows(batch).cpu().numpy()
         self._check_views(batch, rows)
         device = batch["sample_index"].device
         outputs = []
-        for k, (scale, bias) in enumerate(zip(self.logit_scales, self.logit_biases)):
-            image, text = (
-                torch.from_numpy(self.reader.rows(field_name(k, tower), rows)).to(device=device, dtype=torch.float32)
-                for tower in TOWERS
-            )
-            outputs.append(DualEncoderOutput(
-                image_embeds=image,
-                text_embeds=text,
-                logit_scale=torch.tensor(scale, dtype=torch.float32, device=device),
-                logit_bias=None if bias is None else torch.tensor(bias, dtype=torch.float32, device=device),
-            ))
-        return [gather_embeddings(output, keep_grad=False) for output in outputs]
+        for k, per_model in enumerate(self.model_signals):
+            per_sample = {
+                kind.name: torch.from_numpy(self.reader.rows(field_name(k, kind.cache_field), rows)).to(device=device, dtype=torch.float32)
+                for kind in cached_per_sample()
+                if kind.name in self.held_signals(k)
+            }
+            scalars = {
+                name: torch.tensor(value, dtype=torch.float32, device=device)
+                for name, value in per_model.items()
+                if value is not None
+            }
+            outputs.append(Signals(**per_sample, **scalars))
+        return [gather_signals(output, keep_grad=False) for output in outputs]
 
 
 def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Sequence[float], method: str) -> CachedTeacher:
@@ -131,24 +140,24 @@ def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Seque
     reader = CacheReader.open(path, expected_meta)
     teachers = reader.meta["teachers"]
     order = [teachers[str(k)] for k in range(len(teachers))]
+    per_model = [kind.name for kind in cached_per_model()]
     return CachedTeacher(
         reader,
         weights,
         method,
-        [t["logit_scale"] for t in order],
-        [t["logit_bias"] for t in order],
+        [{name: t.get(name) for name in per_model} for t in order],
         views=reader.meta["transform"]["views"],
     )
 
 
 def cache_blockers(losses: Mapping[str, Any], weighting: WeightingConfig) -> list[str]:
-    """Why the cache cannot stand in for the teachers, one reason each: losses that need more than the
-    teachers' embeddings, and gap weighting (it measures on held-out pairs the cache does not hold)."""
+    """Why the cache cannot stand in for the teachers, one reason each: losses that need signals the cache
+    cannot hold (models/signals.py), and gap weighting (it measures on held-out pairs the cache does not hold)."""
     reasons = []
     for name in losses:
-        beyond = LOSSES.get(name).needs - {TEACHER_EMBEDDINGS}
+        beyond = LOSSES.get(name).needs - cacheable_signals()
         if beyond:
-            reasons.append(f"distill.losses.{name} needs the teacher's {' and '.join(sorted(beyond))}")
+            reasons.append(f"distill.losses.{name} needs the teacher's {', '.join(sorted(beyond))}, which a cache cannot hold")
     if weighting.kind == "gap":
         reasons.append("distill.weighting.kind gap measures the teachers on held-out pairs, which the cache does not hold")
     return reasons
@@ -156,7 +165,7 @@ def cache_blockers(losses: Mapping[str, Any], weighting: WeightingConfig) -> lis
 
 def serve_from_cache(cache: CacheConfig, losses: Mapping[str, Any], weighting: WeightingConfig) -> bool:
     """Whether distillation reads the teachers from `cache.path`: only when it is set, a loss uses the
-    teacher, and nothing needs more than the cached embeddings. Otherwise, with `cache.mode` auto, log
+    teacher, and nothing needs more than the cache holds. Otherwise, with `cache.mode` auto, log
     a warning saying why the teachers run online; with `require`, raise a ConfigError naming the reasons."""
     if not any(LOSSES.get(name).needs for name in losses):
         return False

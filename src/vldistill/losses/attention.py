@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from vldistill.losses.base import LOSSES, TEACHER_ATTENTIONS, LossContext
+from vldistill.losses.base import LOSSES, ATTENTIONS, LossContext
 from vldistill.losses.hidden import LayerwiseLoss, LayerwiseParams, text_token_mask
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 
 ATTENTION_DISTANCES = ("kl", "mse")
 HEAD_MODES = ("average", "match")
@@ -55,7 +55,7 @@ class AttentionDistillation(LayerwiseLoss):
     renormalization. Vision: the token counts must match (same patch size and image size).
     """
 
-    needs = frozenset({TEACHER_ATTENTIONS})
+    needs = ATTENTIONS
     loss_name = "attention"
 
     @dataclass
@@ -102,7 +102,7 @@ class AttentionDistillation(LayerwiseLoss):
             student, teacher = student.mean(dim=1, keepdim=True), teacher.mean(dim=1, keepdim=True)
         return masked_attention_distance(student, teacher.detach(), self.params.distance, mask)
 
-    def _tower_loss(self, tower: str, student: DualEncoderOutput, teacher: DualEncoderOutput) -> torch.Tensor:
+    def _tower_loss(self, tower: str, student: Signals, teacher: Signals) -> torch.Tensor:
         s_maps = self.layer_outputs(student, tower, "attentions", "student")
         t_maps = self.layer_outputs(teacher, tower, "attentions", "teacher")
         mask = text_token_mask(student, teacher) if tower == "text" else None

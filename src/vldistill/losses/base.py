@@ -8,15 +8,14 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from vldistill.models.outputs import (  # noqa: F401  (re-exported: what a loss may need)
-    TEACHER_ATTENTIONS,
-    TEACHER_EMBEDDINGS,
-    TEACHER_HIDDEN_STATES,
-    DualEncoderOutput,
-)
+from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec
 from vldistill.registry import Registry
 
+# The teacher signals (models/signals.py) each family of losses reads; a loss may name any registered signal.
+EMBEDDINGS = frozenset({"image_embeds", "text_embeds", "logit_scale"})
+HIDDEN_STATES = frozenset({"image_hidden_states", "text_hidden_states", "text_attention_mask"})
+ATTENTIONS = frozenset({"image_attentions", "text_attentions", "text_attention_mask"})
 
 
 @dataclass
@@ -50,8 +49,9 @@ class TemperatureParams:
 class DistillLoss(nn.Module):
     """Base class: `forward(student, teacher)` returns a scalar and named parts for logging.
 
-    Subclasses set `needs` (a subset of {"embeddings", "hidden_states", "attentions"}; empty for a
-    task loss that ignores the teacher) and may define a dataclass `Params` of their YAML options. A loss
+    Subclasses set `needs`, the names of the teacher signals they read (registered in
+    models/signals.py, e.g. `EMBEDDINGS`; empty for a task loss that ignores the teacher; the student is
+    asked for the same signals) and may define a dataclass `Params` of their YAML options. A loss
     with a `temperature` option reads `self.temperature`, so that a temperature schedule can override it.
     """
 
@@ -76,7 +76,7 @@ class DistillLoss(nn.Module):
         return getattr(self.params, "temperature", None)
 
     def forward(
-        self, student: DualEncoderOutput, teacher: Optional[DualEncoderOutput]
+        self, student: Signals, teacher: Optional[Signals]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss on one batch and its named parts (what is computed: see the class docstring)."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss, LossContext
+from vldistill.losses.base import LOSSES, EMBEDDINGS, DistillLoss, LossContext
 
 FEATURE_DISTANCES = ("cosine", "mse")
 
@@ -37,7 +37,7 @@ class FeatureDistillation(DistillLoss):
     linear map (trained with the student, saved in checkpoints) projects the student's embeddings to
     the teacher's size first."""
 
-    needs = frozenset({TEACHER_EMBEDDINGS})
+    needs = EMBEDDINGS
 
     @dataclass
     class Params:
@@ -83,7 +83,7 @@ class InteractiveContrastiveLearning(DistillLoss):
     scale the teacher has calibrated, and the student's own scale stays trained by its task loss alone.
     """
 
-    needs = frozenset({TEACHER_EMBEDDINGS})
+    needs = EMBEDDINGS
 
     def __init__(self, params: "DistillLoss.Params", context: LossContext) -> None:
         super().__init__(params, context)

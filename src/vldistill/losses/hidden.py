@@ -8,14 +8,14 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from vldistill.losses.base import LOSSES, TEACHER_HIDDEN_STATES, DistillLoss, LossContext
+from vldistill.losses.base import LOSSES, HIDDEN_STATES, DistillLoss, LossContext
 from vldistill.models.inherit import uniform_layer_map
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec
 
 TOWERS = ("vision", "text")
 LAYER_MAPS = ("uniform", "last")
-# DualEncoderOutput fields are named image_* / text_*.
+# Signals fields are named image_* / text_*.
 OUTPUT_PREFIX = {"vision": "image", "text": "text"}
 
 
@@ -78,7 +78,7 @@ def layer_pairs(
     return [(i + 1, t) for i, t in enumerate(layer_map)]
 
 
-def text_token_mask(student: DualEncoderOutput, teacher: DualEncoderOutput) -> Optional[torch.Tensor]:
+def text_token_mask(student: Signals, teacher: Signals) -> Optional[torch.Tensor]:
     """(B, N) 1 for real text tokens (the student's mask, else the teacher's; both see the same batch)."""
     mask = student.text_attention_mask if student.text_attention_mask is not None else teacher.text_attention_mask
     return None if mask is None else mask.float()
@@ -116,14 +116,14 @@ class LayerwiseLoss(DistillLoss):
             )
         return context.student_spec, context.teacher_spec
 
-    def layer_outputs(self, output: DualEncoderOutput, tower: str, kind: str, role: str) -> tuple[torch.Tensor, ...]:
+    def layer_outputs(self, output: Signals, tower: str, kind: str, role: str) -> tuple[torch.Tensor, ...]:
         """The per-layer `kind` ("hidden_states" or "attentions") of one tower; a ValueError if absent."""
         values = getattr(output, f"{OUTPUT_PREFIX[tower]}_{kind}")
         if values is None:
             raise ValueError(f"{self.config_key} needs the {role}'s {tower} {kind}; run it with output_{kind}=True")
         return values
 
-    def _tower_loss(self, tower: str, student: DualEncoderOutput, teacher: DualEncoderOutput) -> torch.Tensor:
+    def _tower_loss(self, tower: str, student: Signals, teacher: Signals) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, student, teacher):
@@ -153,7 +153,7 @@ class HiddenStateDistillation(LayerwiseLoss):
     (index 0) is compared.
     """
 
-    needs = frozenset({TEACHER_HIDDEN_STATES})
+    needs = HIDDEN_STATES
     loss_name = "hidden"
 
     @dataclass
@@ -172,7 +172,7 @@ class HiddenStateDistillation(LayerwiseLoss):
             for _ in self.layer_pairs[tower]
         )
 
-    def _tower_loss(self, tower: str, student: DualEncoderOutput, teacher: DualEncoderOutput) -> torch.Tensor:
+    def _tower_loss(self, tower: str, student: Signals, teacher: Signals) -> torch.Tensor:
         s_states = self.layer_outputs(student, tower, "hidden_states", "student")
         t_states = self.layer_outputs(teacher, tower, "hidden_states", "teacher")
         mask = text_token_mask(student, teacher) if tower == "text" else None

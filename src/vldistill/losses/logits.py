@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss, TemperatureParams
+from vldistill.losses.base import LOSSES, EMBEDDINGS, DistillLoss, TemperatureParams
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -23,7 +23,7 @@ class SoftTargetKD(DistillLoss):
     (as in CLIP-KD, Yang et al., 2024), averaged over both directions. Each model uses its own
     logit scale."""
 
-    needs = frozenset({TEACHER_EMBEDDINGS})
+    needs = EMBEDDINGS
 
     Params = TemperatureParams
 
@@ -50,7 +50,7 @@ class AffinityMimicking(DistillLoss):
     text->image, averaged over the two directions. Unlike `kd` it is a cross-entropy (the KL plus the
     teacher's constant entropy) and has no T^2 factor."""
 
-    needs = frozenset({TEACHER_EMBEDDINGS})
+    needs = EMBEDDINGS
 
     Params = TemperatureParams
 

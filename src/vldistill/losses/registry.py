@@ -15,7 +15,7 @@ from vldistill.binding import build_dataclass
 # Importing the families registers their losses.
 from vldistill.losses import attention, contrastive, features, hidden, logits, relational  # noqa: F401
 from vldistill.losses.base import LOSSES, LossContext
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.schedules import (
     Schedule,
     WeightingConfig,
@@ -124,7 +124,7 @@ class DistillationObjective(nn.Module):
         return self.needs_held_out and step % self.weighting.every == 0
 
     @torch.no_grad()
-    def refresh_gap(self, student: DualEncoderOutput, teacher: DualEncoderOutput) -> None:
+    def refresh_gap(self, student: Signals, teacher: Signals) -> None:
         """Gap weighting: evaluate each teacher-needing loss L_i on the held-out batch's outputs; the first
         call records L_i(start), every call sets r_i = L_i / L_i(start) (1 while L_i(start) is 0)."""
         for name in self.gap_ratios:
@@ -148,7 +148,7 @@ class DistillationObjective(nn.Module):
         self.gap_reference = dict(state["gap_reference"])
 
     def forward(
-        self, student: DualEncoderOutput, teacher: Optional[DualEncoderOutput]
+        self, student: Signals, teacher: Optional[Signals]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total weighted loss and a flat dict of every loss and its named parts, for logging."""
         total = torch.zeros((), device=student.image_embeds.device)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vldistill.losses.base import LOSSES, TEACHER_EMBEDDINGS, DistillLoss, TemperatureParams
+from vldistill.losses.base import LOSSES, EMBEDDINGS, DistillLoss, TemperatureParams
 from vldistill.losses.logits import soft_target_kl
 
 
@@ -38,7 +38,7 @@ class ContrastiveRelationalDistillation(DistillLoss):
     the sizes may differ and nothing is learned here.
     """
 
-    needs = frozenset({TEACHER_EMBEDDINGS})
+    needs = EMBEDDINGS
 
     @dataclass
     class Params(TemperatureParams):

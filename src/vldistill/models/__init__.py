@@ -7,7 +7,7 @@ from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.inherit import check_inheritable, inherit_weights, uniform_layer_map
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 from vldistill.models.student import clip_config_from_spec, spec_from_clip_config, student_config_from_teacher
 
@@ -18,7 +18,7 @@ __all__ = [
     "TeacherEnsemble",
     "TwoTowerDualEncoder",
     "load_dual_encoder_any",
-    "DualEncoderOutput",
+    "Signals",
     "DualEncoderSpec",
     "TowerSpec",
     "check_inheritable",

@@ -16,7 +16,7 @@ from vldistill.models.common import clamp_log_scale_, joint_forward, load_tokeni
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
 from vldistill.models.io import save_dual_encoder
 from vldistill.models.locate import require_tokenizer
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec
 from vldistill.models.student import spec_from_clip_config
 
@@ -102,7 +102,7 @@ class CLIPDualEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-    ) -> DualEncoderOutput:
+    ) -> Signals:
         """Embed a batch of paired images and texts, with hidden states / attention maps on request
         (attention maps need eager attention: the model switches to it for that call only)."""
         return joint_forward(

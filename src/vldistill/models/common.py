@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals, tower_signals
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -53,9 +53,9 @@ def joint_forward(
     hidden_states: bool,
     attentions: bool,
     **extra: torch.Tensor,
-) -> DualEncoderOutput:
+) -> Signals:
     """One forward pass of a Hugging Face image-text model with both towers (CLIPModel, SiglipModel) as a
-    DualEncoderOutput: the text tower reads `attention_mask` only with `mask_text`; hidden states and
+    Signals: the text tower reads `attention_mask` only with `mask_text`; hidden states and
     attention maps on request (eager attention for this call only); `extra` fields such as logit_bias."""
     text_inputs = {"attention_mask": attention_mask} if mask_text else {}
     with eager_attention(model, enabled=attentions):
@@ -66,7 +66,7 @@ def joint_forward(
             output_attentions=attentions,
             **text_inputs,
         )
-    return DualEncoderOutput.from_towers(
+    return tower_signals(
         out.image_embeds, out.text_embeds, logit_scale, out.vision_model_output, out.text_model_output,
         attention_mask, hidden_states=hidden_states, attentions=attentions, **extra,
     )

@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill.models.inputs import InputSpec
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec
 
 
@@ -53,7 +53,7 @@ class DualEncoder(Protocol):
         attention_mask: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-    ) -> DualEncoderOutput:
+    ) -> Signals:
         """Both towers on paired images and texts, with hidden states / attention maps on request."""
 
     def clamp_logit_scale(self) -> None:

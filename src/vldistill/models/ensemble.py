@@ -13,7 +13,8 @@ Its logits (what the soft-target losses read) depend on `method`:
   (Zhang et al., 2022, "Confidence-Aware Multi-Teacher Knowledge Distillation");
 - `average`: the mean of the teachers' scaled similarity matrices, the ensemble of MobileCLIP
   (Vasu et al., 2024, "MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training").
-Hidden states and attention maps (for the layer-wise losses) come from the first (primary) teacher.
+Every other signal is combined as its kind declares (models/signals.py): hidden states and attention maps
+(for the layer-wise losses) come from the first (primary) teacher, logit scales are averaged.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vldistill.models.inputs import inputs_for
-from vldistill.models.outputs import (
-    TEACHER_ATTENTIONS,
-    TEACHER_HIDDEN_STATES,
-    DualEncoderOutput,
-    concat_outputs,
-    gather_embeddings,
+from vldistill.models.signals import (
+    EnsembleWeights,
+    Signals,
+    combine_signals,
+    concat_signals,
+    gather_signals,
+    request_flags,
 )
 
 COMBINE_METHODS = ("fixed", "confidence", "average")
@@ -58,12 +60,7 @@ def mixture_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> tor
     return torch.logsumexp(log_probs + weights.clamp_min(1e-12).log().unsqueeze(-1), dim=0)
 
 
-def weighted_concat(embeds: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Concatenate unit vectors scaled by sqrt of per-sample weights (K, B) summing to 1: unit-norm rows."""
-    return torch.cat([e * w.sqrt().unsqueeze(-1) for e, w in zip(embeds, weights)], dim=-1)
-
-
-def combine_outputs(outputs: Sequence[DualEncoderOutput], method: str, weights: Sequence[float]) -> DualEncoderOutput:
+def combine_outputs(outputs: Sequence[Signals], method: str, weights: Sequence[float]) -> Signals:
     """One virtual teacher output from several teachers' outputs on the same batch (see module doc)."""
     if len(outputs) == 1:
         return outputs[0]
@@ -81,16 +78,9 @@ def combine_outputs(outputs: Sequence[DualEncoderOutput], method: str, weights: 
         text_to_image = image_to_text.t()
     else:
         image_to_text, text_to_image = mixture_logits(i2t, image_w), mixture_logits(t2i, text_w)
-    primary = outputs[0]
-    return DualEncoderOutput(
-        image_embeds=weighted_concat([o.image_embeds for o in outputs], image_w),
-        text_embeds=weighted_concat([o.text_embeds for o in outputs], text_w),
-        logit_scale=torch.stack([o.logit_scale for o in outputs]).mean(),
-        image_hidden_states=primary.image_hidden_states,
-        text_hidden_states=primary.text_hidden_states,
-        image_attentions=primary.image_attentions,
-        text_attentions=primary.text_attentions,
-        text_attention_mask=primary.text_attention_mask,
+    return combine_signals(
+        outputs,
+        EnsembleWeights(image=image_w, text=text_w),
         image_to_text_logits=image_to_text,
         text_to_image_logits=text_to_image,
     )
@@ -134,31 +124,28 @@ class TeacherEnsemble(nn.Module):
         return sum(t.embed_dim for t in self.teachers) if len(self.teachers) > 1 else self.primary.embed_dim
 
     @torch.no_grad()
-    def outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[DualEncoderOutput]:
-        """Each teacher's own output on its inputs (extras only from the primary, on request)."""
+    def outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
+        """Each teacher's own signals on its inputs: those that `needs` names, requested from the primary
+        teacher and, for kinds combined over every teacher, from the others too."""
         return [
-            teacher(
-                **inputs_for(batch, key),
-                output_hidden_states=k == 0 and TEACHER_HIDDEN_STATES in needs,
-                output_attentions=k == 0 and TEACHER_ATTENTIONS in needs,
-            )
+            teacher(**inputs_for(batch, key), **request_flags(needs, primary=k == 0))
             for k, (teacher, key) in enumerate(zip(self.teachers, self.input_keys))
         ]
 
     @torch.no_grad()
-    def gathered_outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[DualEncoderOutput]:
-        """Each teacher's output on the batch (see `outputs`) with the embeddings of every rank."""
-        return [gather_embeddings(output, keep_grad=False) for output in self.outputs(batch, needs)]
+    def gathered_outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
+        """Each teacher's output on the batch (see `outputs`), its gathered signals holding every rank's rows."""
+        return [gather_signals(output, keep_grad=False) for output in self.outputs(batch, needs)]
 
-    def forward(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> DualEncoderOutput:
+    def forward(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> Signals:
         """The teachers' gathered outputs on the batch, combined."""
         return teacher_output_over(self, [batch], needs)
 
 
 @torch.no_grad()
-def teacher_output_over(teacher, batches: Sequence[dict[str, torch.Tensor]], needs: frozenset[str]) -> DualEncoderOutput:
+def teacher_output_over(teacher, batches: Sequence[dict[str, torch.Tensor]], needs: frozenset[str]) -> Signals:
     """The combined output of a `TeacherEnsemble` or `CachedTeacher` over several micro-batches taken as one
     batch (gradient accumulation): each teacher's gathered outputs concatenated in micro-batch order, then
     combined, so combined logits span the whole batch."""
     per_batch = [teacher.gathered_outputs(batch, needs) for batch in batches]
-    return combine_outputs([concat_outputs(parts) for parts in zip(*per_batch)], teacher.method, teacher.weights)
+    return combine_outputs([concat_signals(parts) for parts in zip(*per_batch)], teacher.method, teacher.weights)

@@ -38,7 +38,7 @@ from vldistill.models.common import (
 from vldistill.models.inputs import InputSpec, image_normalization
 from vldistill.models.io import write_metadata
 from vldistill.models.locate import require_tokenizer
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -154,7 +154,7 @@ class SiglipDualEncoder(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-    ) -> DualEncoderOutput:
+    ) -> Signals:
         """Embed a batch of paired images and texts (logits = logit_scale * cos + logit_bias), with
         hidden states / attention maps on request (eager attention for that call only)."""
         return joint_forward(

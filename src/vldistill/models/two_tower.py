@@ -42,7 +42,7 @@ from vldistill.models.io import write_metadata
 from vldistill.models.locate import (
     ModelNotFoundError, checked_source, hub_errors, local_folder, read_json_object, require_tokenizer,
 )
-from vldistill.models.outputs import DualEncoderOutput
+from vldistill.models.signals import Signals, tower_signals
 
 TWO_TOWER_FILE = "two_tower.json"
 TWO_TOWER_FORMAT = "vldistill-two-tower"
@@ -359,14 +359,14 @@ class TwoTowerDualEncoder(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-    ) -> DualEncoderOutput:
+    ) -> Signals:
         """Embed a batch of paired images and texts, with each backbone's hidden states / attention maps
         on request (eager attention for that call only)."""
         flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
         with eager_attention(self.vision, self.text, enabled=output_attentions):
             vision, image_embeds = self._run_vision(pixel_values, **flags)
             text, text_embeds = self._run_text(input_ids, attention_mask, **flags)
-        return DualEncoderOutput.from_towers(
+        return tower_signals(
             image_embeds, text_embeds, self.logit_scale, vision, text, attention_mask,
             hidden_states=output_hidden_states, attentions=output_attentions,
         )

@@ -32,7 +32,6 @@ from vldistill.cache.teacher import CachedTeacher
 from vldistill.config import OptimConfig
 from vldistill.train.checkpoint import TrainState, capture_rng, restore_rng, save_checkpoint
 from vldistill.train.stop import StopRequests, TrainingStopped
-from vldistill.losses.base import TEACHER_ATTENTIONS, TEACHER_HIDDEN_STATES
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.distributed import (
@@ -40,7 +39,7 @@ from vldistill.distributed import (
 )
 from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.models.inputs import inputs_for
-from vldistill.models.outputs import DualEncoderOutput, concat_outputs, gather_embeddings
+from vldistill.models.signals import Signals, concat_signals, gather_signals, request_flags
 from vldistill.trained import TrainResult
 
 
@@ -74,35 +73,31 @@ class StudentWithObjective(nn.Module):
         self.student = student
         self.objective = objective
 
-    def _student_output(self, batch: dict[str, torch.Tensor]) -> DualEncoderOutput:
-        return self.student(
-            **inputs_for(batch, ""),
-            output_hidden_states=TEACHER_HIDDEN_STATES in self.objective.needs,
-            output_attentions=TEACHER_ATTENTIONS in self.objective.needs,
-        )
+    def _student_output(self, batch: dict[str, torch.Tensor]) -> Signals:
+        return self.student(**inputs_for(batch, ""), **request_flags(self.objective.needs))
 
     def forward(
         self,
         batch: dict[str, torch.Tensor],
-        teacher_output: Optional[DualEncoderOutput],
-        cached: Sequence[DualEncoderOutput] = (),
+        teacher_output: Optional[Signals],
+        cached: Sequence[Signals] = (),
         position: int = 0,
     ):
         """The objective's total loss and its parts plus its current weights and temperatures, for logging.
         With `cached` outputs of an accumulation window, the live outputs of `batch` take `position` among
         them (the logit scale and bias are the live ones) and the loss is that of the whole window."""
-        student = gather_embeddings(self._student_output(batch), keep_grad=True)
+        student = gather_signals(self._student_output(batch), keep_grad=True)
         if cached:
-            window = concat_outputs([*cached[:position], student, *cached[position + 1 :]])
-            student = dataclasses.replace(window, logit_scale=student.logit_scale, logit_bias=student.logit_bias)
+            window = concat_signals([*cached[:position], student, *cached[position + 1 :]])
+            student = window.replace(logit_scale=student.logit_scale, logit_bias=student.logit_bias)
         loss, parts = self.objective(student, teacher_output)
         return loss, {**parts, **self.objective.settings()}
 
     @torch.no_grad()
-    def cached_output(self, batch: dict[str, torch.Tensor]) -> DualEncoderOutput:
+    def cached_output(self, batch: dict[str, torch.Tensor]) -> Signals:
         """The student's gathered output on `batch` without gradients: for gap weighting's measurements, and
         standing for its micro-batch of an accumulation window while another one's gradient is taken."""
-        return gather_embeddings(self._student_output(batch), keep_grad=False)
+        return gather_signals(self._student_output(batch), keep_grad=False)
 
     def loss_side_parameters(self) -> list[nn.Parameter]:
         """Parameters the loss uses directly rather than through the embedded micro-batch (the objective's
@@ -112,7 +107,7 @@ class StudentWithObjective(nn.Module):
         return [*self.objective.parameters(), *scales]
 
     @torch.no_grad()
-    def refresh_gap(self, batch: dict[str, torch.Tensor], teacher_output: DualEncoderOutput) -> None:
+    def refresh_gap(self, batch: dict[str, torch.Tensor], teacher_output: Signals) -> None:
         """Re-measure the objective's gap weighting on a held-out batch, the student in eval mode meanwhile."""
         self.student.eval()
         self.objective.refresh_gap(self.cached_output(batch), teacher_output)
@@ -235,7 +230,7 @@ class _Run:
     checkpointer: Optional[Checkpointer]
     teacher: Optional[nn.Module] = None
     held_out_batch: Optional[dict[str, torch.Tensor]] = None
-    held_out_teacher: Optional[DualEncoderOutput] = None
+    held_out_teacher: Optional[Signals] = None
     step: int = 0
     nonfinite: int = 0
     consecutive_nonfinite: int = 0
@@ -418,7 +413,7 @@ def backward_window(
     accelerator: Accelerator,
     module: nn.Module,
     window: list[dict[str, torch.Tensor]],
-    teacher_output: Optional[DualEncoderOutput],
+    teacher_output: Optional[Signals],
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
     """Accumulate the gradient of the window's loss (see the module docstring) and return the loss and its
