@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vldistill.cache.build import build_cache
+from vldistill.teachers.cache.build import build_cache
 from vldistill.config import ExperimentConfig, load_config, packaged_config
 from vldistill.data.bundle import DataBundle, load_data
 from vldistill.data.preprocess import BatchPreprocessor

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from helpers import batches, build_clip, config_for, gradients, student_and_objective, teacher_spec
 
 from vldistill.config import OptimConfig
-from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
+from vldistill.teachers.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.train.loop import backward_window, train
 
 EVERY_SIGNAL = {

@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import build_clip, config_for
 
-from vldistill.cache import CacheCorruptError, CacheIncompleteError, CacheMismatchError, CacheReader, CacheViewMismatchError, CacheWriter
-from vldistill.cache.build import PROBE_SIZES, build_cache, pick_batch_size
-from vldistill.cache.teacher import CachedTeacher
+from vldistill.teachers.cache import CacheCorruptError, CacheIncompleteError, CacheMismatchError, CacheReader, CacheViewMismatchError, CacheWriter
+from vldistill.teachers.cache.build import PROBE_SIZES, build_cache, pick_batch_size
+from vldistill.teachers.cache.cached import CachedTeacher
 from vldistill.cli import main
 from vldistill.config import ConfigError, OptimConfig, load_config, packaged_config
 from vldistill.data.augment import AugmentConfig, apply_augment, sample_params
@@ -28,10 +28,10 @@ from vldistill.data import pairs as pairs_module
 from vldistill.data.pairs import PairCollator, make_view, view_generator, view_hash
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.models import DualEncoderSpec, TowerSpec
-from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.teachers.ensemble import TeacherEnsemble
 from vldistill.models.inputs import MODEL_INPUTS, inputs_for
 from vldistill.models.io import read_metadata, save_dual_encoder
-from vldistill.teachers import teacher_ensemble
+from vldistill.teachers.assemble import teacher_ensemble
 from vldistill.train.runs import _batches, cached_teacher, obtain_teacher, train_student
 
 AUGMENT = AugmentConfig(crop_prob=0.8, flip_prob=0.5, brightness=0.4, word_dropout_prob=0.2, paraphrase_prob=0.5)
@@ -231,7 +231,7 @@ def test_hidden_state_loss_runs_online_in_auto_and_fails_in_require(tiny, plain_
     losses = "distill.losses={clip: {weight: 1.0}, kd: {weight: 1.0}, hidden: {weight: 1.0}}"
     cfg = plain_cfg(tiny, losses)
     student = train_student(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto", progress=False)
-    [warning] = [r for r in caplog.records if r.name == "vldistill.cache.teacher"]
+    [warning] = [r for r in caplog.records if r.name == "vldistill.teachers.cache.cached"]
     assert warning.levelno == logging.WARNING
     assert "running the teachers online: distill.losses.hidden needs the teacher's image_hidden_states, text_attention_mask, text_hidden_states, which a cache cannot hold" in warning.getMessage()
     assert student.result.steps == 8 and read_metadata(tmp_path / "auto")["teacher_cache"] is None
@@ -479,7 +479,7 @@ def test_auto_batch_size_build_logs_the_choice(tiny, plain_cache, tmp_path, capl
     cfg = plain_cfg(tiny, "cache.batch_size=auto", f"cache.path={tmp_path / 'auto'}")
     caplog.set_level(logging.INFO, logger="vldistill")
     result = build_cache(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto", progress=False)
-    [record] = [r for r in caplog.records if r.name == "vldistill.cache.build"]
+    [record] = [r for r in caplog.records if r.name == "vldistill.teachers.cache.build"]
     assert record.levelno == logging.INFO
     out = record.getMessage()
     assert re.search(r"cache.batch_size auto: using (64|128|256) \(\d+ images/s; probed 64: \d+", out)

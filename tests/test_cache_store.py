@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vldistill.cache import store
-from vldistill.cache import (
+from vldistill.teachers.cache import store
+from vldistill.teachers.cache import (
     CacheCorruptError,
     CacheFormatError,
     CacheIncompleteError,

@@ -12,7 +12,7 @@ from transformers.utils import logging as transformers_logging
 
 from vldistill import cli
 
-LIBRARY = logging.getLogger("vldistill.cache.build")  # any module logger under the package's
+LIBRARY = logging.getLogger("vldistill.teachers.cache.build")  # any module logger under the package's
 
 
 def _log_one_of_each() -> None:

@@ -33,7 +33,7 @@ from helpers import (
     teacher_spec,
 )
 
-from vldistill.cache.store import CacheReader
+from vldistill.teachers.cache.store import CacheReader
 from vldistill.cli import main
 from vldistill.config import load_config, packaged_config
 from vldistill.data.bundle import load_data
@@ -43,7 +43,7 @@ from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.data.synthetic import make_split
 from vldistill.data.tokenizer import build_word_tokenizer, make_tokenize
 from vldistill.distributed import on_every_rank, settle_collectives
-from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
+from vldistill.teachers.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.train.checkpoint import checkpoints
 from vldistill.train.loop import backward_window
 from vldistill.train.runs import _batches

@@ -16,7 +16,7 @@ from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
 from vldistill.models import DualEncoderSpec, TowerSpec
-from vldistill.models.ensemble import TeacherEnsemble, combine_outputs, confidence_weights
+from vldistill.teachers.ensemble import TeacherEnsemble, combine_outputs, confidence_weights
 from vldistill.models.inputs import InputSpec, inputs_for
 from vldistill.models.signals import Signals
 

@@ -204,7 +204,9 @@ def test_no_late_imports_of_vldistill_modules() -> None:
 # Layers that must not reach up: (importer, imported, why). A name covers the module and everything under it.
 FORBIDDEN = [
     (f"{PACKAGE}.models", f"{PACKAGE}.data", "models sit below data: data prepares batches for a model's input spec"),
-    (f"{PACKAGE}.cache", f"{PACKAGE}.train", "the teacher cache is built from teachers and data, not from training"),
+    (f"{PACKAGE}.teachers", f"{PACKAGE}.train", "teachers (and their cache) are assembled from configs and data, not from training"),
+    (f"{PACKAGE}.models", f"{PACKAGE}.teachers", "models sit below teachers: a teacher is assembled from models"),
+    (f"{PACKAGE}.losses", f"{PACKAGE}.teachers", "losses read signals (models/signals.py), whoever produced them"),
     (f"{PACKAGE}.binding", PACKAGE, "the YAML binder is the ground floor: it imports nothing of vldistill"),
 ]
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vldistill.cache.build import build_cache
-from vldistill.cache.teacher import CachedTeacher
+from vldistill.teachers.cache.build import build_cache
+from vldistill.teachers.cache.cached import CachedTeacher
 from vldistill.config import load_config, packaged_config
 from vldistill.data.bundle import load_data
-from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.teachers.ensemble import TeacherEnsemble
 from vldistill.train.runs import obtain_teacher, plan_student_run
 
 EMBEDDING_LOSSES = "distill.losses={clip: {weight: 1.0}, kd: {weight: 1.0}}"

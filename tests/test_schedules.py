@@ -1,4 +1,4 @@
-"""Tests for vldistill.schedules and its wiring: schedule kinds against hand-worked values, validation
+"""Tests for vldistill.losses.schedules and its wiring: schedule kinds against hand-worked values, validation
 naming the key, scheduled weights and temperatures in the objective, gap and uncertainty weighting,
 and a tiny training run that logs every weight and temperature."""
 
@@ -21,7 +21,7 @@ from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
 from vldistill.models import DualEncoderSpec, TowerSpec
 from vldistill.models.signals import Signals
-from vldistill.schedules import (
+from vldistill.losses.schedules import (
     Schedule,
     WeightingConfig,
     gap_weights,
@@ -397,7 +397,7 @@ def test_held_out_batch_comes_from_val_when_present(tokenizer) -> None:
 
 
 def test_describe_schedule_for_model_cards() -> None:
-    from vldistill.schedules import describe_schedule
+    from vldistill.losses.schedules import describe_schedule
 
     assert describe_schedule(2.0) == "2"
     assert describe_schedule({"kind": "cosine", "start": 5.0, "end": 1.0}) == "cosine 5 -> 1"

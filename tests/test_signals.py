@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from helpers import build_clip, config_for, model_inputs, teacher_spec
 
-from vldistill.cache.build import build_cache
-from vldistill.cache.store import CacheReader
-from vldistill.cache.teacher import CachedTeacher, cache_blockers
+from vldistill.teachers.cache.build import build_cache
+from vldistill.teachers.cache.store import CacheReader
+from vldistill.teachers.cache.cached import CachedTeacher, cache_blockers
 from vldistill.config import load_config, packaged_config
 from vldistill.data.bundle import load_data
 from vldistill.data.pairs import PairCollator
@@ -24,7 +24,7 @@ from vldistill.losses.base import LOSSES, DistillLoss, LossContext
 from vldistill.losses.registry import build_objective
 from vldistill.models import signals as signals_module
 from vldistill.models.clip import CLIPDualEncoder
-from vldistill.models.ensemble import TeacherEnsemble, combine_outputs
+from vldistill.teachers.ensemble import TeacherEnsemble, combine_outputs
 from vldistill.models.signals import (
     SIGNALS,
     SignalKind,
@@ -35,7 +35,7 @@ from vldistill.models.signals import (
     register_signal,
     request_flags,
 )
-from vldistill.schedules import WeightingConfig
+from vldistill.losses.schedules import WeightingConfig
 from vldistill.trained import TrainedModel
 
 TOY = "toy_energy"

@@ -14,7 +14,7 @@ from vldistill.models.io import read_metadata
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.data.pairs import PairCollator
-from vldistill.teachers import teacher_ensemble
+from vldistill.teachers.assemble import teacher_ensemble
 from vldistill.train.runs import obtain_teacher, train_student
 
 KD_LOSSES = "distill.losses={clip: {weight: 1.0}, kd: {weight: 1.0}, feature: {weight: 1.0}}"

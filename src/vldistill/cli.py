@@ -143,9 +143,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """Run the teachers once over every training pair and view; store their embeddings for distillation."""
-    from vldistill.cache.build import build_cache
+    from vldistill.teachers.cache.build import build_cache
     from vldistill.data.bundle import load_data
-    from vldistill.teachers import load_teacher
+    from vldistill.teachers.assemble import load_teacher
 
     cfg = _config(args)
     if cfg.teacher.path is None:

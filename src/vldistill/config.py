@@ -15,11 +15,11 @@ from vldistill.data.augment import AugmentConfig
 from vldistill.data.caption_json import parse_split
 from vldistill.losses.base import LOSSES, LossContext
 from vldistill.losses.registry import build_objective, parse_loss_specs
-from vldistill.models.ensemble import COMBINE_METHODS
+from vldistill.teachers.ensemble import COMBINE_METHODS
 from vldistill.models.inherit import check_inheritable
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 from vldistill.models.two_tower import TEXT_POOLINGS, VISION_POOLINGS
-from vldistill.schedules import WeightingConfig
+from vldistill.losses.schedules import WeightingConfig
 
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 on a GPU that supports it, else fp32
 RETRIEVAL_MATCHES = ("pair", "identical_caption")
@@ -208,7 +208,7 @@ class TwoTowerTeacherConfig:
 class TeacherConfig:
     """The (primary) teacher: a model folder or hub id (`path`), or one pretrained here: a CLIP from
     `model`, or the heads of a `two_tower` teacher; plus optional further teachers (`ensemble`)
-    combined with it by `combine` (see models/ensemble.py)."""
+    combined with it by `combine` (see teachers/ensemble.py)."""
 
     path: Optional[str] = None
     model: DualEncoderSpec = field(default_factory=_teacher_spec)

@@ -17,7 +17,7 @@ from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
 from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
 from vldistill.losses import LOSSES
-from vldistill.schedules import describe_schedule
+from vldistill.losses.schedules import describe_schedule
 from vldistill.train.runs import obtain_teacher, train_student
 
 TASK_LOSS = "clip"

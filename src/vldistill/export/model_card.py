@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from vldistill.schedules import describe_schedule
+from vldistill.losses.schedules import describe_schedule
 
 PIPELINE_TAG = "zero-shot-image-classification"
 TAGS = ("vldistill", "clip", "knowledge-distillation")

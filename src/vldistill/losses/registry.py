@@ -16,7 +16,7 @@ from vldistill.binding import build_dataclass
 from vldistill.losses import attention, contrastive, features, hidden, logits, relational  # noqa: F401
 from vldistill.losses.base import LOSSES, LossContext
 from vldistill.models.signals import Signals
-from vldistill.schedules import (
+from vldistill.losses.schedules import (
     Schedule,
     WeightingConfig,
     gap_weights,
@@ -41,7 +41,7 @@ def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "loss
     """Validate a `{name: {weight: w, **params}}` mapping against the registry and each loss's Params.
 
     `weight`, and a `temperature` parameter, may be a number or a schedule mapping (see
-    `vldistill.schedules`); a scheduled temperature's Params hold its start value."""
+    `vldistill.losses.schedules`); a scheduled temperature's Params hold its start value."""
     if not losses:
         raise ValueError(f"{where} is empty; choose at least one of: {', '.join(LOSSES.names())}")
     specs = []

@@ -2,7 +2,6 @@
 
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import DualEncoder
-from vldistill.models.ensemble import TeacherEnsemble
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.two_tower import TwoTowerDualEncoder
@@ -15,7 +14,6 @@ __all__ = [
     "CLIPDualEncoder",
     "DualEncoder",
     "SiglipDualEncoder",
-    "TeacherEnsemble",
     "TwoTowerDualEncoder",
     "load_dual_encoder_any",
     "Signals",

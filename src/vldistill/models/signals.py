@@ -8,7 +8,7 @@ registered in `SIGNALS`, which declares everything the rest of vldistill does wi
 - `concat`: how several micro-batches' values become one batch's (gradient accumulation);
 - `gather`: how the value of every process is collected (None: it stays local, e.g. layer-wise
   signals whose per-sample losses DDP's averaging makes global);
-- `combine`: how several teachers' values become one virtual teacher's (models/ensemble.py), given the
+- `combine`: how several teachers' values become one virtual teacher's (teachers/ensemble.py), given the
   ensemble's per-sample weights; `primary_only` kinds come from the first teacher, so only it is asked;
 - `cache_field` / `cache_width`: the field a per-sample signal is stored under in the teacher cache
   (`teacher{k}/<cache_field>`) and its width for a given model (None: that model does not produce it);
@@ -273,7 +273,7 @@ for _direction in ("image_to_text", "text_to_image"):
     register_signal(SignalKind(
         name=f"{_direction}_logits",
         description=f"(B, B) {_direction.replace('_to_', '->')} logits of an ensemble whose combined logits are not "
-        "the scaled product of its embeddings (models/ensemble.py)",
+        "the scaled product of its embeddings (teachers/ensemble.py)",
         concat=refuse_concat,
         gather=refuse_gather,
         combine=primary,

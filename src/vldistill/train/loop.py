@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vldistill.cache.teacher import CachedTeacher
+from vldistill.teachers.cache.cached import CachedTeacher
 from vldistill.config import OptimConfig
 from vldistill.train.checkpoint import TrainState, capture_rng, restore_rng, save_checkpoint
 from vldistill.train.stop import StopRequests, TrainingStopped
@@ -37,7 +37,7 @@ from vldistill.models.clip import CLIPDualEncoder
 from vldistill.distributed import (
     every_rank_values, join_process_group, on_every_rank, settle_collectives,
 )
-from vldistill.models.ensemble import TeacherEnsemble, teacher_output_over
+from vldistill.teachers.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.models.inputs import inputs_for
 from vldistill.models.signals import Signals, concat_signals, gather_signals, request_flags
 from vldistill.trained import TrainResult

@@ -16,8 +16,8 @@ from torch.utils.data import IterableDataset, Subset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill import __version__
-from vldistill.cache.meta import cache_meta
-from vldistill.cache.teacher import CachedTeacher, open_cached_teacher, serve_from_cache
+from vldistill.teachers.cache.meta import cache_meta
+from vldistill.teachers.cache.cached import CachedTeacher, open_cached_teacher, serve_from_cache
 from vldistill.binding import plain_digest
 from vldistill.config import ExperimentConfig
 from vldistill.data.augment import AugmentConfig
@@ -42,7 +42,7 @@ from vldistill.train.checkpoint import (
 )
 from vldistill.train.loop import Checkpointer, train
 from vldistill.train.plan import DistillPlan
-from vldistill.teachers import check_teacher_fits_data, ensemble_members, load_teacher, teacher_ensemble, teacher_weights
+from vldistill.teachers.assemble import check_teacher_fits_data, ensemble_members, load_teacher, teacher_ensemble, teacher_weights
 from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
@@ -283,18 +283,20 @@ def plan_student_run(
     losses: Optional[Mapping[str, Mapping[str, Any]]] = None,
     inherit: Optional[bool] = None,
     resume: Optional[str] = None,
+    student: Optional[CLIPDualEncoder] = None,
 ) -> DistillPlan:
     """Resolve a student run once: the losses (default `cfg.distill.losses`) and inheritance (default
     `cfg.student.inherit`), the teachers' source (the cache at `cache.path` when it can serve every loss, see
     cache.teacher.serve_from_cache; else the online ensemble when a loss needs a teacher; else none), the
-    student (seeded with `cfg.seed`), the objective, the checkpoints beside `out_dir` and the state `resume`
+    student (`student` when given, e.g. a saved student to fine-tune; else built from the config, seeded with
+    `cfg.seed`), the objective, the checkpoints beside `out_dir` and the state `resume`
     names, the batches from that state's step on and gap weighting's held-out batch."""
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
     from_cache = serve_from_cache(cfg.cache, losses, cfg.distill.weighting)
     set_seed(cfg.seed)
-    student = build_student(cfg, teacher, inherit)
+    student = build_student(cfg, teacher, inherit) if student is None else student
     if from_cache:  # a cache holds every training pair; the student reads the rows of its own
         teachers, extra = cached_teacher(cfg, data, teacher), {}
     else:

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from vldistill.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchError
+from vldistill.teachers.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchError
 from vldistill.config import CacheConfig, ConfigError
 from vldistill.losses.base import LOSSES
-from vldistill.models.ensemble import check_combine_method, teacher_output_over
+from vldistill.teachers.ensemble import check_combine_method, teacher_output_over
 from vldistill.models.signals import Signals, cacheable_signals, cached_per_model, cached_per_sample, gather_signals
-from vldistill.schedules import WeightingConfig
+from vldistill.losses.schedules import WeightingConfig
 
 logger = logging.getLogger(__name__)
 

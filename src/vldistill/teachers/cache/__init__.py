@@ -1,6 +1,6 @@
 """Teacher cache: the teachers' embeddings for every sample and view, computed once and read back."""
 
-from vldistill.cache.store import (
+from vldistill.teachers.cache.store import (
     CacheCorruptError,
     CacheError,
     CacheFormatError,

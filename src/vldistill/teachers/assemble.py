@@ -9,7 +9,7 @@ from typing import Optional
 
 from vldistill.config import ExperimentConfig
 from vldistill.data.preprocess import BatchPreprocessor
-from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.teachers.ensemble import TeacherEnsemble
 from vldistill.models.inputs import InputSpec
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.trained import TrainedModel

@@ -26,17 +26,17 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from vldistill.cache.meta import cache_meta
-from vldistill.cache.store import CacheReader, CacheWriter
-from vldistill.cache.teacher import VIEW_HASH, field_name
+from vldistill.teachers.cache.meta import cache_meta
+from vldistill.teachers.cache.store import CacheReader, CacheWriter
+from vldistill.teachers.cache.cached import VIEW_HASH, field_name
 from vldistill.config import AUTO_BATCH_SIZE, ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import PairCollator, PairSample
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.distributed import join_process_group
-from vldistill.models.ensemble import TeacherEnsemble
+from vldistill.teachers.ensemble import TeacherEnsemble
 from vldistill.models.signals import cached_per_sample
-from vldistill.teachers import check_teacher_fits_data, ensemble_members, teacher_ensemble
+from vldistill.teachers.assemble import check_teacher_fits_data, ensemble_members, teacher_ensemble
 from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
