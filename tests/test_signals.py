@@ -21,7 +21,7 @@ from vldistill.data.bundle import load_data
 from vldistill.data.pairs import PairCollator
 from vldistill.data.preprocess import BatchPreprocessor
 from vldistill.losses.base import LOSSES, DistillLoss, LossContext
-from vldistill.losses.registry import build_objective
+from vldistill.losses.registry import build_objective, parse_loss_specs
 from vldistill.models import signals as signals_module
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.teachers.ensemble import TeacherEnsemble, combine_outputs
@@ -143,7 +143,7 @@ def test_a_loss_naming_the_toy_signal_trains_on_it(toy_kind, tokenizer, make_bat
     assert loss.item() == pytest.approx(((mine - teacher_out[TOY]) ** 2).mean().item(), rel=1e-6)
     loss.backward()
     assert student.model.visual_projection.weight.grad.abs().sum() > 0
-    assert cache_blockers({"toy": {}}, WeightingConfig()) == []  # the kind declares a cache field
+    assert cache_blockers(parse_loss_specs({"toy": {}}), WeightingConfig()) == []  # the kind declares a cache field
 
 
 def test_the_teacher_cache_stores_and_serves_the_toy_signal(toy_kind, tokenizer, tmp_path: Path) -> None:

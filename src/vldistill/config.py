@@ -4,6 +4,7 @@ front so a bad key, type or value fails before any work with a message naming it
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -13,8 +14,8 @@ import yaml
 from vldistill.binding import ConfigError, apply_override, build_dataclass, over_defaults
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.caption_json import parse_split
-from vldistill.losses.base import LOSSES, LossContext
-from vldistill.losses.registry import build_objective, parse_loss_specs
+from vldistill.losses.base import LossContext
+from vldistill.losses.registry import LossSpec, build_objective, parse_loss_specs, specs_need
 from vldistill.teachers.ensemble import COMBINE_METHODS
 from vldistill.models.inherit import check_inheritable
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
@@ -271,10 +272,15 @@ class DistillConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
+    @functools.cached_property
+    def loss_specs(self) -> list[LossSpec]:
+        """`losses` parsed once into typed specs (registered name, weight schedule, validated params)."""
+        return parse_loss_specs(self.losses, "distill.losses")
+
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
         try:
-            specs = parse_loss_specs(self.losses, f"{where}.losses")
+            specs = self.loss_specs
         except (KeyError, ValueError) as error:
             raise ConfigError(str(error).strip("'\"")) from None
         if self.train_pairs is not None and self.train_pairs < self.train.batch_size:
@@ -282,7 +288,7 @@ class DistillConfig:
                 f"{where}.train_pairs must be null or >= {where}.train.batch_size ({self.train.batch_size}), "
                 f"got {self.train_pairs}"
             )
-        if self.weighting.kind == "gap" and not any(LOSSES.get(spec.name).needs for spec in specs):
+        if self.weighting.kind == "gap" and not specs_need(specs):
             raise ConfigError(f"{where}.weighting.kind is gap, but no loss in {where}.losses uses the teacher")
 
 
@@ -400,7 +406,7 @@ class ExperimentConfig:
             teacher_spec=self.teacher.model,
         )
         try:  # losses whose options depend on both architectures (layer maps, head counts)
-            build_objective(self.distill.losses, context, where="distill.losses")
+            build_objective(self.distill.loss_specs, context, where="distill.losses")
         except (KeyError, ValueError) as error:
             raise ConfigError(str(error).strip("'\"")) from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ class LossSpec:
     weight: Schedule
     params: Any
     temperature: Optional[Schedule] = None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The teacher signals this loss reads (empty: a task loss)."""
+        return LOSSES.get(self.name).needs
 
 
 def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "losses") -> list[LossSpec]:
@@ -184,19 +189,18 @@ class DistillationObjective(nn.Module):
         return values
 
 
-def losses_need(losses: Mapping[str, Any]) -> frozenset[str]:
-    """What the named losses need from the teacher (empty: none of them uses a teacher)."""
-    return frozenset().union(*(LOSSES.get(name).needs for name in losses))
+def specs_need(specs: Sequence[LossSpec]) -> frozenset[str]:
+    """The teacher signals the selected losses read (empty: none of them uses a teacher)."""
+    return frozenset().union(*(spec.needs for spec in specs))
 
 
 def build_objective(
-    losses: Mapping[str, Mapping[str, Any]],
+    losses: Union[Mapping[str, Mapping[str, Any]], Sequence[LossSpec]],
     context: LossContext,
     where: str = "losses",
     weighting: Optional[WeightingConfig] = None,
 ) -> DistillationObjective:
-    """The objective for a YAML `losses:` mapping (validated here; errors name `where`.name.key), weighted
-    as `weighting` says (default: fixed)."""
-    return DistillationObjective(
-        parse_loss_specs(losses, where), dataclasses.replace(context, config_key=where), weighting
-    )
+    """The objective for a YAML `losses:` mapping (validated here; errors name `where`.name.key) or for
+    specs already parsed from one (`parse_loss_specs`), weighted as `weighting` says (default: fixed)."""
+    specs = parse_loss_specs(losses, where) if isinstance(losses, Mapping) else list(losses)
+    return DistillationObjective(specs, dataclasses.replace(context, config_key=where), weighting)

@@ -29,7 +29,7 @@ from vldistill.distributed import process_rank
 from vldistill.export import export_student
 from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.losses import LossContext, build_objective
-from vldistill.losses.registry import losses_need
+from vldistill.losses.registry import parse_loss_specs, specs_need
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import DualEncoder
 from vldistill.models.inherit import inherit_weights
@@ -291,18 +291,19 @@ def plan_student_run(
     student (`student` when given, e.g. a saved student to fine-tune; else built from the config, seeded with
     `cfg.seed`), the objective, the checkpoints beside `out_dir` and the state `resume`
     names, the batches from that state's step on and gap weighting's held-out batch."""
+    specs = cfg.distill.loss_specs if losses is None else parse_loss_specs(losses, "distill.losses")
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
-    from_cache = serve_from_cache(cfg.cache, losses, cfg.distill.weighting)
+    from_cache = serve_from_cache(cfg.cache, specs, cfg.distill.weighting)
     set_seed(cfg.seed)
     student = build_student(cfg, teacher, inherit) if student is None else student
     if from_cache:  # a cache holds every training pair; the student reads the rows of its own
         teachers, extra = cached_teacher(cfg, data, teacher), {}
     else:
-        teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if losses_need(losses) else (None, {})
+        teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if specs_need(specs) else (None, {})
     objective = build_objective(
-        losses, _loss_context(student, teachers, teacher.model), where="distill.losses", weighting=cfg.distill.weighting
+        specs, _loss_context(student, teachers, teacher.model), where="distill.losses", weighting=cfg.distill.weighting
     )
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     optim = cfg.distill.train

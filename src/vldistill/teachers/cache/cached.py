@@ -16,7 +16,7 @@ from torch import nn
 
 from vldistill.teachers.cache.store import REBUILD_HINT, CacheReader, CacheViewMismatchError
 from vldistill.config import CacheConfig, ConfigError
-from vldistill.losses.base import LOSSES
+from vldistill.losses.registry import LossSpec, specs_need
 from vldistill.teachers.ensemble import check_combine_method, teacher_output_over
 from vldistill.models.signals import Signals, cacheable_signals, cached_per_model, cached_per_sample, gather_signals
 from vldistill.losses.schedules import WeightingConfig
@@ -150,24 +150,24 @@ def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Seque
     )
 
 
-def cache_blockers(losses: Mapping[str, Any], weighting: WeightingConfig) -> list[str]:
+def cache_blockers(losses: Sequence[LossSpec], weighting: WeightingConfig) -> list[str]:
     """Why the cache cannot stand in for the teachers, one reason each: losses that need signals the cache
     cannot hold (models/signals.py), and gap weighting (it measures on held-out pairs the cache does not hold)."""
     reasons = []
-    for name in losses:
-        beyond = LOSSES.get(name).needs - cacheable_signals()
+    for spec in losses:
+        beyond = spec.needs - cacheable_signals()
         if beyond:
-            reasons.append(f"distill.losses.{name} needs the teacher's {', '.join(sorted(beyond))}, which a cache cannot hold")
+            reasons.append(f"distill.losses.{spec.name} needs the teacher's {', '.join(sorted(beyond))}, which a cache cannot hold")
     if weighting.kind == "gap":
         reasons.append("distill.weighting.kind gap measures the teachers on held-out pairs, which the cache does not hold")
     return reasons
 
 
-def serve_from_cache(cache: CacheConfig, losses: Mapping[str, Any], weighting: WeightingConfig) -> bool:
+def serve_from_cache(cache: CacheConfig, losses: Sequence[LossSpec], weighting: WeightingConfig) -> bool:
     """Whether distillation reads the teachers from `cache.path`: only when it is set, a loss uses the
     teacher, and nothing needs more than the cache holds. Otherwise, with `cache.mode` auto, log
     a warning saying why the teachers run online; with `require`, raise a ConfigError naming the reasons."""
-    if not any(LOSSES.get(name).needs for name in losses):
+    if not specs_need(losses):
         return False
     if cache.path is None:
         if cache.mode == "require":
