@@ -15,6 +15,18 @@ from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec
 Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
+def model_pixel_values(
+    images: torch.Tensor, image_size: Optional[int], image_mean: tuple[float, ...], image_std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) as one model's float pixel values (B, 3, S, S): normalized with its mean/std,
+    resized (bilinear, antialiased) when it takes another `image_size` (None: kept as they are)."""
+    pixels = to_pixel_values(images, image_mean, image_std)
+    if image_size is not None and pixels.shape[-1] != image_size:
+        # Bilinear resampling is linear with weights summing to 1, so it commutes with normalization.
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return pixels
+
+
 class BatchPreprocessor:
     """Images (B, H, W, 3) uint8 and captions -> {pixel_values, input_ids, attention_mask} for one model:
     normalized with its mean/std, resized (bilinear, antialiased) when it takes another image size,
@@ -38,10 +50,7 @@ class BatchPreprocessor:
         return cls(tokenize, spec.image_size, spec.image_mean, spec.image_std)
 
     def __call__(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-        pixels = to_pixel_values(images, self.image_mean, self.image_std)
-        if self.image_size is not None and pixels.shape[-1] != self.image_size:
-            # Bilinear resampling is linear with weights summing to 1, so it commutes with normalization.
-            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        pixels = model_pixel_values(images, self.image_size, self.image_mean, self.image_std)
         return {"pixel_values": pixels, **self.tokenize(list(captions))}
 
     def same_as(self, other: "BatchPreprocessor") -> bool:
