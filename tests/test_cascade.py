@@ -275,6 +275,7 @@ def test_latency_model_by_hand():
     # mean 2.75 ms per request = 0.6875 ms per image, plus 0.5 ms per image for the cascade answering alone.
     assert modelled_ms(0.5, {1: 2.0, 2: 3.0, 4: 5.0}, [0, 1, 3, 4], 4) == pytest.approx(1.1875)
     assert modelled_ms(1.0, {1: 3.0}, [1, 0, 0, 1], 1) == pytest.approx(1.0 + 0.5 * 3.0)  # batch 1: rate x teacher
+    assert modelled_ms(0.0, {1: 2.0, 2: 1.5}, [2], 2) == pytest.approx(1.0)  # a larger call never costs less
     assert routed_per_request(torch.tensor([True, False, True, True, False, True, True]), 3) == [2, 2]  # 7th left out
     assert latency_sample(10, 4).tolist() == [0, 3, 6, 9]
     assert latency_sample(10, 5, batch_size=2).tolist() == [0, 3, 6, 9]  # rounded down to whole requests of 2

@@ -28,9 +28,9 @@ METHOD = (
     "the median over trials of the trial's mean (p25/p75 beside it). A point's mean_latency_ms is modelled as "
     "cascade_alone_ms (the cascade at threshold 0: the student plus its confidence) + the mean, over the "
     "evaluation set's consecutive full requests, of the teacher's time for the request's uncertain rows "
-    "(linear between the measured sub-batch sizes) / batch_size; with batch_size 1 that is cascade_alone_ms + "
-    "teacher_call_rate x teacher_ms. `checks` compares the model with the real cascade timed at a few "
-    "thresholds (relative_error = (modelled - measured) / measured)"
+    "(linear between the measured sub-batch sizes, never falling with the size) / batch_size; with batch_size 1 "
+    "that is cascade_alone_ms + teacher_call_rate x teacher_ms. `checks` compares the model with the real "
+    "cascade timed at a few thresholds (relative_error = (modelled - measured) / measured)"
 )
 
 
@@ -65,9 +65,10 @@ def teacher_sizes(batch_size: int) -> list[int]:
 def modelled_ms(alone_ms: float, teacher_batch_ms: dict[int, float], routed: Sequence[int], batch_size: int) -> float:
     """Modelled mean ms per image of cascade requests of `batch_size` images whose uncertain row counts are
     `routed` (one count per request): `alone_ms` (per image) plus the mean teacher time per request for its
-    count (0 for none; linear between the sizes of `teacher_batch_ms`, ms per call) over `batch_size`."""
+    count (0 for none; linear between the sizes of `teacher_batch_ms`, ms per call, taken as never falling with
+    the size: timing noise can make a larger call measure faster) over `batch_size`."""
     sizes = sorted(teacher_batch_ms)
-    costs = [teacher_batch_ms[size] for size in sizes]
+    costs = np.maximum.accumulate([teacher_batch_ms[size] for size in sizes])
     teacher = [0.0 if count == 0 else float(np.interp(count, sizes, costs)) for count in routed]
     return alone_ms + (sum(teacher) / len(teacher) if teacher else 0.0) / batch_size
 
