@@ -22,7 +22,8 @@ from vldistill.registry import Registry
 
 REAL_ADAPTERS = adapters.ADAPTERS
 SUPPORTED = (
-    "supported model types: clip (an HF CLIPModel), siglip (an HF SiglipModel), "
+    "supported model types: clip (an HF CLIPModel), clip-int8 (a vldistill int8 CLIP folder: quantization.json), "
+    "onnx (a vldistill ONNX export folder: onnx_pair.json), siglip (an HF SiglipModel), "
     "two-tower (a vldistill two-tower folder: two_tower.json)"
 )
 
@@ -47,7 +48,7 @@ def other_model(folder, model_type: str):
 
 
 def test_the_registry_lists_clip_siglip_and_two_tower_and_each_folder_loads_with_its_own(tmp_path, tokenizer, bert_dir):
-    assert supported_model_types() == ["clip", "siglip", "two-tower"]
+    assert supported_model_types() == ["clip", "clip-int8", "onnx", "siglip", "two-tower"]
     save_dual_encoder(build_clip(config_for(teacher_spec(), tokenizer)), tokenizer, tmp_path / "clip")
     SiglipDualEncoder(tiny_siglip(tokenizer), tokenizer=tokenizer).save_pretrained(tmp_path / "siglip")
     tiny_vision().save_pretrained(tmp_path / "vision")
@@ -78,7 +79,8 @@ def test_an_unknown_model_type_is_one_line_naming_the_supported_ones(tmp_path, m
     empty.mkdir()
     with pytest.raises(ModelNotFoundError) as error:
         load_dual_encoder_any(empty)
-    assert str(error.value) == f"{empty} is not a model folder: it has neither two_tower.json nor config.json"
+    markers = "quantization.json nor onnx_pair.json nor two_tower.json"
+    assert str(error.value) == f"{empty} is not a model folder: it has neither {markers} nor config.json"
 
 
 def test_a_model_type_registers_once(registry):
@@ -100,7 +102,7 @@ def test_a_registered_toy_family_is_what_the_loader_dispatches_to(registry, tmp_
         calls.append(("marked", name_or_path))
         return toy_model, tokenizer
 
-    assert supported_model_types() == ["clip", "siglip", "toy", "toy-folder", "two-tower"]
+    assert supported_model_types() == ["clip", "clip-int8", "onnx", "siglip", "toy", "toy-folder", "two-tower"]
     folder = other_model(tmp_path / "toy", "toy")
     assert load_dual_encoder_any(folder, attentions=True, trust_remote_code=True) == (toy_model, tokenizer)
     marked = tmp_path / "marked"
