@@ -9,6 +9,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 import torch
 from helpers import SIGLIP_TEXT_LENGTH, tiny_siglip, tiny_vision
 from torch.testing import assert_close
@@ -69,6 +70,12 @@ def same_records(found: dict[str, dict], model, tokenizer, data, cfg) -> None:
     assert set(expected) == set(TASKS)
     for task in TASKS:
         assert found[task]["metrics"] == expected[task]["metrics"]
+    per_class = found["zeroshot_classification"]["per_class"]
+    assert per_class == expected["zeroshot_classification"]["per_class"]
+    assert [entry["class"] for entry in per_class] == data.classnames
+    assert sum(entry["samples"] for entry in per_class) == len(data.zeroshot.labels)
+    present = [entry["acc1"] for entry in per_class if entry["samples"]]
+    assert sum(present) / len(present) == pytest.approx(found["zeroshot_classification"]["metrics"]["mean_per_class_recall"])
 
 
 def test_eval_scores_a_siglip_teacher_student_with_siglip_normalization(tmp_path, tokenizer, monkeypatch, capsys):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import BagOfWordsDualEncoder, seeded, word_tokenizer
 
 from vldistill.eval import classification_metrics, evaluate_zero_shot, zero_shot_classifier
-from vldistill.eval.zeroshot import reported_top_k, unreported_note
+from vldistill.eval.zeroshot import per_class_accuracy, reported_top_k, unreported_note
 
 DIM = 12  # = 3 * 2 * 2, so an image (3, 2, 2) flattens to one embedding-sized vector
 CLASSNAMES = ["circle", "square", "cross"]
@@ -69,6 +69,31 @@ def test_acc5_only_with_more_than_five_classes() -> None:
     assert unreported_note((1, 5), 5) == (
         "acc5 not reported: only 5 classes (top-k accuracy is reported when there are more than k)"
     )
+
+
+def test_per_class_accuracy_hand_worked() -> None:
+    logits = torch.tensor(
+        [
+            [3.0, 1.0, 2.0, -9.0],  # label 0 -> predicted 0: hit
+            [2.0, 2.0, 0.0, -9.0],  # label 0 -> tie between 0 and 1 goes to 0: hit
+            [1.0, 5.0, 0.0, -9.0],  # label 0 -> predicted 1: miss
+            [1.0, 0.0, 2.0, -9.0],  # label 1 -> predicted 2: miss
+            [0.0, 3.0, 1.0, -9.0],  # label 2 -> predicted 1: miss
+            [0.0, 1.0, 3.0, -9.0],  # label 2 -> predicted 2: hit
+        ]
+    )
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    names = ["circle", "square", "cross", "star"]
+    assert per_class_accuracy(logits, labels, names) == [
+        {"class": "circle", "samples": 3, "acc1": pytest.approx(2 / 3)},
+        {"class": "square", "samples": 1, "acc1": 0.0},
+        {"class": "cross", "samples": 2, "acc1": 0.5},
+        {"class": "star", "samples": 0, "acc1": None},  # never in the test set: no accuracy
+    ]
+    # The mean over the classes present is the mean per-class recall.
+    assert classification_metrics(logits, labels)["mean_per_class_recall"] == pytest.approx((2 / 3 + 0 + 0.5) / 3)
+    with pytest.raises(ValueError, match="4 classes of logits but 3 class names"):
+        per_class_accuracy(logits, labels, names[:3])
 
 
 def test_classification_metrics_rejects_bad_labels() -> None:

@@ -18,7 +18,7 @@ from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.eval.results import make_result, write_result
 from vldistill.eval.retrieval import evaluate_retrieval
-from vldistill.eval.zeroshot import evaluate_zero_shot, unreported_note
+from vldistill.eval.zeroshot import classification_metrics, per_class_accuracy, unreported_note, zero_shot_logits
 from vldistill.models.inputs import InputSpec
 from vldistill.profile.throughput import count_parameters, images_per_second
 
@@ -51,7 +51,8 @@ def evaluate_model(
     captions is. A hit needs the paired item (`cfg.retrieval_match="pair"`, as CLIP_benchmark
     scores), or also any item with an identical caption (`"identical_caption"`, for templated captions).
     Zero-shot classification runs on `data.zeroshot` when the data has one (else `acc1` is None);
-    acc5 only with more than 5 classes (the record's `note` says when it is left out). Images and
+    acc5 only with more than 5 classes (the record's `note` says when it is left out); the record's `per_class`
+    lists each class's samples and top-1 accuracy (`per_class_accuracy`). Images and
     texts are prepared as the model's `input_spec` says. Records are written to
     `results_dir/{model_name}_{task}.json` when given. The summary's `images_per_second` is measured
     only with `throughput` (callers comparing several models measure them together instead, see
@@ -72,14 +73,17 @@ def evaluate_model(
     }
     zeroshot: dict[str, float] = {}
     if data.zeroshot is not None:
-        zeroshot = evaluate_zero_shot(
-            model, tokenize, pixel_batches(data.zeroshot.images, spec, cfg.batch_size), data.zeroshot.labels.tolist(),
-            data.classnames, cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress, ks=TOP_K,
+        logits = zero_shot_logits(
+            model, tokenize, pixel_batches(data.zeroshot.images, spec, cfg.batch_size), data.classnames,
+            cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress,
         )
+        labels = torch.as_tensor(data.zeroshot.labels, dtype=torch.long)
+        zeroshot = classification_metrics(logits, labels, TOP_K)
         note = unreported_note(TOP_K, len(data.classnames))
         records["zeroshot_classification"] = make_result(
             data.name, model_name, "zeroshot_classification", zeroshot, classes=len(data.classnames),
-            **({"note": note} if note else {}), data_quality=data.quality.summary(),
+            **({"note": note} if note else {}), per_class=per_class_accuracy(logits, labels, data.classnames),
+            data_quality=data.quality.summary(),
         )
     if results_dir is not None:
         for task, record in records.items():

@@ -1,4 +1,4 @@
-"""Zero-shot classification: prompt-ensembled class embeddings and top-k / per-class accuracy."""
+"""Zero-shot classification: prompt-ensembled class embeddings, top-k accuracy, mean per-class recall and\nthe accuracy of every class."""
 
 from __future__ import annotations
 
@@ -87,6 +87,40 @@ def classification_metrics(
     return metrics
 
 
+def per_class_accuracy(
+    logits: torch.Tensor, labels: Sequence[int] | torch.Tensor, classnames: Sequence[str]
+) -> list[dict[str, object]]:
+    """Per class, in class order: `{"class": name, "samples": n, "acc1": share of its n samples whose top-1
+    prediction is right}` (acc1 None for a class without samples). Ties go to the lower class index."""
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    logits = logits.float().cpu()
+    _check_classification_inputs(logits, labels)
+    if logits.shape[1] != len(classnames):
+        raise ValueError(f"{logits.shape[1]} classes of logits but {len(classnames)} class names")
+    predictions = top_k_indices(logits, 1)[:, 0]
+    totals = torch.bincount(labels, minlength=len(classnames)).tolist()
+    hits = torch.bincount(labels[predictions == labels], minlength=len(classnames)).tolist()
+    return [
+        {"class": name, "samples": total, "acc1": hit / total if total else None}
+        for name, total, hit in zip(classnames, totals, hits)
+    ]
+
+
+def zero_shot_logits(
+    model: nn.Module,
+    tokenize: Tokenize,
+    images: Images,
+    classnames: list[str],
+    templates: list[str],
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """(N, C) cosine similarities of each image to each class's prompt-ensembled embedding."""
+    classifier = zero_shot_classifier(model, tokenize, classnames, templates, batch_size, progress)
+    image_embeds = embed_images(model, images, batch_size, progress)
+    return image_embeds @ classifier.T
+
+
 def evaluate_zero_shot(
     model: nn.Module,
     tokenize: Tokenize,
@@ -99,6 +133,5 @@ def evaluate_zero_shot(
     ks: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
     """Classify `images` against prompt-ensembled `classnames` and return `classification_metrics`."""
-    classifier = zero_shot_classifier(model, tokenize, classnames, templates, batch_size, progress)
-    image_embeds = embed_images(model, images, batch_size, progress)
-    return classification_metrics(image_embeds @ classifier.T, torch.as_tensor(labels), ks)
+    logits = zero_shot_logits(model, tokenize, images, classnames, templates, batch_size, progress)
+    return classification_metrics(logits, torch.as_tensor(labels), ks)
