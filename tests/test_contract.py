@@ -16,6 +16,7 @@ from vldistill.models.adapters import ADAPTERS
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import DualEncoder
 from vldistill.models.loading import load_dual_encoder_any
+from vldistill.models.quantized import Int8CLIPDualEncoder
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.student import spec_from_clip_config
 from vldistill.models.two_tower import TwoTowerDualEncoder
@@ -23,6 +24,10 @@ from vldistill.models.two_tower import TwoTowerDualEncoder
 
 def tiny_clip(tokenizer, bert_dir):
     return build_clip(config_for(teacher_spec(), tokenizer)), tokenizer
+
+
+def tiny_int8_clip(tokenizer, bert_dir):
+    return Int8CLIPDualEncoder.from_float(build_clip(config_for(teacher_spec(), tokenizer))), tokenizer
 
 
 def tiny_siglip_encoder(tokenizer, bert_dir):
@@ -39,7 +44,7 @@ def tiny_two_tower(tokenizer, bert_dir):
 
 
 # One tiny builder per registered model type: a new family without one fails the coverage test below.
-TINY = {"clip": tiny_clip, "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
+TINY = {"clip": tiny_clip, "clip-int8": tiny_int8_clip, "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
 
 
 def test_every_registered_adapter_has_a_tiny_instance_here():
