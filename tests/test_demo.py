@@ -14,7 +14,8 @@ from vldistill.demo import format_summary, run_demo
 from vldistill.eval.results import read_result
 from vldistill.models.io import read_metadata
 
-MODEL_KEYS = {"params", "acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "images_per_second"}
+MODEL_KEYS = {"params", "acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "images_per_second", "profile"}
+PROFILE_KEYS = {"path", "image_size", "text_length", "params", "flops", "latency", "throughput", "memory", "disk_bytes"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,12 @@ def test_summary_has_every_model_and_figure(tiny_demo):
         assert 0.0 <= figures["acc1"] <= 1.0 and figures["images_per_second"] > 0
         assert figures["images_per_second_p25"] <= figures["images_per_second"] <= figures["images_per_second_p75"]
         assert figures["trials"] == 9
+        profile = figures["profile"]
+        assert set(profile) == PROFILE_KEYS and profile["params"]["total"] == figures["params"]
+        assert profile["throughput"]["image"]["images_per_second"] == figures["images_per_second"]
+        assert 0 < profile["latency"]["text"]["p50_ms"] <= profile["latency"]["text"]["p95_ms"]
+        assert profile["flops"]["image"] > 0 and profile["disk_bytes"] > 0
+        assert profile["memory"]["process_peak_mb"] > profile["memory"]["over_baseline_mb"] > 0
     models = on_disk["models"]
     assert models["student"]["params"] == models["baseline"]["params"] == models["scratch"]["params"]
     assert models["student"]["params"] < models["teacher"]["params"]
@@ -44,6 +51,9 @@ def test_summary_has_every_model_and_figure(tiny_demo):
         assert on_disk["baseline_minus_scratch"][key] == pytest.approx(models["baseline"][key] - models["scratch"][key])
     speedup = on_disk["image_speedup"]
     assert speedup["p25"] <= speedup["median"] <= speedup["p75"] and speedup["median"] > 0
+    assert on_disk["profile"]["settings"]["batch_size"] == 32  # eval.throughput_batch_size of configs/tiny.yaml
+    assert on_disk["profile"]["relative_to_first"]["student"]["throughput_speedup"]["image"] == speedup
+    assert models["student"]["profile"]["flops"]["image"] < models["teacher"]["profile"]["flops"]["image"]
     assert on_disk["teacher_train_pairs"] == 256 and on_disk["student_train_pairs"] == 256
     assert on_disk["environment"]["threads"] == torch.get_num_threads() and on_disk["environment"]["cpu"]
     assert on_disk["compression"] == pytest.approx(models["teacher"]["params"] / models["student"]["params"])
@@ -77,7 +87,7 @@ def test_baseline_starts_where_the_student_starts(tiny_demo, tmp_path):
     step 0. With one step of the same loss they would end equal; scratch starts elsewhere."""
     cfg = load_config(packaged_config("tiny"), ["distill.train.steps=1", "distill.train.warmup_steps=0",
                                                 "distill.losses={clip: {weight: 1.0}}"])
-    summary = run_demo(cfg, tmp_path, progress=False)
+    summary = run_demo(cfg, tmp_path, progress=False, measure_memory=False)
     assert summary["student_minus_baseline"] == {k: 0.0 for k in summary["student_minus_baseline"]}
     from safetensors.torch import load_file
 
@@ -88,7 +98,8 @@ def test_baseline_starts_where_the_student_starts(tiny_demo, tmp_path):
 
 @pytest.mark.slow
 def test_student_without_inheritance_has_no_separate_scratch_run(tmp_path):
-    summary = run_demo(load_config(packaged_config("tiny"), ["student.inherit=false"]), tmp_path, progress=False)
+    summary = run_demo(load_config(packaged_config("tiny"), ["student.inherit=false"]), tmp_path, progress=False,
+                       measure_memory=False)
     assert summary["scratch_is_baseline"] is True
     assert summary["models"]["scratch"]["acc1"] == summary["models"]["baseline"]["acc1"]
     assert "scratch" not in {p.name for p in tmp_path.iterdir()}
@@ -96,7 +107,8 @@ def test_student_without_inheritance_has_no_separate_scratch_run(tmp_path):
 
 @pytest.mark.slow
 def test_train_pairs_limits_the_students_data(tmp_path):
-    summary = run_demo(load_config(packaged_config("tiny"), ["distill.train_pairs=64"]), tmp_path, progress=False)
+    summary = run_demo(load_config(packaged_config("tiny"), ["distill.train_pairs=64"]), tmp_path, progress=False,
+                       measure_memory=False)
     assert summary["teacher_train_pairs"] == 256 and summary["student_train_pairs"] == 64
 
 
@@ -122,23 +134,30 @@ def test_student_loads_without_vldistill(tiny_demo):
 @pytest.mark.slow
 def test_demo_reuses_a_matching_teacher(tiny_demo, tmp_path):
     out, summary = tiny_demo
-    again = run_demo(load_config(packaged_config("tiny")), out, progress=False)
+    again = run_demo(load_config(packaged_config("tiny")), out, progress=False, measure_memory=False)
     assert "teacher" not in again["train_seconds"]  # loaded, not retrained
     assert again["models"]["teacher"]["acc1"] == summary["models"]["teacher"]["acc1"]
-    retrained = run_demo(load_config(packaged_config("tiny"), ["teacher.train.steps=4"]), out, progress=False)
+    retrained = run_demo(load_config(packaged_config("tiny"), ["teacher.train.steps=4"]), out, progress=False,
+                         measure_memory=False)
     assert "teacher" in retrained["train_seconds"]  # a different teacher config is not reused
 
 
 def test_format_summary_reads_a_hand_made_summary():
     gap = {"acc1": 0.25, "image_retrieval_recall@1": -0.0625, "text_retrieval_recall@1": 0.0}
+    profile = {"params": {"total": 12345, "image": 8000, "text": 4344}, "flops": {"image": 2_500_000, "text": 1_200_000},
+               "latency": {"image": {"p50_ms": 0.5, "p95_ms": 0.75}, "text": {"p50_ms": 0.25, "p95_ms": 1.5}},
+               "throughput": {"image": {"images_per_second": 1500.0}, "text": {"texts_per_second": 2500.0}},
+               "memory": {"process_peak_mb": 400.0, "over_baseline_mb": 25.0}, "disk_bytes": 52_428}
     model = {"params": 12345, "acc1": 0.5, "image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.125,
-             "images_per_second": 1500.0, "images_per_second_p25": 1400.0, "images_per_second_p75": 1600.0}
+             "images_per_second": 1500.0, "images_per_second_p25": 1400.0, "images_per_second_p75": 1600.0,
+             "profile": profile}
     summary = {
         "models": {"teacher": model}, "teacher_train_pairs": 20000, "student_train_pairs": 1000,
         "retrieval_match": "identical_caption", "student_minus_baseline": gap,
         "baseline_minus_scratch": {"acc1": -0.5, "image_retrieval_recall@1": 0.125, "text_retrieval_recall@1": 1.0},
         "student_retention_percent": {"acc1": 87.5, "image_retrieval_recall@1": 50.0, "text_retrieval_recall@1": 100.0},
         "compression": 4.0, "image_speedup": {"median": 3.0, "p25": 2.5, "p75": 3.25}, "wall_seconds": 61.25,
+        "profile": {"settings": {"batch_size": 256}, "relative_to_first": {}},
     }
     assert format_summary(summary).splitlines() == [
         "model          params    acc1  T->I R@1  I->T R@1         img/s (p25-p75)",
@@ -148,6 +167,10 @@ def test_format_summary_reads_a_hand_made_summary():
         "baseline minus scratch (what inheritance added): acc1 -0.500, T->I R@1 +0.125, I->T R@1 +1.000",
         "student keeps 87.5% of teacher acc1, 50.0% / 100.0% of its T->I / I->T R@1, at 4.0x fewer parameters "
         "and 3.0x (p25-p75 2.5-3.2) the image throughput",
+        "model    params  image / text  FLOPs img / txt  ms img p50 / p95  ms txt p50 / p95  /s @256 img / txt"
+        "  peak MB (+model)    disk",
+        "teacher   12.3K    8K / 4.34K      2.5M / 1.2M       0.50 / 0.75       0.25 / 1.50      1,500 / 2,500"
+        "       400 (+25.0)  52.4KB",
         "wall time: 61.2 s",
     ]
 

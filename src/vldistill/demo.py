@@ -14,11 +14,9 @@ The arms:
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from vldistill.config import ExperimentConfig
@@ -26,7 +24,9 @@ from vldistill.data.bundle import load_data
 from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
 from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
-from vldistill.profile.throughput import compare_image_throughput, speedup
+from vldistill.profile.environment import environment
+from vldistill.profile.stats import ProfileSettings, format_profile, profile_targets, target_from_model
+from vldistill.profile.throughput import speedup
 from vldistill.train.runs import obtain_teacher, train_student
 from vldistill.trained import TrainedModel
 
@@ -57,18 +57,6 @@ def format_table(models: dict[str, dict]) -> str:
     return "\n".join([header, *rows])
 
 
-def environment() -> dict[str, object]:
-    """What the figures depend on besides the code and config: the torch version, its intra-op thread count
-    (it sets the order of floating-point sums, so results are bit-identical only at the same count) and
-    the CPU model."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
-
-
 def train_arms(cfg: ExperimentConfig, data, out_dir: Path, logs: Path, progress: bool = True) -> dict[str, TrainedModel]:
     """Obtain the teacher and train the three students of the demo (see the module docstring)."""
     teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs, progress)
@@ -90,10 +78,12 @@ def train_arms(cfg: ExperimentConfig, data, out_dir: Path, logs: Path, progress:
     return arms
 
 
-def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dict:
+def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True, measure_memory: bool = True) -> dict:
     """Train (or reuse) a teacher, distill the student, train the same student without a teacher from the
-    same and from random weights, evaluate all four, measure their image throughput side by side and write
-    `summary.json`, results records and the student's model card."""
+    same and from random weights, evaluate all four, profile them side by side (`profile.stats`: parameters
+    and FLOPs per tower, latency, throughput at `eval.throughput_batch_size`, peak memory in fresh processes
+    unless not `measure_memory`, size on disk) and write `summary.json`, results records and the student's
+    model card."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     logs, results = out_dir / "logs", out_dir / "results"
@@ -108,13 +98,15 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
         )["summary"]
         for name, trained in distinct.items()
     }
-    measured = compare_image_throughput(
-        {name: trained.model for name, trained in distinct.items()},
-        {name: trained.model.input_spec.image_size for name, trained in distinct.items()},
-        batch_size=cfg.eval.throughput_batch_size,
+    profile = profile_targets(
+        [target_from_model(name, trained.model, trained.tokenizer, trained.path) for name, trained in distinct.items()],
+        ProfileSettings(batch_size=cfg.eval.throughput_batch_size, memory=measure_memory),
+        progress,
     )
-    for name, throughput in measured.items():
-        models[name].update(throughput.as_dict())
+    measured = {name: figures.throughput["image"] for name, figures in profile.models.items()}
+    for name, figures in profile.models.items():
+        models[name].update(measured[name].as_dict())
+        models[name]["profile"] = figures.as_dict()
     models.setdefault("scratch", models["baseline"])  # without inheritance, scratch is the baseline run
     summary = {
         "wall_seconds": time.perf_counter() - start,
@@ -124,6 +116,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
         "baseline_minus_scratch": difference(models["baseline"], models["scratch"]),
         "compression": models["teacher"]["params"] / models["student"]["params"],
         "image_speedup": speedup(measured["student"], measured["teacher"]),
+        "profile": {key: value for key, value in profile.as_dict().items() if key not in ("models", "environment")},
         "train_seconds": {name: m.result.seconds for name, m in distinct.items() if m.result},
         "teacher_train_pairs": len(data.train),
         "student_train_pairs": cfg.distill.train_pairs or len(data.train),
@@ -140,7 +133,8 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dic
 
 
 def format_summary(summary: dict) -> str:
-    """The demo's report as text: its table, what distillation and inheritance changed, retention and wall time."""
+    """The demo's report as text: its table, what distillation and inheritance changed, retention, the profile
+    table and wall time."""
     lines = [format_table(summary["models"])]
     pairs = f"teacher trained on {summary['teacher_train_pairs']:,} pairs, students on {summary['student_train_pairs']:,}"
     lines.append(f"{pairs}; retrieval hits: {summary['retrieval_match']}")
@@ -157,5 +151,7 @@ def format_summary(summary: dict) -> str:
         f"{keep['text_retrieval_recall@1']:.1f}% of its T->I / I->T R@1, at {summary['compression']:.1f}x fewer "
         f"parameters and {fast['median']:.1f}x (p25-p75 {fast['p25']:.1f}-{fast['p75']:.1f}) the image throughput"
     )
+    profile = {**summary["profile"], "models": {name: m["profile"] for name, m in summary["models"].items()}}
+    lines.append(format_profile(profile))
     lines.append(f"wall time: {summary['wall_seconds']:.1f} s")
     return "\n".join(lines)
