@@ -97,3 +97,13 @@ def pretrained_teacher(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     assert main(["pretrain-teacher", str(packaged_config("tiny")), "--out", str(out)]) == 0
     return out / "teacher"
+
+
+@pytest.fixture(scope="session")
+def onnx_teacher(pretrained_teacher, tmp_path_factory) -> Path:
+    """`vldistill export` of the pretrained tiny teacher: its fp32 ONNX pair, plus the int8 pair (OUT/int8) that a
+    generous gate (--max-drop 1) keeps on configs/tiny.yaml's test split (built once; tests must not change it)."""
+    out = tmp_path_factory.mktemp("onnx") / "teacher-onnx"
+    args = ["export", str(pretrained_teacher), "--out", str(out), "--int8", "--max-drop", "1"]
+    assert main([*args, "--config", str(packaged_config("tiny"))]) == 0
+    return out
