@@ -16,26 +16,22 @@ from vldistill.models.adapters import ADAPTERS
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import DualEncoder
 from vldistill.models.loading import load_dual_encoder_any
-from vldistill.models.quantized import Int8CLIPDualEncoder
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.student import spec_from_clip_config
 from vldistill.models.two_tower import TwoTowerDualEncoder
 
 
-def tiny_clip(tokenizer, bert_dir):
+def tiny_clip(tokenizer, fixture):
     return build_clip(config_for(teacher_spec(), tokenizer)), tokenizer
 
 
-def tiny_int8_clip(tokenizer, bert_dir):
-    return Int8CLIPDualEncoder.from_float(build_clip(config_for(teacher_spec(), tokenizer))), tokenizer
-
-
-def tiny_siglip_encoder(tokenizer, bert_dir):
+def tiny_siglip_encoder(tokenizer, fixture):
     return SiglipDualEncoder(tiny_siglip(tokenizer), tokenizer=tokenizer).eval(), tokenizer
 
 
-def tiny_two_tower(tokenizer, bert_dir):
+def tiny_two_tower(tokenizer, fixture):
     torch.manual_seed(0)
+    bert_dir = fixture("bert_dir")
     bert_tokenizer = AutoTokenizer.from_pretrained(bert_dir)
     model = TwoTowerDualEncoder(
         tiny_vision(), BertModel.from_pretrained(bert_dir), projection_dim=8, tokenizer=bert_tokenizer
@@ -43,8 +39,21 @@ def tiny_two_tower(tokenizer, bert_dir):
     return model.eval(), bert_tokenizer
 
 
-# One tiny builder per registered model type: a new family without one fails the coverage test below.
-TINY = {"clip": tiny_clip, "clip-int8": tiny_int8_clip, "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
+def tiny_onnx(tokenizer, fixture):
+    return load_dual_encoder_any(fixture("onnx_teacher"))  # the tiny teacher exported by `vldistill export`
+
+
+# One tiny builder per registered model type: a new family without one fails the coverage test below. A builder
+# takes the tokenizer and `fixture(name)`, which returns the value of the fixture `name` (a folder built once).
+TINY = {"clip": tiny_clip, "onnx": tiny_onnx, "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
+# Families that return embeddings only (an exported pair): asking them for hidden states or attention maps is an error.
+EMBEDDINGS_ONLY = {"onnx"}
+
+
+@pytest.fixture
+def fixture(request):
+    """fixture(name) -> the value of the fixture called `name`, for the builders above."""
+    return request.getfixturevalue
 
 
 def test_every_registered_adapter_has_a_tiny_instance_here():
@@ -66,13 +75,14 @@ def inputs(model: DualEncoder, tokenizer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY))
-def test_each_adapter_satisfies_the_contract_and_runs_through_it(model_type, tokenizer, bert_dir):
-    model, model_tokenizer = TINY[model_type](tokenizer, bert_dir)
+def test_each_adapter_satisfies_the_contract_and_runs_through_it(model_type, tokenizer, fixture):
+    model, model_tokenizer = TINY[model_type](tokenizer, fixture)
     assert isinstance(model, DualEncoder)
     assert model.input_spec.image_size == IMAGE_SIZE
     batch = inputs(model, model_tokenizer)
+    layerwise = model_type not in EMBEDDINGS_ONLY
     with torch.no_grad():
-        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        out = model(**batch, output_hidden_states=layerwise, output_attentions=layerwise)
         image = model.encode_image(batch["pixel_values"])
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
     assert image.shape == text.shape == (3, model.embed_dim)
@@ -80,7 +90,11 @@ def test_each_adapter_satisfies_the_contract_and_runs_through_it(model_type, tok
     # forward embeds as encode_image / encode_text do (attention maps need eager attention: same numbers)
     assert torch.allclose(out.image_embeds, image, atol=1e-5) and torch.allclose(out.text_embeds, text, atol=1e-5)
     assert torch.allclose(out.logit_scale, model.logit_scale)
-    assert out.image_hidden_states is not None and out.text_attentions is not None
+    if layerwise:
+        assert out.image_hidden_states is not None and out.text_attentions is not None
+    else:
+        with pytest.raises(ValueError, match="it returns embeddings only"):
+            model(**batch, output_hidden_states=True)
     bias = model.logit_bias
     assert (bias is None) == (out.logit_bias is None)
     if bias is not None:
@@ -89,8 +103,8 @@ def test_each_adapter_satisfies_the_contract_and_runs_through_it(model_type, tok
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY))
-def test_save_pretrained_round_trips_through_the_loader(model_type, tokenizer, bert_dir, tmp_path):
-    model, model_tokenizer = TINY[model_type](tokenizer, bert_dir)
+def test_save_pretrained_round_trips_through_the_loader(model_type, tokenizer, fixture, tmp_path):
+    model, model_tokenizer = TINY[model_type](tokenizer, fixture)
     folder = model.save_pretrained(tmp_path / model_type, {"role": "test"}, tokenizer=model_tokenizer)
     assert json.loads((folder / "vldistill.json").read_text()) == {"role": "test"}
     loaded, loaded_tokenizer = load_dual_encoder_any(folder)
@@ -105,12 +119,12 @@ def test_save_pretrained_round_trips_through_the_loader(model_type, tokenizer, b
     assert torch.allclose(found.text_embeds, expected.text_embeds, atol=1e-6)
 
 
-def test_only_a_clip_offers_a_spec_and_weights_to_inherit(tokenizer, bert_dir):
-    clip, _ = tiny_clip(tokenizer, bert_dir)
+def test_only_a_clip_offers_a_spec_and_weights_to_inherit(tokenizer, fixture):
+    clip, _ = tiny_clip(tokenizer, fixture)
     assert clip.architecture_spec() == teacher_spec() == spec_from_clip_config(clip.model.config)
     assert isinstance(clip.inheritable_clip(), CLIPModel) and clip.inheritable_clip() is clip.model
-    for build in (tiny_siglip_encoder, tiny_two_tower):
-        other, _ = build(tokenizer, bert_dir)
+    for build in (tiny_siglip_encoder, tiny_two_tower, tiny_onnx):
+        other, _ = build(tokenizer, fixture)
         assert other.architecture_spec() is None and other.inheritable_clip() is None
 
 
