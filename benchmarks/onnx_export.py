@@ -16,9 +16,10 @@ intra-op threads as torch), all called through the same encode_image / encode_te
   median trial and p25 / p75.
 - speedup: each ONNX variant against PyTorch per tower: latency (ratio of p50s) and throughput (median of the
   per-round ratios of batch times).
-Every round calls every variant on every tower in turn (the order rotates from round to round), single items
-first, then one batch, so that a change of machine load touches the variants alike. Run it alone on the
-machine. Everything but the JSON line goes to stderr.
+Every round calls every variant on every tower in turn (the order rotates from round to round), its single
+items back to back, then one batch, so that a change of machine load touches the variants alike (and another
+runtime's worker threads, spinning for a moment after its last call, touch at most the first single call).
+Run it alone on the machine. Everything but the JSON line goes to stderr.
 
     python benchmarks/onnx_export.py demo_out/student
     python benchmarks/onnx_export.py demo_out/student --rounds 15 --latency-calls 20 --threads 1
@@ -136,9 +137,10 @@ def measure(models: dict, feeds: dict, rounds: int, latency_calls: int, batch_si
             for tower in TOWERS:
                 for name in order:
                     run = encode[tower](models[name])
+                    one, many = feeds[tower]["single"], feeds[tower]["batch"]
                     for _ in range(latency_calls):
-                        single[name][tower].append(timed(lambda: run(*feeds[tower]["single"])))
-                    batch[name][tower].append(timed(lambda: run(*feeds[tower]["batch"])))
+                        single[name][tower].append(timed(lambda run=run, one=one: run(*one)))
+                    batch[name][tower].append(timed(lambda run=run, many=many: run(*many)))
     finally:
         gc.enable()
     return {"single": single, "batch": batch}

@@ -121,7 +121,7 @@ def test_eval_on_the_export_folder_scores_as_the_pytorch_model(tmp_path, pretrai
         assert read_result(tmp_path / f"onnx_{task}.json")["metrics"] == pytest.approx(expected, abs=1e-6)
     ranked = read_result(tmp_path / "torch_zeroshot_retrieval.json")["metrics"]["image_retrieval_recall@10"]
     assert 0 < ranked < 1  # a ranking to agree on, neither all hits nor none
-    params = [line for line in printed["torch"].splitlines() if " parameters, " in line][0].split(" parameters")[0]
+    params = next(line for line in printed["torch"].splitlines() if " parameters, " in line).split(" parameters")[0]
     assert f"\n{params} parameters, " in printed["onnx"]  # the source's count, not 0
 
 

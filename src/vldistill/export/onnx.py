@@ -2,13 +2,14 @@
 checked against PyTorch, optionally with onnxruntime dynamic-int8 graphs that must keep zero-shot accuracy.
 
 The graphs are written by `torch.onnx.export(..., dynamo=True)`, the exporter built on `torch.export`. The
-legacy TorchScript exporter (`dynamo=False`) also exports CLIP, SigLIP and two-tower towers here, to the same
-1e-7 agreement, and 20x faster (0.3 s against 4-13 s per model); it is not used because it is deprecated
-since torch 2.9 and records one traced path: a Python condition on a shape inside transformers (the causal
-mask's padding, SDPA's `is_causal`) becomes a constant it only warns about. `torch.export` traces the shapes
-symbolically and refuses an export that would not hold over the declared range (batch >= 1, text length
-1..max_text_length). The exporter's per-node metadata (stack traces with the exporting machine's file paths)
-is stripped: it doubled a small graph's file and is nothing a user needs.
+legacy TorchScript exporter (`dynamo=False`) also exports tiny CLIP, SigLIP and two-tower models here, to the
+same 1e-7 agreement and much faster (0.3-0.5 s against 8-13 s per model, both towers, on a shared machine);
+it is not used because it is deprecated since torch 2.9 and records the one path it traced: a Python
+condition on a shape inside transformers (the mask's padding length, SDPA's `is_causal`) becomes a constant
+it only warns about. `torch.export` traces the shapes symbolically and refuses an export that would not hold
+over the declared range (batch >= 1, text length 1..max_text_length). The exporter's per-node metadata (stack
+traces with the exporting machine's file paths) is stripped: it doubled a small graph's file and is nothing a
+user needs.
 
 Both graphs output L2-normalized embeddings; the batch is dynamic in both and the text length in the text
 graph, whose inputs are always (input_ids, attention_mask) (SigLIP's graph takes the mask and ignores it, as its
@@ -24,9 +25,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -214,8 +214,9 @@ def check_pair(model: DualEncoder, folder: Path, tokenizer: PreTrainedTokenizerB
     differences = max_abs_differences(model, OnnxDualEncoder(folder, tokenizer), tokenizer, CHECK_BATCH, length)
     wrong = {tower: diff for tower, diff in differences.items() if not diff <= tolerance}
     if wrong:
+        graphs = {"image": IMAGE_GRAPH, "text": TEXT_GRAPH}
         found = "; ".join(
-            f"{tower}_encoder.onnx differs from PyTorch by {diff:.3g} (max abs) at batch {CHECK_BATCH}"
+            f"{graphs[tower]} differs from PyTorch by {diff:.3g} (max abs) at batch {CHECK_BATCH}"
             + (f", text length {length}" if tower == "text" else "")
             for tower, diff in wrong.items()
         )
