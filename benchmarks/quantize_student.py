@@ -117,7 +117,10 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     base = load_config(args.config, overrides)
     data = load_data(base.data, progress=False)
     teacher = obtain_teacher(base, data, work / "teacher", progress=False)
-    student_dir = Path(args.student) if args.student else train_student(base, data, teacher, work / "student", progress=False).path
+    if args.student:
+        student_dir = Path(args.student)
+    else:
+        student_dir = train_student(base, data, teacher, work / "student", progress=False).path
     cfg = qat_config(base, args.qat_steps, args.qat_lr)
     fp32, tokenizer = load_fp32_student(student_dir)
     models: dict[str, Optional[CLIPDualEncoder]] = {

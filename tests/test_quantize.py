@@ -4,6 +4,7 @@ accuracy gate, and QAT + distillation through the training loop."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from helpers import SMALL_SPEC, build_clip, config_for
 from torch import nn
 
@@ -21,6 +23,7 @@ from vldistill.export.quantize import (
     QuantSimLinear, acc1_drop, check_max_drop, convert_qat, fake_quantize_activation, fake_quantize_weight,
     folder_bytes, load_quantized, prepare_qat,
 )
+from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.io import read_metadata
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.quantized import Int8CLIPDualEncoder, Int8Recipe
@@ -111,8 +114,6 @@ def test_the_folder_loads_back_as_the_same_int8_model(teacher, tokenizer, make_b
 
 
 def test_a_damaged_int8_folder_fails_naming_the_tensor(teacher, tokenizer, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     folder = Int8CLIPDualEncoder.from_float(teacher).save_pretrained(tmp_path / "int8", tokenizer=tokenizer)
     tensors = load_file(str(folder / "model.int8.safetensors"))
     del tensors["logit_scale"]
@@ -135,14 +136,19 @@ def test_the_command_refuses_an_impossible_max_drop_and_accepts_a_generous_one(t
     fp32 = teacher.save_pretrained(tmp_path / "fp32", tokenizer=tokenizer)
     base = ["quantize", str(fp32), "--method", "dynamic-int8", "--config", TINY]
     # -1: int8 would have to beat fp32 by 100 points of accuracy
-    assert main([*base, "--out", str(tmp_path / "refused"), "--max-drop", "-1"]) == 1
+    refused = ["--out", str(tmp_path / "refused"), "--max-drop", "-1", "--report", str(tmp_path / "refused.json")]
+    assert main([*base, *refused]) == 1
     printed = capsys.readouterr().out
     assert "REFUSED" in printed and "fp32" in printed and "int8" in printed
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))  # nothing, not even staging
+    report = json.loads((tmp_path / "refused.json").read_text())
+    assert not report["accepted"] and report["out"] is None and report["max_drop"] == -1
+    assert report["acc1_drop"] == pytest.approx(report["figures"]["fp32"]["acc1"] - report["figures"]["int8"]["acc1"])
     assert main([*base, "--out", str(tmp_path / "int8"), "--max-drop", "1", "--granularity", "per-channel"]) == 0
     assert "accepted" in capsys.readouterr().out
     report = read_metadata(tmp_path / "int8")["quantization"]
     assert report["accepted"] and report["candidate"] == "int8" and report["recipe"]["granularity"] == "per-channel"
+    assert report["out"] == str(tmp_path / "int8")
     assert set(report["figures"]) == {"fp32", "int8"}
     for key in ("acc1", "image_retrieval_recall@1", "latency_ms_p50", "images_per_second", "size_bytes"):
         assert report["figures"]["int8"][key] is not None
@@ -183,12 +189,14 @@ def test_qat_command_ships_the_fine_tuned_int8_model(teacher, student, tokenizer
     assert isinstance(load_quantized(tmp_path / "qat")[0], Int8CLIPDualEncoder)
 
 
-def test_qat_needs_a_teacher_and_the_steps_need_qat(student, tokenizer, tmp_path):
+def test_bad_requests_fail_before_any_work(student, tokenizer, tmp_path):
     student_dir = student.save_pretrained(tmp_path / "student", tokenizer=tokenizer)
     base = ["quantize", str(student_dir), "--out", str(tmp_path / "q"), "--config", TINY]
     assert main([*base, "--method", "qat"]) == 2  # tiny.yaml sets no teacher.path
     assert main([*base, "--method", "dynamic-int8", "--steps", "5"]) == 2
     assert not (tmp_path / "q").exists()
+    same = ["quantize", str(student_dir), "--out", str(student_dir), "--config", TINY, "--method", "dynamic-int8"]
+    assert main(same) == 2 and isinstance(load_dual_encoder_any(student_dir)[0], CLIPDualEncoder)
 
 
 def test_convert_qat_keeps_the_trained_weights(student):

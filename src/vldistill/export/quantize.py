@@ -59,7 +59,8 @@ class QuantSimLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # the int8 kernels see fp32 inputs
-            return F.linear(fake_quantize_activation(x.float()), fake_quantize_weight(self.weight, self.per_channel), self.bias)
+            weight = fake_quantize_weight(self.weight, self.per_channel)
+            return F.linear(fake_quantize_activation(x.float()), weight, self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain Linear holding this layer's parameters."""
@@ -151,8 +152,8 @@ def measure_models(
     also gets its latency and throughput speed-up over the first (median of per-trial ratios)."""
     figures: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
-        summary = evaluate_model(model.eval(), tokenizer, data, eval_cfg, name, progress=progress, throughput=False)["summary"]
-        figures[name] = {key: summary[key] for key in MEASURED}
+        evaluation = evaluate_model(model.eval(), tokenizer, data, eval_cfg, name, progress=progress, throughput=False)
+        figures[name] = {key: evaluation["summary"][key] for key in MEASURED}
         figures[name]["params"] = model.num_parameters()
         figures[name]["size_bytes"] = folder_bytes(folders[name])
     sizes = {name: model.input_spec.image_size for name, model in models.items()}
@@ -190,7 +191,8 @@ class QuantizeReport:
         """Plain data for vldistill.json and JSON output."""
         return {
             "method": self.method, "candidate": self.candidate, "max_drop": self.max_drop, "acc1_drop": self.drop,
-            "accepted": self.accepted, "figures": self.figures, "notes": self.notes,
+            "accepted": self.accepted, "out": str(self.out) if self.out is not None else None, "figures": self.figures,
+            "notes": self.notes,
         }
 
     def format(self) -> str:
@@ -221,6 +223,12 @@ def acc1_drop(figures: Mapping[str, Mapping[str, Any]], candidate: str) -> float
             "set data.classes (a folder per class) in the config"
         )
     return base - found
+
+
+def check_paths(model_dir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Raise ValueError when `out` is the folder of the model being quantized (it would be replaced)."""
+    if Path(out).resolve() == Path(model_dir).resolve():
+        raise ValueError(f"--out {out} is the model being quantized: choose another folder, the fp32 model is kept")
 
 
 def check_max_drop(max_drop: float) -> None:
@@ -261,13 +269,12 @@ def ship_quantized(
         f"note: {name} is slower than fp32 at batch 1 ({m['latency_speedup']:.2f}x); int8 pays on wider layers"
         for name, m in figures.items() if m.get("latency_speedup", 1.0) < 1.0
     ]
-    report = QuantizeReport(method, figures, candidate, max_drop, drop, accepted, notes=notes)
+    report = QuantizeReport(method, figures, candidate, max_drop, drop, accepted, out if accepted else None, notes)
     if accepted:
         recipe = candidates[candidate].recipe
         candidates[candidate].save_pretrained(
             out, {**metadata, "quantization": {**report.as_dict(), "recipe": recipe.as_dict()}}, tokenizer=tokenizer
         )
-        report.out = out
         logger.info(f"wrote the {candidate} model to {out}")
     return report
 
@@ -285,6 +292,7 @@ def quantize_dynamic_int8(
     """Post-training int8 quantization of the float CLIP student at `model_dir`, measured against it and
     written to `out` only when the accuracy gate passes (see `ship_quantized`)."""
     check_max_drop(max_drop)
+    check_paths(model_dir, out)
     fp32, tokenizer = load_fp32_student(model_dir)
     metadata = {**read_metadata(model_dir), "source": str(model_dir)}
     int8 = Int8CLIPDualEncoder.from_float(fp32, recipe)

@@ -10,7 +10,7 @@ channel), activations asymmetric over [0, 127] per tensor, their range taken fro
 
 A quantized folder holds the CLIP folder's `config.json`, tokenizer and `preprocessor_config.json`, the weights
 in `model.int8.safetensors` (each quantized layer's int8 weight, its scales as float64 and its fp32 bias;
-every other tensor in fp32) and `quantization.json` (the recipe), which marks the folder for
+every other tensor in fp32) and `clip_int8.json` (the recipe), which marks the folder for
 `models.loading.load_dual_encoder_any`. The int8 weights are stored as they are, so a loaded model computes
 exactly what the saved one did. Transformers cannot load such a folder (it has no `model.safetensors`).
 """
@@ -41,14 +41,16 @@ from vldistill.models.inputs import image_normalization
 from vldistill.models.io import image_processor_for, write_metadata
 from vldistill.models.locate import ModelNotFoundError, require_tokenizer
 
-QUANTIZATION_FILE = "quantization.json"
+RECIPE_FILE = "clip_int8.json"
 WEIGHTS_FILE = "model.int8.safetensors"
 FORMAT = "vldistill-int8-dynamic"
 BACKEND = "torch.ao"
 GRANULARITIES = ("per-tensor", "per-channel")
 SCALE_SUFFIX = ".weight_scale"
 # torch.ao quantization and quantized tensors are deprecated in torch 2.13 but are the fastest int8 kernels here.
-_DEPRECATION_MESSAGES = (r"torch\.ao\.quantization is deprecated", r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+_DEPRECATION_MESSAGES = (
+    r"torch\.ao\.quantization is deprecated", r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+)
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,12 @@ class Int8Recipe:
         return self.granularity == "per-channel"
 
     def as_dict(self) -> dict[str, Any]:
-        """The recipe as `quantization.json` stores it."""
+        """The recipe as `clip_int8.json` stores it."""
         return {"format": FORMAT, "backend": BACKEND, "dtype": "qint8", **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "Int8Recipe":
-        """The recipe stored in a `quantization.json` (`where` names it in errors)."""
+        """The recipe stored in a `clip_int8.json` (`where` names it in errors)."""
         if data.get("format") != FORMAT:
             raise ModelNotFoundError(f"{where}: format is {data.get('format')!r}, expected {FORMAT!r}")
         return cls(granularity=data.get("granularity", "per-tensor"))
@@ -216,15 +218,15 @@ def write_int8_folder(model: Int8CLIPDualEncoder, tokenizer: PreTrainedTokenizer
     folder = Path(folder)
     model.model.config.save_pretrained(folder)
     save_file(int8_state(model.model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / QUANTIZATION_FILE).write_text(json.dumps(model.recipe.as_dict(), indent=2, sort_keys=True) + "\n")
+    (folder / RECIPE_FILE).write_text(json.dumps(model.recipe.as_dict(), indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(folder)
     spec = model.input_spec
     image_processor_for(spec.image_size, spec.image_mean, spec.image_std).save_pretrained(folder)
 
 
 def read_recipe(folder: str | os.PathLike) -> Int8Recipe:
-    """The recipe in a quantized folder's `quantization.json`."""
-    path = Path(folder) / QUANTIZATION_FILE
+    """The recipe in a quantized folder's `clip_int8.json`."""
+    path = Path(folder) / RECIPE_FILE
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -234,7 +236,7 @@ def read_recipe(folder: str | os.PathLike) -> Int8Recipe:
     return Int8Recipe.from_dict(data, str(path))
 
 
-@register_adapter("clip-int8", f"a vldistill int8 CLIP folder: {QUANTIZATION_FILE}", marker=QUANTIZATION_FILE)
+@register_adapter("clip-int8", f"a vldistill int8 CLIP folder: {RECIPE_FILE}", marker=RECIPE_FILE)
 def load_int8_clip(
     name_or_path: str | os.PathLike, *, attentions: bool = False, trust_remote_code: bool = False
 ) -> tuple[Int8CLIPDualEncoder, PreTrainedTokenizerBase]:
@@ -244,7 +246,7 @@ def load_int8_clip(
     recipe = read_recipe(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        raise ModelNotFoundError(f"{folder} has {QUANTIZATION_FILE} but no {WEIGHTS_FILE}")
+        raise ModelNotFoundError(f"{folder} has {RECIPE_FILE} but no {WEIGHTS_FILE}")
     config = CLIPConfig.from_pretrained(folder)
     model = CLIPModel._from_config(config, attn_implementation="eager" if attentions else "sdpa")
     load_int8_state(model, load_file(str(weights)), str(weights))

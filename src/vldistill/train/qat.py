@@ -15,7 +15,8 @@ from typing import Optional
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.export.quantize import (
-    DEFAULT_MAX_DROP, QuantizeReport, check_max_drop, convert_qat, load_fp32_student, prepare_qat, ship_quantized,
+    DEFAULT_MAX_DROP, QuantizeReport, check_max_drop, check_paths, convert_qat, load_fp32_student, prepare_qat,
+    ship_quantized,
 )
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.io import read_metadata
@@ -88,6 +89,7 @@ def quantize_with_qat(
     `cfg` as `qat_config` makes it), measured beside the fp32 student and its post-training int8 version, and
     written to `out` only when its acc1 is at most `max_drop` below fp32's (see export.quantize.ship_quantized)."""
     check_max_drop(max_drop)
+    check_paths(model_dir, out)
     if cfg.teacher.path is None:
         raise ValueError("teacher.path is not set: QAT distills from a teacher (the one the student was distilled from)")
     teacher = obtain_teacher(cfg, data, Path(out))  # loads teacher.path
@@ -101,7 +103,8 @@ def quantize_with_qat(
         "qat": {
             "teacher": str(teacher.path), "losses": {k: dict(v) for k, v in cfg.distill.losses.items()},
             "steps": result.steps, "lr": optim.lr, "batch_size": optim.batch_size, "seed": cfg.seed,
-            "train_pairs": cfg.distill.train_pairs, "final_loss": result.history[-1]["loss/total"] if result.history else None,
+            "train_pairs": cfg.distill.train_pairs,
+            "final_loss": result.history[-1]["loss/total"] if result.history else None,
         },
     }
     return ship_quantized(
