@@ -82,6 +82,19 @@ def test_results_records_and_metadata(tiny_demo):
 
 
 @pytest.mark.slow
+def test_demo_writes_its_report(tiny_demo):
+    out, summary = tiny_demo
+    report = (out / "report.html").read_text()
+    for section in ("arms", "tradeoff", "curves", "per-class", "retrieval", "profile", "config"):
+        assert f'<section id="{section}">' in report
+    arms = report[report.index('<table id="arms">'):report.index("</table>", report.index('<table id="arms">'))]
+    for name, figures in summary["models"].items():
+        assert f'<td class="model">{name}</td><td class="num" title="{figures["params"]}">{figures["params"]:,}</td>' in arms
+        assert f'>{figures["acc1"]:.3f}</td>' in arms
+    assert report.count("<img ") == 1 + 4 + 1  # trade-off, the four training logs, per-class
+
+
+@pytest.mark.slow
 def test_baseline_starts_where_the_student_starts(tiny_demo, tmp_path):
     """The baseline differs from the distilled student only by the teacher: the same inherited weights at
     step 0. With one step of the same loss they would end equal; scratch starts elsewhere."""
@@ -222,6 +235,33 @@ def test_cli_pretrain_distill_eval(tmp_path, capsys):
     assert record["model"] == "student"
     distilled = read_result(tmp_path / "d" / "results" / "student_zeroshot_classification.json")
     assert record["metrics"] == pytest.approx(distilled["metrics"])  # saved model evaluates the same
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["command"] == "distill" and summary["teacher"] == str(teacher) and summary["steps"] == 8
+    assert set(summary["models"]) == {"teacher", "student"}
+    teacher_record = read_result(tmp_path / "d" / "results" / "teacher_zeroshot_classification.json")
+    assert summary["models"]["teacher"]["acc1"] == pytest.approx(teacher_record["metrics"]["acc1"])
+    assert summary["student_retention_percent"]["acc1"] == pytest.approx(
+        100 * distilled["metrics"]["acc1"] / teacher_record["metrics"]["acc1"]
+    )
+    assert summary["models"]["student"]["images_per_second"] > 0 and summary["image_speedup"]["median"] > 0
+    assert (tmp_path / "d" / "config.yaml").is_file() and (tmp_path / "d" / "logs" / "distill.jsonl").is_file()
+    card = (tmp_path / "d" / "student" / "README.md").read_text()
+    assert "base_model:" in card and "pipeline_tag: zero-shot-image-classification" in card and "model-index" in card
+    report = (tmp_path / "d" / "report.html").read_text()
+    for section in ("arms", "tradeoff", "curves", "per-class", "retrieval", "config"):
+        assert f'<section id="{section}">' in report
+
+
+def test_cli_distill_without_eval_still_summarizes_and_reports(tmp_path, pretrained_teacher):
+    out = tmp_path / "d"
+    args = ["distill", str(packaged_config("tiny")), "--out", str(out), "--no-eval", "--quiet",
+            "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=4"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"] == {} and summary["steps"] == 4 and summary["student_train_pairs"] == 256
+    assert not (out / "results").exists()
+    report = (out / "report.html").read_text()
+    assert '<section id="curves">' in report and '<section id="arms">' not in report
 
 
 @pytest.mark.slow

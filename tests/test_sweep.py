@@ -57,6 +57,17 @@ def test_tiny_sweep_writes_ablation_json(tmp_path, capsys):
     kd = by_name["kd"]
     assert kd["minus_task_loss"]["acc1"] == pytest.approx(kd["acc1"] - by_name["clip"]["acc1"])
     assert kd["beyond_spread"] == {key: None for key in kd["beyond_spread"]}  # one seed: no spread measured
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["models"]) == ["teacher", "clip-seed0", "kd-seed0", "feature-seed0", "both-seed0"]
+    assert summary["models"]["kd-seed0"]["acc1"] == pytest.approx(kd["acc1"])  # one seed: the mean is that seed
+    assert summary["seeds"] == [0] and summary["steps"] == 8
+    record = json.loads((tmp_path / "results" / "kd-seed0_zeroshot_classification.json").read_text())
+    assert record["model"] == "kd-seed0" and record["metrics"]["acc1"] == pytest.approx(kd["acc1"])
+    assert (tmp_path / "results" / "teacher_zeroshot_retrieval.json").is_file()
+    report = (tmp_path / "report.html").read_text()
+    for section in ("arms", "tradeoff", "curves", "per-class", "retrieval", "sweep"):
+        assert f'<section id="{section}">' in report
+    assert "model-index" in (tmp_path / "runs" / "kd" / "seed0" / "README.md").read_text()
 
 
 def test_sweep_over_seeds_reports_mean_and_spread(tmp_path):

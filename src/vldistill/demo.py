@@ -27,6 +27,7 @@ from vldistill.fileio import write_text_atomic
 from vldistill.profile.environment import environment
 from vldistill.profile.stats import ProfileSettings, format_profile, profile_targets, target_from_model
 from vldistill.profile.throughput import speedup
+from vldistill.report import write_run_report
 from vldistill.train.runs import obtain_teacher, train_student
 from vldistill.trained import TrainedModel
 
@@ -82,8 +83,8 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True, measur
     """Train (or reuse) a teacher, distill the student, train the same student without a teacher from the
     same and from random weights, evaluate all four, profile them side by side (`profile.stats`: parameters
     and FLOPs per tower, latency, throughput at `eval.throughput_batch_size`, peak memory in fresh processes
-    unless not `measure_memory`, size on disk) and write `summary.json`, results records and the student's
-    model card."""
+    unless not `measure_memory`, size on disk) and write `summary.json`, results records, the student's
+    model card and `report.html`."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     logs, results = out_dir / "logs", out_dir / "results"
@@ -129,6 +130,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True, measur
     }
     write_card(arms["student"].path, {key: models["student"][key] for key in SUMMARY_KEYS}, data.name)
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_run_report(out_dir)
     return summary
 
 

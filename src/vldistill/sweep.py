@@ -1,6 +1,7 @@
 """Ablation sweep: the same student, data and steps distilled with each loss (alone, beside the task loss)
 and with named combinations, all from one shared teacher, each over the same seeds; results in
-`ablation.json`, with every run compared to the task loss alone (the same student without a teacher)."""
+`ablation.json`, with every run compared to the task loss alone (the same student without a teacher), and
+the run folder's `summary.json`, result records and `report.html`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
 from vldistill.losses import LOSSES
 from vldistill.losses.schedules import describe_schedule
+from vldistill.report import write_run_report
 from vldistill.train.runs import obtain_teacher, train_student
 
 TASK_LOSS = "clip"
@@ -114,10 +116,16 @@ def _with_comparisons(records: list[dict]) -> list[dict]:
 def run_sweep(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dict:
     """Distill one student per sweep run and seed from a shared teacher, evaluate each and write
     `out_dir/ablation.json` after every run (so a stopped sweep keeps what it finished). Students are saved
-    to `out_dir/runs/<run>/seed<seed>`."""
+    to `out_dir/runs/<run>/seed<seed>`, result records of the teacher and of each `<run>-seed<seed>` to
+    `out_dir/results`; at the end `summary.json` (every model's figures) and `report.html`."""
+    start_sweep = time.perf_counter()
     out_dir = Path(out_dir)
     data = load_data(cfg.data, progress=progress)
     teacher = obtain_teacher(cfg, data, out_dir / "teacher", out_dir / "logs", progress)
+    results_dir = out_dir / "results"
+    models = {"teacher": evaluate_model(
+        teacher.model, teacher.tokenizer, data, cfg.eval, "teacher", results_dir, progress, throughput=False
+    )["summary"]}
     records: list[dict] = []
     result: dict = {}
     for name, losses in sweep_runs(cfg).items():
@@ -132,8 +140,10 @@ def run_sweep(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> di
             )
             seconds = time.perf_counter() - start
             summary = evaluate_model(
-                student.model, student.tokenizer, data, cfg.eval, name, progress=progress, throughput=False
+                student.model, student.tokenizer, data, cfg.eval, f"{name}-seed{seed}", results_dir, progress,
+                throughput=False,
             )["summary"]
+            models[f"{name}-seed{seed}"] = summary
             write_card(student.path, {key: summary[key] for key in SUMMARY_KEYS}, data.name, f"{name}-seed{seed}")
             per_seed.append({
                 "seed": seed,
@@ -153,4 +163,10 @@ def run_sweep(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> di
             "runs": _with_comparisons(records),
         }
         write_text_atomic(out_dir / "ablation.json", json.dumps(result, indent=2) + "\n")
+    summary = {
+        "command": "sweep", "wall_seconds": time.perf_counter() - start_sweep, "models": models,
+        **{key: result[key] for key in ("dataset", "teacher", "steps", "train_pairs", "seeds", "retrieval_match")},
+    }
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_run_report(out_dir)
     return result

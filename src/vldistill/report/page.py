@@ -104,8 +104,6 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:
     """Render the report of the run folders and write it to `out` atomically."""
     report = build_report(run_dirs)
     write_text_atomic(out, report.html)
-    logger.info("wrote %s (%d sections, %d figures, %d bytes)", out, len(report.sections), report.figures,
-                len(report.html.encode("utf-8")))
     return report
 
 
@@ -115,8 +113,10 @@ def write_run_report(run_dir: str | Path) -> Optional[Path]:
     written, or None."""
     out = Path(run_dir) / REPORT_FILE
     try:
-        write_report([run_dir], out)
+        report = write_report([run_dir], out)
     except Exception:  # the report only reads what the run saved; losing it must not lose the run
         logger.exception("could not write %s; the run's results are saved: retry with `vldistill report %s`", out, run_dir)
         return None
+    logger.info("wrote %s (%d sections, %d figures, %d bytes)", out, len(report.sections), report.figures,
+                len(report.html.encode("utf-8")))
     return out

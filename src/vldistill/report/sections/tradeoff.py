@@ -76,12 +76,14 @@ def choose_speed(points: Sequence[Point]) -> tuple[str, str]:
 
 
 def tradeoff_png(points: Sequence[Point], speed: str, speed_label: str, metric: str, metric_label: str) -> bytes:
-    """Two panels: the metric against the speed measure, and against the parameter count (log scale); a colour
-    per run when there are several, else per model."""
-    fig = new_figure(10.0, 4.4)
-    speed_ax, params_ax = fig.subplots(1, 2, sharey=True)
+    """Two panels: the metric against the speed measure, and against the parameter count (log scale); only the
+    second when no model was timed. A colour per run when there are several, else per model."""
+    timed = any(getattr(point, speed) is not None for point in points)
+    fig = new_figure(10.0 if timed else 5.4, 4.4)
+    speed_ax, params_ax = fig.subplots(1, 2, sharey=True) if timed else (None, fig.subplots())
+    panels = [(speed_ax, speed, speed_label)] if timed else []
     several_runs = len({point.run for point in points}) > 1
-    for ax, attribute, xlabel in ((speed_ax, speed, speed_label), (params_ax, "params", "parameters")):
+    for ax, attribute, xlabel in (*panels, (params_ax, "params", "parameters")):
         for index, point in enumerate(points):
             x, y = getattr(point, attribute), getattr(point, metric)
             if x is None or y is None:
@@ -91,8 +93,9 @@ def tradeoff_png(points: Sequence[Point], speed: str, speed_label: str, metric: 
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(True, alpha=0.3)
     params_ax.set_xscale("log")
-    speed_ax.set_ylabel(metric_label)
-    speed_ax.set_title(f"{metric_label} against speed", fontsize=10)
+    (speed_ax or params_ax).set_ylabel(metric_label)
+    if timed:
+        speed_ax.set_title(f"{metric_label} against speed", fontsize=10)
     params_ax.set_title(f"{metric_label} against size", fontsize=10)
     return to_png(fig)
 
@@ -106,10 +109,11 @@ def tradeoff_section(runs: Sequence[Run]) -> Optional[Section]:
     if not points:
         return None
     speed, speed_label = choose_speed(points)
-    body: list[Markup] = [figure(tradeoff_png(points, speed, speed_label, metric, metric_label),
-                                 f"{metric_label} against {speed_label} and against parameters")]
     missing = [p.label for p in points if getattr(p, speed) is None]
-    if missing:
+    caption = (f"{metric_label} against {speed_label} and against parameters" if len(missing) < len(points)
+               else f"{metric_label} against parameters (no model was timed)")
+    body: list[Markup] = [figure(tradeoff_png(points, speed, speed_label, metric, metric_label), caption)]
+    if missing and len(missing) < len(points):
         body.append(paragraph(f"not on the speed plot (not timed): {', '.join(missing)}", class_="note"))
     rows = [[p.label, number(p.params), number(p.acc1), number(p.recall), number(p.latency_ms, 3),
              number(p.ms_per_image, 4)] for p in points]
