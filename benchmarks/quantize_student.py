@@ -76,7 +76,7 @@ def torchao_int8(fp32: CLIPDualEncoder) -> Optional[CLIPDualEncoder]:
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
-        print("torchao is not installed (pip install 'vldistill[deploy]'): int8_torchao left out", file=sys.stderr)
+        print("torchao is not installed (pip install torchao): int8_torchao left out", file=sys.stderr)
         return None
     model = copy.deepcopy(fp32).eval()
     quantize_(model.model, Int8DynamicActivationInt8WeightConfig())
