@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -377,9 +378,41 @@ class SweepConfig:
             raise ConfigError(str(error).strip("'\"")) from None
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers accelerate reports to (log.trackers)
+
+
+def missing_tracker_packages(trackers: list[str]) -> list[str]:
+    """The Python packages (named as the trackers) that `trackers` need and this environment lacks."""
+    return [name for name in trackers if importlib.util.find_spec(name) is None]
+
+
+@dataclass
+class LogConfig:
+    """Experiment trackers the training loop reports its per-step records to through accelerate, besides the
+    JSONL log: any of `tensorboard`, `wandb` (offline: nothing leaves the machine; `wandb sync` uploads later)
+    and `mlflow` (a file store); none by default. They write under `dir` (null: the run's logs/trackers), one
+    tracker run per training (teacher, student, baseline, ...), with the resolved config as hyperparameters."""
+
+    trackers: list[str] = field(default_factory=list)
+    dir: Optional[str] = None
+
+    def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> for an unknown or repeated tracker, or one whose package is missing."""
+        for index, name in enumerate(self.trackers):
+            if name not in TRACKERS:
+                raise ConfigError(f"{where}.trackers[{index}] must be one of {', '.join(TRACKERS)}, got {name!r}")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"{where}.trackers lists a tracker twice: {self.trackers}")
+        for name in missing_tracker_packages(self.trackers):
+            raise ConfigError(f"{where}.trackers: {name} is selected but the package {name} is not installed: pip install {name}")
+        if self.dir is not None and not self.dir:
+            raise ConfigError(f"{where}.dir must be a folder or null, got an empty string")
+
+
 @dataclass
 class ExperimentConfig:
-    """One experiment: data, teacher, student, distillation (optionally from a teacher cache) and evaluation."""
+    """One experiment: data, teacher, student, distillation (optionally from a teacher cache), evaluation and
+    the trackers training reports to."""
 
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -389,6 +422,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""

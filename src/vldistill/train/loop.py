@@ -32,6 +32,7 @@ from vldistill.teachers.cache.cached import CachedTeacher
 from vldistill.config import OptimConfig
 from vldistill.train.checkpoint import TrainState, capture_rng, restore_rng, save_checkpoint
 from vldistill.train.stop import StopRequests, TrainingStopped
+from vldistill.train.trackers import Trackers
 from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.distributed import (
@@ -148,6 +149,7 @@ def train(
     log_path: Optional[Path] = None,
     held_out_batch: Optional[dict[str, torch.Tensor]] = None,
     progress: bool = True,
+    trackers: Optional[Trackers] = None,
 ) -> TrainResult:
     """Train `student` (and the objective's own parameters) for `optim.steps` optimizer steps, AdamW +
     warmup-cosine, each step over `optim.accumulation_steps` consecutive micro-batches of `batches` (see
@@ -158,11 +160,11 @@ def train(
     Before each step the objective's weight and temperature schedules move to that step; under gap
     weighting its weights are re-measured on `held_out_batch` (required then) every `every` steps from the
     first. Losses, weights, temperatures, the learning rate and the loop's seconds so far are logged every
-    `optim.log_every` steps to the history and `log_path` (JSONL). A progress bar on the main process
-    when `progress`.
+    `optim.log_every` steps to the history and `log_path` (JSONL), and to the experiment `trackers` when given.
+    A progress bar on the main process when `progress`.
     """
     check_inputs(objective, teacher, held_out_batch)
-    run = _Run.prepare(student, objective, optim, checkpointer)
+    run = _Run.prepare(student, objective, optim, checkpointer, trackers)
     if resume is not None:
         run.restore(resume)
     run.attach_teacher(teacher, held_out_batch)
@@ -201,11 +203,12 @@ def check_inputs(
         raise ValueError("gap weighting (distill.weighting.kind: gap) needs a held_out_batch to measure the gap on")
 
 
-def _accelerator() -> Accelerator:
-    """The process's accelerator, refusing FSDP. cpu=True on a machine without an accelerator: accelerate then
-    runs several processes as DDP over gloo (without it, processes started by torchrun would each train alone)."""
+def _accelerator(trackers: Optional[Trackers] = None) -> Accelerator:
+    """The process's accelerator (reporting to `trackers`), refusing FSDP. cpu=True on a machine without an
+    accelerator: accelerate then runs several processes as DDP over gloo (without it, processes started by
+    torchrun would each train alone)."""
     join_process_group()
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), **(trackers.accelerator_kwargs() if trackers else {}))
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError(
             "FSDP (accelerate launch --use_fsdp) is not supported: vldistill replicates the student with DDP, and "
@@ -238,14 +241,17 @@ class _Run:
     log_file: Optional[IO[str]] = None
     start: float = 0.0
     bar: Optional[tqdm] = None
+    trackers: Optional[Trackers] = None
 
     @classmethod
     def prepare(
         cls, student: CLIPDualEncoder, objective: DistillationObjective, optim: OptimConfig,
-        checkpointer: Optional[Checkpointer],
+        checkpointer: Optional[Checkpointer], trackers: Optional[Trackers] = None,
     ) -> _Run:
         """The accelerator, autocast, and the student with its objective under AdamW and a warmup-cosine schedule."""
-        accelerator = _accelerator()
+        accelerator = _accelerator(trackers)
+        if trackers is not None:
+            trackers.start(accelerator)
         # Our own autocast, not accelerate's mixed_precision: that is fixed once per process, and one process may
         # pretrain a teacher in fp32 and then distill in bf16.
         autocast = functools.partial(
@@ -257,7 +263,7 @@ class _Run:
         # once per process).
         scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.steps)
         module, optimizer = accelerator.prepare(module, optimizer)
-        return cls(accelerator, autocast, module, objective, optimizer, scheduler, optim, checkpointer)
+        return cls(accelerator, autocast, module, objective, optimizer, scheduler, optim, checkpointer, trackers=trackers)
 
     def restore(self, resume: TrainState) -> None:
         """Continue from a checkpoint: weights, gap weighting, optimizer, scheduler, random state, step, count."""
@@ -330,7 +336,8 @@ class _Run:
 
     def log(self, parts: dict[str, torch.Tensor]) -> None:
         """Every `optim.log_every` steps and at the last one: a record of the step's losses, weights and
-        temperatures, the learning rate and the seconds so far, to the history, the progress bar and the log."""
+        temperatures, the learning rate and the seconds so far, to the history, the progress bar, the log and
+        the trackers."""
         if self.step % self.optim.log_every and self.step != self.optim.steps:
             return
         record = {
@@ -342,6 +349,8 @@ class _Run:
         if self.log_file is not None:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
+        if self.trackers is not None:
+            self.trackers.log(self.accelerator, record)
 
     def finished_or_stopped(self, stop: StopRequests) -> bool:
         """Write the checkpoint due after this step; True after the last step. When a stop signal reached any
@@ -371,11 +380,13 @@ class _Run:
             save_checkpoint(self.checkpointer.folder, state, self.checkpointer.fingerprint, self.checkpointer.keep)
 
     def close(self) -> None:
-        """Close the progress bar and the log file."""
+        """Close the progress bar, the log file and the trackers' run."""
         if self.bar is not None:
             self.bar.close()
         if self.log_file is not None:
             self.log_file.close()
+        if self.trackers is not None:
+            self.trackers.finish(self.accelerator)
 
 
 def _stopped_message(stop: StopRequests, step: int, steps: int, checkpointer: Optional[Checkpointer]) -> str:

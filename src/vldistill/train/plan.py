@@ -18,6 +18,7 @@ from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.train.checkpoint import TrainState
 from vldistill.train.loop import Checkpointer, train
+from vldistill.train.trackers import Trackers
 from vldistill.trained import TrainResult
 
 
@@ -52,9 +53,12 @@ class DistillPlan:
         """The step the run starts from: that of the resumed checkpoint, else 0."""
         return self.resume.step if self.resume is not None else 0
 
-    def train(self, desc: str, log_path: Optional[Path] = None, progress: bool = True) -> TrainResult:
+    def train(
+        self, desc: str, log_path: Optional[Path] = None, progress: bool = True, trackers: Optional[Trackers] = None
+    ) -> TrainResult:
         """Run the training loop on this plan (see `train.loop.train`)."""
         return train(
             self.student, self.objective, self.batches, self.optim, teacher=self.teachers, desc=desc, log_path=log_path,
             held_out_batch=self.held_out, checkpointer=self.checkpointer, resume=self.resume, progress=progress,
+            trackers=trackers,
         )

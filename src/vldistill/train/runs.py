@@ -42,6 +42,7 @@ from vldistill.train.checkpoint import (
 )
 from vldistill.train.loop import Checkpointer, train
 from vldistill.train.plan import DistillPlan
+from vldistill.train.trackers import TRACKERS_DIR, Trackers, trackers_for
 from vldistill.teachers.assemble import check_teacher_fits_data, ensemble_members, load_teacher, teacher_ensemble, teacher_weights
 from vldistill.trained import TrainedModel
 
@@ -121,6 +122,15 @@ def pretrain_teacher(
     return _pretrain(cfg, data, CLIPDualEncoder(CLIPModel(config)), tokenizer, out_dir, log_dir, progress)
 
 
+def run_trackers(cfg: ExperimentConfig, log_path: Optional[Path], out_dir: Path) -> Optional[Trackers]:
+    """The experiment trackers `cfg.log` selects for the run saved to `out_dir`: named after its log file (else
+    its folder), writing beside that log in `trackers/` (else in `out_dir`'s parent's logs/trackers) unless
+    `log.dir` says where; the resolved config as hyperparameters. None when no tracker is selected."""
+    name = Path(log_path).stem if log_path is not None else Path(out_dir).name
+    logs = Path(log_path).parent if log_path is not None else Path(out_dir).parent / "logs"
+    return trackers_for(cfg.log, name, logs / TRACKERS_DIR, cfg.to_dict())
+
+
 def _pretrain(
     cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, tokenizer, out_dir: Path, log_dir, progress: bool
 ) -> TrainedModel:
@@ -135,7 +145,8 @@ def _pretrain(
 
     with saved_on_bad_data(lambda: save(Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted"))):
         result = train(
-            teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path, progress=progress
+            teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path, progress=progress,
+            trackers=run_trackers(cfg, log_path, out_dir),
         )
     if process_rank()[0] == 0:  # one writer when several processes train together
         save(out_dir)
@@ -143,10 +154,11 @@ def _pretrain(
 
 
 def run_fingerprint(cfg: ExperimentConfig, losses: Mapping[str, Any], inherit: bool, teacher: Path) -> str:
-    """A hash of what determines a student run (config without checkpoint settings, losses, teacher,
+    """A hash of what determines a student run (config without checkpoint and tracker settings, losses, teacher,
     version): a checkpoint from a run with another fingerprint is refused."""
     config = cfg.to_dict()
     config["distill"].pop("checkpoint")
+    config.pop("log")  # where training is reported to does not change what it trains
     payload = {"config": config, "losses": losses, "inherit": inherit, "teacher": str(teacher), "vldistill": __version__}
     return plain_digest(payload)
 
@@ -358,7 +370,7 @@ def train_student(
     }
     interrupted = Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted")
     with saved_on_bad_data(lambda: student.save_pretrained(interrupted, metadata, tokenizer=teacher.tokenizer)):
-        result = plan.train(desc, log_path, progress)
+        result = plan.train(desc, log_path, progress, run_trackers(cfg, log_path, out_dir))
     if process_rank()[0] == 0:  # one writer when several processes train together
         export_student(student, teacher.tokenizer, out_dir, {
             **metadata, "data_quality": data.quality.summary(), "steps": result.steps,
