@@ -17,7 +17,7 @@ from vldistill.data.augment import AugmentConfig
 from vldistill.data.caption_json import parse_split
 from vldistill.losses.base import LossContext
 from vldistill.losses.registry import LossSpec, build_objective, parse_loss_specs, specs_need
-from vldistill.teachers.ensemble import COMBINE_METHODS
+from vldistill.teachers.ensemble import COMBINE_METHODS, TEACHER_PRECISIONS
 from vldistill.models.inherit import check_inheritable
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 from vldistill.models.two_tower import TEXT_POOLINGS, VISION_POOLINGS
@@ -210,7 +210,9 @@ class TwoTowerTeacherConfig:
 class TeacherConfig:
     """The (primary) teacher: a model folder or hub id (`path`), or one pretrained here: a CLIP from
     `model`, or the heads of a `two_tower` teacher; plus optional further teachers (`ensemble`)
-    combined with it by `combine` (see teachers/ensemble.py)."""
+    combined with it by `combine` (see teachers/ensemble.py). `precision` is what the teachers run in when
+    distilling online and building the teacher cache: fp32, or bf16 (bfloat16 weights, float32 signals);
+    the student trains in `distill.train.precision`, a teacher pretrains in `train.precision`."""
 
     path: Optional[str] = None
     model: DualEncoderSpec = field(default_factory=_teacher_spec)
@@ -220,9 +222,12 @@ class TeacherConfig:
     weight: float = 1.0
     ensemble: list[ExtraTeacherConfig] = field(default_factory=list)
     combine: str = "fixed"
+    precision: str = "fp32"
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
+        if self.precision not in TEACHER_PRECISIONS:
+            raise ConfigError(f"{where}.precision must be one of {', '.join(TEACHER_PRECISIONS)}, got {self.precision!r}")
         if self.combine not in COMBINE_METHODS:
             raise ConfigError(f"{where}.combine must be one of {', '.join(COMBINE_METHODS)}, got {self.combine!r}")
         if self.weight < 0:

@@ -40,7 +40,7 @@ def teacher_ensemble(
     """The primary teacher plus `teacher.ensemble` (or the given `members`, primary first), and the
     preprocessors of the teachers that take other inputs than the student (batch keys prefixed
     `teacher{k}.`): every further teacher, and the primary when its input spec differs (e.g. SigLIP's
-    max-length padding)."""
+    max-length padding). The teachers run in `teacher.precision`."""
     members = ensemble_members(cfg, primary) if members is None else members
     keys, extra = [""], {}
     if primary.model.input_spec != student_inputs:
@@ -50,7 +50,8 @@ def teacher_ensemble(
         keys.append(f"teacher{k}")
         extra[f"teacher{k}"] = BatchPreprocessor.for_model(member.tokenizer, member.model.input_spec)
     teachers = [member.model for member in members]
-    return TeacherEnsemble(teachers, keys, cfg.teacher.combine, teacher_weights(cfg)), extra
+    ensemble = TeacherEnsemble(teachers, keys, cfg.teacher.combine, teacher_weights(cfg), cfg.teacher.precision)
+    return ensemble, extra
 
 
 def check_teacher_fits_data(teacher, data_image_size: int) -> None:

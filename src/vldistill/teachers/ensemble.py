@@ -15,10 +15,17 @@ Its logits (what the soft-target losses read) depend on `method`:
   (Vasu et al., 2024, "MobileCLIP: Fast Image-Text Models through Multi-Modal Reinforced Training").
 Every other signal is combined as its kind declares (models/signals.py): hidden states and attention maps
 (for the layer-wise losses) come from the first (primary) teacher, logit scales are averaged.
+
+With `precision="bf16"` the teachers run as bfloat16 copies (weights cast, logit scale and bias kept exact; the
+given modules stay as they are) and their signals are cast back to float32 before they are combined, so the
+losses see float32.
+Casting the weights measured slightly faster than autocast around the teachers' forward (README, "bf16 on CPU").
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +43,7 @@ from vldistill.models.signals import (
 )
 
 COMBINE_METHODS = ("fixed", "confidence", "average")
+TEACHER_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_combine_method(method: str) -> None:
@@ -58,6 +66,36 @@ def mixture_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> tor
     """Row-wise log of the weighted mixture of softmaxes, log sum_k w_k softmax(l_k); weights (K, B)."""
     log_probs = torch.stack([F.log_softmax(l, dim=-1) for l in logits])
     return torch.logsumexp(log_probs + weights.clamp_min(1e-12).log().unsqueeze(-1), dim=0)
+
+
+def check_teacher_precision(precision: str) -> None:
+    """Raise ValueError naming the known precisions when `precision` is not one of them."""
+    if precision not in TEACHER_PRECISIONS:
+        raise ValueError(f"unknown teacher precision {precision!r}; known: {', '.join(TEACHER_PRECISIONS)}")
+
+
+def as_float32(value):
+    """A signal's value with its floating-point tensors in float32 (tuples and lists element by element)."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_float32(v) for v in value)
+    return value
+
+
+def cast_inputs(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model inputs with their floating-point tensors (pixel values) in `dtype`; token ids and masks as they are."""
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in inputs.items()}
+
+
+def low_precision_copy(teacher: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `teacher` with its floating-point weights in `dtype`, except single numbers (a logit scale or
+    bias), which stay exact so the teacher's temperature is not rounded."""
+    low = copy.deepcopy(teacher)
+    for tensor in itertools.chain(low.parameters(), low.buffers()):
+        if tensor.is_floating_point() and tensor.numel() > 1:
+            tensor.data = tensor.data.to(dtype)
+    return low
 
 
 def combine_outputs(outputs: Sequence[Signals], method: str, weights: Sequence[float]) -> Signals:
@@ -91,6 +129,8 @@ class TeacherEnsemble(nn.Module):
 
     `input_keys[k]` names teacher k's inputs in the batch ("" for the unprefixed, student-shared ones;
     see models.inputs.inputs_for). A single teacher is an ensemble of one (its output unchanged).
+    `precision` ("fp32" or "bf16") is what the teachers run in (see the module doc); their signals are
+    float32 either way.
     """
 
     def __init__(
@@ -99,9 +139,14 @@ class TeacherEnsemble(nn.Module):
         input_keys: Optional[Sequence[str]] = None,
         method: str = "fixed",
         weights: Optional[Sequence[float]] = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         check_combine_method(method)
+        check_teacher_precision(precision)
+        self.precision = precision
+        if precision != "fp32":
+            teachers = [low_precision_copy(teacher, TEACHER_PRECISIONS[precision]) for teacher in teachers]
         self.teachers = nn.ModuleList(teachers)
         self.input_keys = list(input_keys) if input_keys is not None else [""] * len(teachers)
         self.weights = list(weights) if weights is not None else [1.0] * len(teachers)
@@ -125,12 +170,14 @@ class TeacherEnsemble(nn.Module):
 
     @torch.no_grad()
     def outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
-        """Each teacher's own signals on its inputs: those that `needs` names, requested from the primary
-        teacher and, for kinds combined over every teacher, from the others too."""
-        return [
-            teacher(**inputs_for(batch, key), **request_flags(needs, primary=k == 0))
+        """Each teacher's own signals on its inputs, in float32: those that `needs` names, requested from the
+        primary teacher and, for kinds combined over every teacher, from the others too."""
+        dtype = TEACHER_PRECISIONS[self.precision]
+        outputs = [
+            teacher(**cast_inputs(inputs_for(batch, key), dtype), **request_flags(needs, primary=k == 0))
             for k, (teacher, key) in enumerate(zip(self.teachers, self.input_keys))
         ]
+        return [Signals(**{name: as_float32(value) for name, value in output.items()}) for output in outputs]
 
     @torch.no_grad()
     def gathered_outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:

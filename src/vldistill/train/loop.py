@@ -40,6 +40,7 @@ from vldistill.distributed import (
 )
 from vldistill.teachers.ensemble import TeacherEnsemble, teacher_output_over
 from vldistill.models.inputs import inputs_for
+from vldistill.precision import report_cpu_bf16, training_autocast
 from vldistill.models.signals import Signals, concat_signals, gather_signals, request_flags
 from vldistill.trained import TrainResult
 
@@ -117,7 +118,7 @@ class StudentWithObjective(nn.Module):
 
 def uses_bf16(precision: str) -> bool:
     """Whether a config's `precision` autocasts to bfloat16: "bf16" always (refused on a GPU without bf16),
-    "auto" on a GPU that supports it (CPUs without bf16 units run it slower than fp32), "fp32" never."""
+    "auto" on a GPU that supports it (on a CPU bf16 measured slower than fp32, README "bf16 on CPU"), "fp32" never."""
     cuda = torch.cuda.is_available()
     if precision == "auto":
         return cuda and torch.cuda.is_bf16_supported()
@@ -248,15 +249,17 @@ class _Run:
         cls, student: CLIPDualEncoder, objective: DistillationObjective, optim: OptimConfig,
         checkpointer: Optional[Checkpointer], trackers: Optional[Trackers] = None,
     ) -> _Run:
-        """The accelerator, autocast, and the student with its objective under AdamW and a warmup-cosine schedule."""
+        """The accelerator, the student's autocast, and the student with its objective under AdamW and a
+        warmup-cosine schedule. A bf16 run on the CPU first probes and logs how bf16 compares with fp32 there."""
         accelerator = _accelerator(trackers)
         if trackers is not None:
             trackers.start(accelerator)
         # Our own autocast, not accelerate's mixed_precision: that is fixed once per process, and one process may
         # pretrain a teacher in fp32 and then distill in bf16.
-        autocast = functools.partial(
-            torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=uses_bf16(optim.precision)
-        )
+        bf16 = uses_bf16(optim.precision)
+        autocast = functools.partial(training_autocast, accelerator.device.type, bf16)
+        if bf16 and accelerator.device.type == "cpu" and accelerator.is_main_process:
+            report_cpu_bf16(f"bf16 training (precision: {optim.precision})", training=True)
         module = StudentWithObjective(student, objective)
         optimizer = torch.optim.AdamW(parameter_groups(module, optim.weight_decay), lr=optim.lr)
         # The scheduler is stepped once per optimizer step by us (not prepared: accelerate would step it
@@ -275,12 +278,16 @@ class _Run:
         self.step, self.nonfinite = resume.step, resume.nonfinite_steps
 
     def attach_teacher(self, teacher: Optional[nn.Module], held_out_batch: Optional[dict[str, torch.Tensor]]) -> None:
-        """Put the teacher (a lone model wrapped as an ensemble of one) on the device in eval mode when the
-        objective needs one, and take its output on the held-out batch when gap weighting needs that."""
+        """Put the teacher (a lone model wrapped as an fp32 ensemble of one) on the device in eval mode when the
+        objective needs one, and take its output on the held-out batch when gap weighting needs that. bf16
+        teachers on the CPU first probe and log how bf16 compares with fp32 there."""
         if teacher is not None and self.objective.needs:
             if not isinstance(teacher, (TeacherEnsemble, CachedTeacher)):
                 teacher = TeacherEnsemble([teacher])
             teacher = teacher.to(self.accelerator.device).eval()
+            bf16_teacher = isinstance(teacher, TeacherEnsemble) and teacher.precision == "bf16"
+            if bf16_teacher and self.accelerator.device.type == "cpu" and self.accelerator.is_main_process:
+                report_cpu_bf16("bf16 teachers (teacher.precision: bf16)", training=False)
         self.teacher = teacher
         if self.objective.needs_held_out:
             self.held_out_batch = {k: v.to(self.accelerator.device) for k, v in held_out_batch.items()}
@@ -302,8 +309,8 @@ class _Run:
                 accelerator.unwrap_model(self.module).refresh_gap(self.held_out_batch, self.held_out_teacher)
         check_equal_batches(window, accelerator.device)
         window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
-        with self.autocast():
-            teacher_output = teacher_output_over(self.teacher, window, objective.needs) if objective.needs else None
+        # The teachers run in their own precision (teacher.precision), not under the student's autocast.
+        teacher_output = teacher_output_over(self.teacher, window, objective.needs) if objective.needs else None
         return backward_window(accelerator, self.module, window, teacher_output, self.autocast)
 
     def update(self, loss: Optional[torch.Tensor], parts: dict[str, torch.Tensor]) -> None:

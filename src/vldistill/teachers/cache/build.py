@@ -37,6 +37,7 @@ from vldistill.distributed import join_process_group
 from vldistill.teachers.ensemble import TeacherEnsemble
 from vldistill.models.signals import cached_per_sample
 from vldistill.teachers.assemble import check_teacher_fits_data, ensemble_members, teacher_ensemble
+from vldistill.precision import report_cpu_bf16
 from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
@@ -237,6 +238,8 @@ def build_cache(
     members = ensemble_members(cfg, primary)
     ensemble, extra = teacher_ensemble(cfg, primary, primary.model.input_spec, members)
     ensemble = ensemble.to(state.device).eval()
+    if ensemble.precision == "bf16" and state.device.type == "cpu" and state.is_main_process:
+        report_cpu_bf16("bf16 teachers (teacher.precision: bf16)", training=False)
     preprocess = BatchPreprocessor.for_model(primary.tokenizer, primary.model.input_spec)
     collator = RowCollator(PairCollator(preprocess, augment=cfg.data.augment, seed=cfg.seed, extra=extra))
     fields = cache_fields(members, settings.dtype)

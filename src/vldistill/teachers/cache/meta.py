@@ -58,9 +58,12 @@ def teacher_identity(model: DualEncoder, tokenizer: PreTrainedTokenizerBase) -> 
 
 def cache_meta(cfg: ExperimentConfig, data: DataBundle, teachers: Sequence[Any]) -> dict[str, Any]:
     """The manifest meta of a cache of `teachers` (TrainedModels: the primary, then the ensemble's) on
-    `data`'s training split, with the views `cfg` makes."""
+    `data`'s training split, with the views `cfg` makes. bf16 teachers (`teacher.precision`) are recorded;
+    fp32 ones, the default, are not, so caches made before the setting existed still match."""
     data_settings = {k: v for k, v in asdict(cfg.data).items() if k != "augment"}
+    precision = {"teacher_precision": cfg.teacher.precision} if cfg.teacher.precision != "fp32" else {}
     return {
+        **precision,
         "teachers": {str(k): teacher_identity(t.model, t.tokenizer) for k, t in enumerate(teachers)},
         "data": {"fingerprint": data.fingerprint, "settings": data_settings, "train_pairs": len(data.train)},
         "transform": {
