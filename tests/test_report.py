@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 
 import pytest
 from PIL import Image
-from run_folders import FIGURES, add_deployment, make_demo_run, make_sweep_run, write_json, write_log
+from run_folders import FIGURES, add_deployment, make_demo_run, make_sweep_run, quantize_record, write_json, write_log
 
 from vldistill.report import build_report, read_run, read_runs, write_report, write_run_report
 from vldistill.report.sections.arms import arms_section
@@ -153,9 +153,13 @@ def test_deployment_sections_show_their_records(demo_run):
     profile = rows_by_first_cell(section_page(profile_section, demo_run).tables["profile"])
     assert profile["student"][1:5] == ["127K", "63.3K / 63.3K", "7M", "3.5M"]
     assert profile["student"][5] == "0.55 / 0.66" and profile["student"][9] == "412 (+3.5)"
+    refused = {**quantize_record(), "method": "qat", "acc1_drop": 0.02, "accepted": False}
+    write_json(demo_run / "student-qat" / "vldistill.json", {"role": "student", "quantization": refused})
     quantization = section_page(quantize_section, demo_run)
     assert rows_by_first_cell(quantization.tables["quantization"])["int8"][2] == "0.876"
     assert rows_by_first_cell(quantization.tables["quantization"])["int8"][6] == "1.77"
+    assert "quantization-1" in quantization.tables  # the quantized folder's own record
+    assert "int8: acc1 +2.00 points below fp32 (allowed 1.00): REFUSED" in quantize_section(read_runs([demo_run])).body
     assert "int8: acc1 +0.40 points below fp32 (allowed 1.00): accepted" in quantize_section(read_runs([demo_run])).body
     cascade = section_page(cascade_section, demo_run)
     assert [row[1] for row in cascade.tables["cascade"][1:]] == ["0.0", "25.0", "50.0", "100.0"]
@@ -164,7 +168,8 @@ def test_deployment_sections_show_their_records(demo_run):
     assert exports["onnx"][1:5] == ["fp32", "18", "student", "2.4e-07"] and exports["onnx"][-1] == "kept"
     # The trade-off takes the int8 model's batch-1 latency; the arms have none, so it plots ms per image.
     tradeoff = rows_by_first_cell(section_page(tradeoff_section, demo_run).tables["tradeoff"])
-    assert set(tradeoff) == {"teacher", "student", "baseline", "scratch", "quantize.json: fp32", "quantize.json: int8"}
+    assert set(tradeoff) == {"teacher", "student", "baseline", "scratch", "quantize.json: fp32", "quantize.json: int8",
+                             "student-qat: fp32", "student-qat: int8"}
     assert tradeoff["quantize.json: int8"][4] == "0.310"
 
 

@@ -110,7 +110,7 @@ def _run_block(run: Run, runs: Sequence[Run], id_: str) -> tuple[list[Markup], i
     caption = f"per-class zero-shot accuracy, teacher against {name}; red: the largest losses"
     return [run_heading(run, runs), figure(per_class_png(pairs, name), caption), summary,
             table(["class", "samples", "teacher", name, f"{name} - teacher"], rows, id_=id_,
-                  caption=f"the {min(LISTED, len(pairs))} classes {name} lost most")], 1
+                  caption=f"{min(LISTED, len(pairs))} classes, the largest losses of {name} first")], 1
 
 
 def per_class_section(runs: Sequence[Run]) -> Optional[Section]:

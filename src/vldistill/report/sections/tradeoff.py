@@ -89,7 +89,8 @@ def tradeoff_png(points: Sequence[Point], speed: str, speed_label: str, metric: 
             if x is None or y is None:
                 continue
             ax.scatter([x], [y], color=colour(point.run if several_runs else index), s=36, zorder=3)
-            ax.annotate(point.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            # labels of models at the same place (same size, same accuracy) are stacked, not drawn over each other
+            ax.annotate(point.label, (x, y), textcoords="offset points", xytext=(4, 4 + 9 * (index % 4)), fontsize=7)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(True, alpha=0.3)
     params_ax.set_xscale("log")
