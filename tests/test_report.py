@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from run_folders import FIGURES, add_deployment, make_demo_run, make_sweep_run, quantize_record, write_json, write_log
 
+from vldistill.cli import main
 from vldistill.report import build_report, read_run, read_runs, write_report, write_run_report
 from vldistill.report.sections.arms import arms_section
 from vldistill.report.sections.cascade import cascade_section
@@ -292,3 +293,16 @@ def test_a_failing_report_does_not_fail_the_run(tmp_path, caplog):
     (run / "summary.json").write_text("{}")
     assert write_run_report(run) == run / "report.html"
     assert "The run folders hold nothing to report yet." in (run / "report.html").read_text()
+
+
+def test_cli_report_writes_the_page_and_names_bad_input(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_json(run / "summary.json", {"models": {"student": FIGURES["student"]}})
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file()
+    assert f"wrote {run / 'report.html'}: 2 sections" in capsys.readouterr().out
+    assert main(["report", str(run), str(run), "--out", str(tmp_path / "both.html")]) == 0
+    assert main(["report", str(run), str(run)]) == 2
+    assert "several run folders: name the page with --out FILE.html" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "missing: no such run folder" in capsys.readouterr().err
