@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 from vldistill import __version__
 from vldistill.fileio import write_text_atomic
-from vldistill.report.markup import Markup, escape, tag
+from vldistill.report.markup import Markup, tag
 from vldistill.report.run import Run, read_runs
 from vldistill.report.section import Section
 from vldistill.report.sections.arms import arms_section
