@@ -18,7 +18,9 @@ import yaml
 from transformers.utils import logging as transformers_logging
 
 from vldistill.config import ConfigError, ExperimentConfig, check_caption_file_options, load_config, packaged_config
+from vldistill.deploy.cascade import CRITERIA
 from vldistill.distributed import process_rank
+from vldistill.extras import MissingExtraError
 from vldistill.train.loop import NonFiniteLossError
 from vldistill.train.stop import TrainingStopped
 
@@ -111,10 +113,11 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    """Distill the config's student from `teacher.path` and evaluate it."""
+    """Distill the config's student from `teacher.path`, evaluate it beside the teacher and write summary.json
+    and report.html."""
     from vldistill.data.bundle import load_data
-    from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
-    from vldistill.export import write_card
+    from vldistill.distill_run import summarize_distill
+    from vldistill.report import write_run_report
     from vldistill.train.runs import obtain_teacher, train_student
 
     cfg = _config(args)
@@ -133,11 +136,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return 0  # the first process saves, reports and evaluates
     print(f"student saved to {student.path}")
     print(f"data quality: {data.quality.report()}")
+    summary = summarize_distill(cfg, data, teacher, student, out, evaluate=not args.no_eval, progress=progress)
     if not args.no_eval:
-        evaluation = evaluate_model(student.model, student.tokenizer, data, cfg.eval, "student", out / "results", progress)
-        summary = evaluation["summary"]
-        write_card(student.path, {key: summary[key] for key in SUMMARY_KEYS}, data.name)
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({**summary["models"]["student"], "retention_percent": summary["student_retention_percent"]}, indent=2))
+    report = write_run_report(out)
+    if report is not None:
+        print(f"report: {report}")
     return 0
 
 
@@ -212,6 +216,152 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(cfg, out, progress=_progress(args))
     print(format_ablation_table(result["runs"]))
     print(f"wrote {out / 'ablation.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Render one self-contained HTML page of the run folders (figures embedded): to --out, or to RUN_DIR/report.html
+    for a single run."""
+    from vldistill.report import REPORT_FILE, write_report
+
+    if args.out is None and len(args.runs) > 1:
+        raise ConfigError("several run folders: name the page with --out FILE.html")
+    out = Path(args.out) if args.out is not None else Path(args.runs[0]) / REPORT_FILE
+    report = write_report(args.runs, out)
+    print(f"wrote {out}: {len(report.sections)} sections ({', '.join(s.title for s in report.sections)}), "
+          f"{report.figures} figures, {len(report.html.encode('utf-8')):,} bytes")
+    return 0
+
+
+def cmd_cascade_eval(args: argparse.Namespace) -> int:
+    """Sweep the threshold of a student -> teacher cascade on zero-shot classification (the config's test split,
+    or `--data` with the config's data.classes); write cascade.json, cascade_summary.json and cascade.png; print
+    the table and the cheapest threshold that keeps `--target` of the teacher's acc1."""
+    from vldistill.data.bundle import load_data, load_test_data
+    from vldistill.deploy.cascade import ZeroShotModel
+    from vldistill.deploy.cascade_eval import check_target, evaluate_cascade
+    from vldistill.deploy.report import format_cascade, write_cascade
+    from vldistill.models.loading import load_dual_encoder_any
+
+    if args.data is None and (args.split is not None or args.images is not None):
+        raise ConfigError("--split and --images apply to the file given with --data")
+    check_target(args.target)
+    cfg = load_config(args.config, args.overrides)
+    if args.data is not None:
+        check_caption_file_options(args.data, args.split, args.images, ("--data", "--split", "--images"))
+    student, student_tokenizer = load_dual_encoder_any(args.student)
+    teacher, teacher_tokenizer = load_dual_encoder_any(args.teacher)
+    progress = _progress(args)
+    if args.data is not None:
+        size = max(student.input_spec.image_size, teacher.input_spec.image_size)
+        data_cfg = dataclasses.replace(
+            cfg.data, dataset="files", test=args.data, test_split=args.split, test_image_root=args.images, image_size=size,
+        )
+        data = load_test_data(data_cfg, progress=progress)
+    else:
+        data = load_data(cfg.data, progress=progress)
+    if data.zeroshot is None:
+        raise ConfigError(f"{data.name} has no zero-shot classes: set data.classes to a folder of class folders")
+    templates = cfg.eval.templates or data.templates
+    heads = [ZeroShotModel.build(model, tokenizer, data.classnames, templates, cfg.eval.batch_size)
+             for model, tokenizer in ((student, student_tokenizer), (teacher, teacher_tokenizer))]
+    result = evaluate_cascade(
+        *heads, data.zeroshot.images, data.zeroshot.labels, criterion=args.criterion, target=args.target,
+        points=args.points, latency_images=args.latency_images, latency_batch=args.latency_batch, trials=args.trials,
+        batch_size=cfg.eval.batch_size, names={"student": args.student, "teacher": args.teacher}, dataset=data.name,
+    )
+    written = write_cascade(result, args.out)
+    print(format_cascade(result))
+    print(f"wrote {', '.join(str(path) for path in written)}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Profile saved models side by side (parameters and FLOPs per tower, latency at batch 1, throughput,
+    peak memory, size on disk); print the table and write the JSON with --out."""
+    import torch
+
+    from vldistill.fileio import write_text_atomic
+    from vldistill.profile.stats import ProfileSettings, format_profile, profile_folders
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    settings = ProfileSettings(
+        batch_size=args.batch_size, rounds=args.rounds, latency_calls=args.latency_calls,
+        text_length=args.text_length, memory=not args.no_memory,
+    )
+    report = profile_folders(args.models, settings, progress=_progress(args)).as_dict()
+    print(format_profile(report))
+    if args.out is not None:
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a saved model as an ONNX image/text encoder pair checked in onnxruntime against PyTorch; with
+    --int8, add onnxruntime dynamic-int8 graphs if they keep zero-shot acc1 on the config's test data within
+    --max-drop of fp32 (else exit non-zero with both figures)."""
+    from vldistill.data.bundle import load_data
+    from vldistill.export.onnx import add_int8, export_onnx
+    from vldistill.models.loading import load_dual_encoder_any, model_type_of
+
+    if not args.int8 and (args.config is not None or args.overrides):
+        raise ConfigError("--config and --set choose the data the --int8 gate evaluates on: give them with --int8")
+    cfg = load_config(args.config, args.overrides)
+    model, tokenizer = load_dual_encoder_any(args.model)
+    out = Path(args.out)
+    description = export_onnx(model, tokenizer, out, source=args.model, model_type=model_type_of(args.model))
+    check = description["check"]
+    print(
+        f"wrote {out} (opset {description['opset']}); onnxruntime against PyTorch at batch {check['batch_size']}, "
+        f"text length {check['text_length']}: max abs diff {check['max_abs_diff']['image']:.2g} (image), "
+        f"{check['max_abs_diff']['text']:.2g} (text)"
+    )
+    if args.int8:
+        progress = _progress(args)
+        data = load_data(dataclasses.replace(cfg.data, image_size=model.input_spec.image_size), progress=progress)
+        gate = add_int8(out, data, cfg.eval, args.max_drop, progress=progress)
+        print(
+            f"wrote {out / 'int8'}: zero-shot acc1 on {gate['data']} {gate['int8']['acc1']:.4f} (int8) against "
+            f"{gate['fp32']['acc1']:.4f} (fp32), a drop of {gate['acc1_drop']:.4f} <= --max-drop {args.max_drop:g}"
+        )
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize a saved float CLIP student to int8 (post-training, or QAT + distillation from teacher.path), measure
+    it beside fp32 (acc1, R@1, latency, size) and write it only if its zero-shot acc1 drops at most --max-drop;
+    exit 1 with the figures otherwise."""
+    from vldistill.data.bundle import load_data
+    from vldistill.export.quantize import quantize_dynamic_int8
+    from vldistill.fileio import write_text_atomic
+    from vldistill.models.quantized import Int8Recipe
+    from vldistill.train.qat import qat_config, quantize_with_qat
+
+    if args.method != "qat" and (args.steps is not None or args.lr is not None):
+        raise ConfigError("--steps and --lr set the QAT fine-tune: use them with --method qat")
+    cfg = load_config(args.config, args.overrides)
+    recipe, progress = Int8Recipe(args.granularity), _progress(args)
+    data = load_data(cfg.data, progress=progress)
+    if args.method == "qat":
+        report = quantize_with_qat(
+            qat_config(cfg, args.steps, args.lr), data, args.model, args.out, recipe=recipe, max_drop=args.max_drop,
+            progress=progress,
+        )
+    else:
+        report = quantize_dynamic_int8(
+            args.model, args.out, data, cfg.eval, recipe=recipe, max_drop=args.max_drop, progress=progress
+        )
+    print(report.format())
+    if args.report is not None:
+        write_text_atomic(args.report, json.dumps(report.as_dict(), indent=2) + "\n")
+        print(f"wrote the figures to {args.report}")
+    if not report.accepted:
+        return 1
+    print(f"wrote {report.out}; load it with vldistill.export.quantize.load_quantized or `vldistill eval {report.out}`")
     return 0
 
 
@@ -322,6 +472,71 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", default=None, metavar="CACHE_DIR", help="cache folder (default: cache.path)")
     cache.set_defaults(func=cmd_cache)
     command("sweep", cmd_sweep, "ablation: one run per loss and per named combination")
+    cascade = command("cascade-eval", cmd_cascade_eval, "sweep a student -> teacher cascade's threshold", False)
+    cascade.add_argument("--student", required=True, help="student model folder (or hub id)")
+    cascade.add_argument("--teacher", required=True, help="teacher model folder (or hub id)")
+    cascade.add_argument(
+        "--data", default=None, metavar="FILE",
+        help="test pairs from this file instead of the config's test split; zero-shot classes from data.classes",
+    )
+    cascade.add_argument("--split", default=None, help="the Karpathy split to read from --data (default: test)")
+    cascade.add_argument("--images", default=None, metavar="DIR", help="the folder --data's image paths are under")
+    cascade.add_argument("--criterion", choices=CRITERIA, default="max_prob",
+                         help="the student's confidence: top probability, top-1 minus top-2, or 1 - entropy / ln C")
+    cascade.add_argument("--target", type=float, default=0.99,
+                         help="the fraction of the teacher's acc1 the recommended threshold must keep (default 0.99)")
+    cascade.add_argument("--points", type=int, default=21, help="thresholds swept, at evenly spaced call rates (default 21)")
+    cascade.add_argument("--latency-images", type=int, default=100, help="images the latency is timed on (default 100)")
+    cascade.add_argument("--latency-batch", type=int, default=1,
+                         help="images per request when timing latency (default 1: one image at a time)")
+    cascade.add_argument("--trials", type=int, default=5, help="timed passes over the latency images (default 5)")
+
+    report = sub.add_parser("report", help="one self-contained HTML page of run folders (figures embedded)")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (demo, distill, sweep, ...)")
+    report.add_argument("--out", default=None, metavar="FILE.html",
+                        help="the page to write (default: RUN_DIR/report.html for a single run)")
+    _add_quiet(report)
+    report.set_defaults(func=cmd_report)
+
+    profile = sub.add_parser("profile", help="parameters, FLOPs, latency, throughput, memory and size of models, side by side")
+    profile.add_argument("models", nargs="+", metavar="MODEL", help="model folders (or hub ids), the first is the reference")
+    profile.add_argument("--out", default=None, metavar="FILE.json", help="also write the figures to this JSON file")
+    profile.add_argument("--batch-size", type=int, default=32, help="batch of the throughput and memory figures (default 32)")
+    profile.add_argument("--rounds", type=int, default=9, help="timed rounds, every model in each (default 9)")
+    profile.add_argument("--latency-calls", type=int, default=10,
+                         help="single-input calls per tower, model and round for latency p50/p95 (default 10)")
+    profile.add_argument("--text-length", type=int, default=None,
+                         help="tokens per text (default: each model's maximum, e.g. 77 for CLIP)")
+    profile.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    profile.add_argument("--no-memory", action="store_true", help="skip peak memory (one fresh process per model)")
+    _add_quiet(profile)
+    profile.set_defaults(func=cmd_profile)
+
+    export = command("export", cmd_export, "export a model as ONNX image/text encoders (checked; optional int8)", False)
+    export.add_argument("model", help="model folder (or hub id)")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    export.add_argument(
+        "--int8", action="store_true",
+        help="also write onnxruntime dynamic-int8 graphs to OUT/int8, kept only if zero-shot acc1 on the config's "
+        "test data (--config/--set; default: the demo's shapes) drops at most --max-drop",
+    )
+    export.add_argument("--max-drop", type=float, default=0.01,
+                        help="largest acc1 drop int8 may cost, as a fraction (default 0.01 = 1 point)")
+
+    quantize = command("quantize", cmd_quantize, "int8 student (post-training or QAT + KD), kept only if accurate", False)
+    quantize.add_argument("model", help="float CLIP student folder")
+    quantize.add_argument("--method", choices=["dynamic-int8", "qat"], required=True,
+                          help="dynamic-int8: quantize the weights as they are; qat: fine-tune with int8 simulated, "
+                          "distilling from teacher.path with distill.losses (needs --config), then quantize")
+    quantize.add_argument("--max-drop", type=float, default=0.01,
+                          help="largest zero-shot acc1 drop below fp32 to accept, as a fraction (default 0.01 = 1 point; "
+                          "negative: demand a gain)")
+    quantize.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor",
+                          help="one int8 weight scale per tensor or per output channel (default per-tensor)")
+    quantize.add_argument("--steps", type=int, default=None, help="QAT fine-tune steps (default 100)")
+    quantize.add_argument("--lr", type=float, default=None, help="QAT learning rate (default distill.train.lr / 10)")
+    quantize.add_argument("--report", default=None, metavar="FILE.json",
+                          help="also write the figures and the verdict here (refused models too)")
 
     data = sub.add_parser("data", help="inspect pair data").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="decode every sample once; count bad input by kind (exit 1 over the threshold)")
@@ -346,7 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with cli_logging(args.quiet):
             return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError, MissingExtraError) as error:
         if os.environ.get("VLDISTILL_DEBUG"):
             raise
         print(f"vldistill: error: {error}", file=sys.stderr)
