@@ -16,6 +16,7 @@ from vldistill.models.adapters import ADAPTERS
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import DualEncoder
 from vldistill.models.loading import load_dual_encoder_any
+from vldistill.models.quantized import Int8CLIPDualEncoder
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.student import spec_from_clip_config
 from vldistill.models.two_tower import TwoTowerDualEncoder
@@ -23,6 +24,10 @@ from vldistill.models.two_tower import TwoTowerDualEncoder
 
 def tiny_clip(tokenizer, fixture):
     return build_clip(config_for(teacher_spec(), tokenizer)), tokenizer
+
+
+def tiny_int8_clip(tokenizer, fixture):
+    return Int8CLIPDualEncoder.from_float(build_clip(config_for(teacher_spec(), tokenizer))), tokenizer
 
 
 def tiny_siglip_encoder(tokenizer, fixture):
@@ -45,7 +50,8 @@ def tiny_onnx(tokenizer, fixture):
 
 # One tiny builder per registered model type: a new family without one fails the coverage test below. A builder
 # takes the tokenizer and `fixture(name)`, which returns the value of the fixture `name` (a folder built once).
-TINY = {"clip": tiny_clip, "onnx": tiny_onnx, "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
+TINY = {"clip": tiny_clip, "clip-int8": tiny_int8_clip, "onnx": tiny_onnx, "siglip": tiny_siglip_encoder,
+        "two-tower": tiny_two_tower}
 # Families that return embeddings only (an exported pair): asking them for hidden states or attention maps is an error.
 EMBEDDINGS_ONLY = {"onnx"}
 
