@@ -22,7 +22,7 @@ from vldistill.registry import Registry
 
 REAL_ADAPTERS = adapters.ADAPTERS
 SUPPORTED = (
-    "supported model types: clip (an HF CLIPModel), clip-int8 (a vldistill int8 CLIP folder: quantization.json), "
+    "supported model types: clip (an HF CLIPModel), clip-int8 (a vldistill int8 CLIP folder: clip_int8.json), "
     "onnx (a vldistill ONNX export folder: onnx_pair.json), siglip (an HF SiglipModel), "
     "two-tower (a vldistill two-tower folder: two_tower.json)"
 )
@@ -79,7 +79,7 @@ def test_an_unknown_model_type_is_one_line_naming_the_supported_ones(tmp_path, m
     empty.mkdir()
     with pytest.raises(ModelNotFoundError) as error:
         load_dual_encoder_any(empty)
-    markers = "quantization.json nor onnx_pair.json nor two_tower.json"
+    markers = "clip_int8.json nor onnx_pair.json nor two_tower.json"
     assert str(error.value) == f"{empty} is not a model folder: it has neither {markers} nor config.json"
 
 
