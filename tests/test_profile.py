@@ -204,10 +204,11 @@ def test_profile_settings_and_targets_are_checked(teacher, tokenizer):
 
 def test_unique_names_and_weight_bytes(tmp_path):
     assert unique_names(["runs/a/student", "runs/b/student", "teacher"]) == ["runs/a/student", "runs/b/student", "teacher"]
-    (tmp_path / "image").mkdir()
+    (tmp_path / "int8").mkdir()  # another model inside the folder (an export's int8 pair): not counted
     (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
-    (tmp_path / "image" / "encoder.onnx").write_bytes(b"x" * 7)
-    (tmp_path / "image" / "encoder.onnx.data").write_bytes(b"x" * 5)
+    (tmp_path / "image_encoder.onnx").write_bytes(b"x" * 7)
+    (tmp_path / "image_encoder.onnx.data").write_bytes(b"x" * 5)
+    (tmp_path / "int8" / "image_encoder.onnx").write_bytes(b"x" * 3)
     (tmp_path / "config.json").write_text("{}")
     assert weight_bytes(tmp_path) == 22
     assert weight_bytes(tmp_path / "missing") is None
@@ -298,3 +299,11 @@ def test_format_profile_of_a_hand_made_report():
         "                 -      -",
         "onnx vs teacher: 3.58x / 8.30x as fast at batch 32, 3.60x / 3.29x at batch 1",
     ]
+
+
+def test_a_model_without_torch_weights_has_no_parameter_or_flop_count(tokenizer):
+    class GraphPair(torch.nn.Module):  # stands for an ONNX pair: embeddings from another runtime, no torch weights
+        pass
+
+    target = target_from_model("onnx", GraphPair(), tokenizer)
+    assert target.counted is None  # reported as null, not as 0 parameters and 0 FLOPs

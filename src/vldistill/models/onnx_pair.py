@@ -109,11 +109,15 @@ def read_pair_description(folder: str | os.PathLike) -> dict[str, Any]:
 
 def session_options(threads: Optional[int] = None):
     """onnxruntime session options running each graph on `threads` intra-op threads (default: as many as
-    torch uses, so the two runtimes are compared on the same cores) and one inter-op thread."""
+    torch uses, so the two runtimes are compared on the same cores) and one inter-op thread. Its worker
+    threads sleep between calls instead of spinning (onnxruntime's default): spinning threads take the cores
+    from whatever runs next in the process (a PyTorch model in an interleaved comparison, the teacher of a
+    cascade), which made the PyTorch models measured beside an ONNX pair up to 6x slower here."""
     ort = onnxruntime_module()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

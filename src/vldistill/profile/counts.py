@@ -180,9 +180,10 @@ def tower_parameters(
 
 
 def weight_bytes(folder: str | os.PathLike, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> Optional[int]:
-    """Bytes of the weight files (names ending in `suffixes`) anywhere under `folder`; None when `folder`
-    is not a local folder (e.g. a hub id)."""
+    """Bytes of the weight files (names ending in `suffixes`) in `folder` itself (a model folder is flat; a
+    subfolder is another model, e.g. an export's `int8/` pair); None when `folder` is not a local folder
+    (e.g. a hub id)."""
     root = Path(folder)
     if not root.is_dir():
         return None
-    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file() and path.name.endswith(suffixes))
+    return sum(path.stat().st_size for path in root.iterdir() if path.is_file() and path.name.endswith(suffixes))

@@ -116,7 +116,7 @@ def target_from_model(name: str, model, tokenizer: PreTrainedTokenizerBase, path
         name=name,
         encoder=model,
         tokenizer=tokenizer,
-        counted=model if isinstance(model, nn.Module) else None,
+        counted=model if isinstance(model, nn.Module) and any(True for _ in model.parameters()) else None,
         disk_bytes=weight_bytes(path) if path is not None else None,
         memory_probe=MemoryProbe(str(path)) if path is not None else None,
         path=str(path) if path is not None else None,
