@@ -61,7 +61,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="demo-seeds-") as scratch:
         work = Path(args.work_dir or scratch)
         summaries = [
-            run_demo(load_config(config, [*args.overrides, f"seed={seed}"]), work / f"seed{seed}", progress=False)
+            run_demo(  # peak memory is not a figure here: no fresh-process probes
+                load_config(config, [*args.overrides, f"seed={seed}"]), work / f"seed{seed}", progress=False,
+                measure_memory=False,
+            )
             for seed in args.seeds
         ]
     speedups = [s["image_speedup"]["median"] for s in summaries]
