@@ -307,3 +307,25 @@ def test_a_model_without_torch_weights_has_no_parameter_or_flop_count(tokenizer)
 
     target = target_from_model("onnx", GraphPair(), tokenizer)
     assert target.counted is None  # reported as null, not as 0 parameters and 0 FLOPs
+
+
+def test_models_of_one_architecture_share_one_memory_probe(tokenizer, tmp_path, monkeypatch):
+    from vldistill.profile import stats
+
+    probed = []
+
+    def fake_probe(specs, parallel=None, progress=False):
+        probed.extend(specs)
+        return {name: {"process_peak_mb": 100.0 + len(name), "over_baseline_mb": 1.0} for name in specs}
+
+    monkeypatch.setattr(stats, "probe_memory", fake_probe)
+    spec = teacher_spec()
+    targets = [
+        target_from_model(name, build_clip(config_for(model_spec, tokenizer), seed=seed), tokenizer, tmp_path)
+        for name, model_spec, seed in (("big", spec, 0), ("student", SMALL_SPEC, 1), ("baseline", SMALL_SPEC, 2))
+    ]
+    profile = profile_targets(targets, ProfileSettings(**{**FAST, "memory": True}))
+    assert probed == ["big", "student"]  # the baseline has the student's architecture: not probed again
+    memory = {name: model.memory for name, model in profile.models.items()}
+    assert memory["baseline"] == memory["student"] == {"process_peak_mb": 107.0, "over_baseline_mb": 1.0}
+    assert memory["big"]["process_peak_mb"] == 103.0

@@ -37,7 +37,8 @@ MEMORY_METHOD = (
     "the model is then loaded from its folder and embeds one batch of batch_size images and one of batch_size "
     "texts under torch.inference_mode(). process_peak_mb: the process's resident-set high-water mark (VmHWM), "
     "framework included; over_baseline_mb: that minus the resident set before loading (weights, activations, "
-    "allocator slack and the kernel code the model first touches)"
+    "allocator slack and the kernel code the model first touches). Models of the same class and architecture "
+    "config (differing only in their weights) share one probe"
 )
 MB = 2**20
 STATUS = Path("/proc/self/status")

@@ -11,6 +11,8 @@ and memory probe are given when they can be measured and are null in the JSON wh
 
 from __future__ import annotations
 
+import json
+
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -242,6 +244,15 @@ def _timed_calls(targets: Sequence[ProfileTarget], inputs: dict[str, _Inputs], b
     return calls
 
 
+def architecture_key(target: ProfileTarget) -> str:
+    """What a model's memory depends on: its class and architecture config (the folder, for a model that
+    does not describe its architecture), so models that differ only in their weights share one probe."""
+    describe = getattr(target.encoder, "architecture_config", None)
+    if describe is None:
+        return f"path:{target.path}"
+    return f"{type(target.encoder).__name__}:{json.dumps(describe(), sort_keys=True, default=str)}"
+
+
 def profile_targets(targets: Sequence[ProfileTarget], settings: ProfileSettings = ProfileSettings(), progress: bool = False) -> Profile:
     """Profile the targets side by side (see the module docstring): first what is counted (parameters and
     FLOPs of each target's `counted` module, its disk bytes), then peak memory in fresh processes, then every
@@ -276,13 +287,21 @@ def profile_targets(targets: Sequence[ProfileTarget], settings: ProfileSettings 
                                     tower_flops(target.counted, x.pixels, x.input_ids, x.attention_mask))
     memory = {}
     if settings.memory:
+        probed = {}  # one probe per architecture: same-architecture models (the demo's students) peak alike
+        for target in targets:
+            if target.memory_probe is not None:
+                probed.setdefault(architecture_key(target), target.name)
         specs = {
             target.name: probe_spec(target.memory_probe, target.encoder.input_spec.image_size,
                                     inputs[target.name].input_ids[0].tolist(),
                                     inputs[target.name].attention_mask[0].tolist(), settings.batch_size)
+            for target in targets if target.name in probed.values()
+        }
+        measured = probe_memory(specs, settings.parallel, progress=progress)
+        memory = {
+            target.name: measured[probed[architecture_key(target)]]
             for target in targets if target.memory_probe is not None
         }
-        memory = probe_memory(specs, settings.parallel, progress=progress)
     calls = _timed_calls(targets, inputs, settings.batch_size)
     repeats = {key: settings.latency_calls for key in calls if key[1] == 1}
     with eval_mode(target.encoder for target in targets):
