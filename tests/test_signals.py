@@ -102,10 +102,11 @@ def toy_teacher(tokenizer, seed: int) -> ToyTeacher:
 def test_a_dual_encoder_returns_registered_signals_and_requests_the_extras(teacher, make_batch) -> None:
     out = teacher(**model_inputs(make_batch(3)), **request_flags(frozenset({"image_hidden_states"})))
     assert set(out) == {"image_embeds", "text_embeds", "logit_scale", "image_hidden_states", "text_hidden_states", "text_attention_mask"}
-    assert request_flags(frozenset({"image_embeds"})) == {"output_attentions": False, "output_hidden_states": False}
-    assert request_flags(frozenset({"text_attentions"}), primary=False) == {"output_attentions": False, "output_hidden_states": False}
-    with pytest.raises(ValueError, match="unknown signal itm_logits; registered signals: .*image_embeds"):
-        Signals(itm_logits=torch.zeros(2, 2))
+    assert request_flags(frozenset({"image_embeds"})) == {}
+    assert request_flags(frozenset({"text_attentions", "image_hidden_states"})) == {"output_attentions": True, "output_hidden_states": True}
+    assert request_flags(frozenset({"text_attentions"}), primary=False) == {}
+    with pytest.raises(ValueError, match="unknown signal mystery_logits; registered signals: .*image_embeds"):
+        Signals(mystery_logits=torch.zeros(2, 2))
     assert out.image_attentions is None and out.text_attentions is None  # not requested
 
 
@@ -162,3 +163,18 @@ def test_the_teacher_cache_stores_and_serves_the_toy_signal(toy_kind, tokenizer,
     np.testing.assert_allclose(got[TOY].numpy(), want[TOY].detach().numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="not image_hidden_states"):
         cached(batch, frozenset({"image_hidden_states"}))
+
+
+def test_blip_itm_signals_concatenate_block_by_block_with_shifted_negatives() -> None:
+    def micro(rows: int, start: float) -> Signals:
+        logits = torch.arange(start, start + 3 * rows * 2).reshape(3 * rows, 2)
+        negatives = torch.stack([torch.arange(rows).roll(1), torch.arange(rows).roll(-1)])
+        return Signals(itm_logits=logits, itm_negatives=negatives)
+
+    a, b = micro(2, 0.0), micro(3, 100.0)
+    joined = concat_signals([a, b])
+    blocks = joined.itm_logits.reshape(3, 5, 2)
+    for block in range(3):  # each block holds micro-batch a's rows, then b's
+        torch.testing.assert_close(blocks[block], torch.cat([a.itm_logits.reshape(3, 2, 2)[block], b.itm_logits.reshape(3, 3, 2)[block]]))
+    assert joined.itm_negatives.tolist() == [[1, 0, 4, 2, 3], [1, 0, 3, 4, 2]]
+    assert request_flags(frozenset({"itm_logits"}))["output_itm"] is True

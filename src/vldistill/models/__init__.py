@@ -1,5 +1,6 @@
 """Dual encoders: the common interface, the HF CLIP adapter, student builder and weight inheritance."""
 
+from vldistill.models import blip_signals  # noqa: F401  (registers the BLIP signal kinds)
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import DualEncoder
 from vldistill.models.loading import load_dual_encoder_any

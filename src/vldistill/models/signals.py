@@ -118,15 +118,15 @@ class Signals(Mapping[str, Any]):
 
 
 def request_flags(needs: frozenset[str], primary: bool = True) -> dict[str, bool]:
-    """The forward keywords (e.g. `output_hidden_states`) that make a model produce the signals in `needs`;
-    for a non-primary ensemble member, only those of kinds combined from every teacher."""
-    flags = {SIGNALS.get(name).request for name in SIGNALS if SIGNALS.get(name).request is not None}
+    """The forward keywords (e.g. `output_hidden_states=True`) that make a model produce the signals in
+    `needs` (only those: a model is never handed a keyword of a kind it does not produce unless a loss needs
+    that kind); for a non-primary ensemble member, only those of kinds combined from every teacher."""
     wanted = {
         SIGNALS.get(name).request
         for name in needs
-        if name in SIGNALS and (primary or not SIGNALS.get(name).primary_only)
+        if name in SIGNALS and SIGNALS.get(name).request is not None and (primary or not SIGNALS.get(name).primary_only)
     }
-    return {flag: flag in wanted for flag in sorted(flags)}
+    return {flag: True for flag in sorted(wanted)}
 
 
 def concat_signals(outputs: Sequence[Signals]) -> Signals:
