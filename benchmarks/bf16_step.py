@@ -36,20 +36,17 @@ on the machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import itertools
-import json
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from _harness import print_figures
 from vldistill.config import ExperimentConfig, load_config, packaged_config
 from vldistill.data.bundle import DataBundle, load_data
 from vldistill.eval.suite import evaluate_model
@@ -229,12 +226,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the benchmark; only the JSON line goes to stdout."""
-    args = parse_args(argv)
-    with contextlib.ExitStack() as stack:
-        work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        with contextlib.redirect_stdout(sys.stderr):
-            figures = run(args, work)
-    print(json.dumps(figures))
+    print_figures(parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,8 @@ matches the config. Everything else goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from _harness import print_figures
 from vldistill.teachers.cache.build import build_cache
 from vldistill.config import ExperimentConfig, load_config, packaged_config
 from vldistill.data.bundle import DataBundle, load_data
@@ -122,12 +120,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, float]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the benchmark; only the JSON line goes to stdout."""
-    args = parse_args(argv)
-    with contextlib.ExitStack() as stack:
-        work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        with contextlib.redirect_stdout(sys.stderr):
-            figures = run(args, work)
-    print(json.dumps(figures))
+    print_figures(parse_args(argv), run)
 
 
 if __name__ == "__main__":

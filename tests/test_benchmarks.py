@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("[!_]*.py"))  # _*.py: shared code
 TIMEOUT = 300  # seconds for every benchmark together; scale_out.py's own --tiny deadline is 240 s
 pytestmark = pytest.mark.slow  # every benchmark script runs in a fresh process
 
