@@ -1,4 +1,5 @@
-"""The model contract: what training, the teacher cache and evaluation use from a dual encoder.
+"""The model contract: what training, the teacher cache and evaluation use from a dual encoder, and from
+a captioning model (`Captioner`, e.g. models/blip_caption.py), which is not one.
 
 Every adapter registered in `models.adapters` (CLIP, SigLIP, two-tower) satisfies `DualEncoder`, so
 callers ask the model what they need instead of checking its class or reading its Hugging Face config.
@@ -82,3 +83,48 @@ class DualEncoder(Protocol):
     ) -> Path:
         """Write a folder that `models.loading.load_dual_encoder_any` reads back, atomically, with
         `tokenizer` (default: the model's own) and the run metadata `vldistill.json` when given."""
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """An image captioning model: an image encoder and a text decoder reading it (an `nn.Module`).
+
+    input_spec: image size, mean/std, caption length and padding its batches are prepared with.
+    tokenizer: what its captions are tokenized and its generated ids decoded with.
+    """
+
+    @property
+    def input_spec(self) -> InputSpec: ...
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> Signals:
+        """Teacher-forced captions: `token_logits` (B, T, V), position t predicting token t + 1, with hidden
+        states / attention maps on request."""
+
+    def caption_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) next-token targets aligned with `token_logits`, -100 where no token is to be predicted."""
+
+    def generate_captions(self, pixel_values: torch.Tensor, max_length: int, num_beams: int = 1) -> list[str]:
+        """A caption per image of at most `max_length` tokens, special tokens removed."""
+
+    def architecture_config(self) -> dict[str, Any]:
+        """The architecture as JSON data (the teacher cache records and compares it)."""
+
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike,
+        metadata: Optional[dict[str, Any]] = None,
+        *,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    ) -> Path:
+        """Write a folder its loader reads back, atomically, with `tokenizer` (default: the model's own) and
+        the run metadata `vldistill.json` when given."""
