@@ -56,16 +56,30 @@ def retrieval_metrics(
     Ties are broken towards the lower index (see `top_k_indices`): of two equally similar candidates
     the one listed first ranks higher. Every query needs a positive.
     """
-    expected = (image_embeds.shape[0], text_embeds.shape[0])
+    scores = image_embeds.float().cpu() @ text_embeds.float().cpu().T
+    return recalls_from_scores(scores, scores.T, positives, ks)
+
+
+def recalls_from_scores(
+    image_to_text: torch.Tensor,
+    text_to_image: torch.Tensor,
+    positives: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """The recalls of `retrieval_metrics` from any ranking scores: (N_img, N_txt) `image_to_text` (row i
+    scores every text for image i) and (N_txt, N_img) `text_to_image`, e.g. re-ranked ones (eval/rerank.py);
+    a (N_img, N_txt) positives mask, every query with a positive; ties towards the lower index."""
+    expected = tuple(image_to_text.shape)
     if tuple(positives.shape) != expected:
         got = tuple(positives.shape)
         raise ValueError(f"positives has shape {got}, expected (n_images, n_texts) = {expected}")
+    if tuple(text_to_image.shape) != expected[::-1]:
+        raise ValueError(f"text->image scores have shape {tuple(text_to_image.shape)}, expected {expected[::-1]}")
     positives = positives.bool().cpu()
     _require_positives(positives, "images", "text")
     _require_positives(positives.T, "texts", "image")
-    scores = image_embeds.float().cpu() @ text_embeds.float().cpu().T
-    image_recalls = _recalls(scores.T, positives.T, ks)
-    text_recalls = _recalls(scores, positives, ks)
+    image_recalls = _recalls(text_to_image.float().cpu(), positives.T, ks)
+    text_recalls = _recalls(image_to_text.float().cpu(), positives, ks)
     metrics = {f"image_retrieval_recall@{k}": r for k, r in zip(ks, image_recalls)}
     metrics.update({f"text_retrieval_recall@{k}": r for k, r in zip(ks, text_recalls)})
     return metrics
