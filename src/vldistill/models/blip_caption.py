@@ -69,7 +69,7 @@ def tower_config(spec: TowerSpec) -> dict[str, int]:
         "num_hidden_layers": spec.layers,
         "hidden_size": spec.width,
         "num_attention_heads": spec.heads,
-        "intermediate_size": int(round(spec.width * spec.mlp_ratio)),
+        "intermediate_size": round(spec.width * spec.mlp_ratio),
     }
 
 
@@ -220,7 +220,6 @@ class BlipCaptioner(nn.Module):
         out_dir = Path(out_dir)
         spec = self.input_spec
         with atomic_directory(out_dir) as tmp:
-            self.model.config.architectures = [CAPTIONING_ARCHITECTURE]
             self.model.save_pretrained(tmp, safe_serialization=True)
             (tokenizer or self.tokenizer).save_pretrained(tmp)
             BlipImageProcessorPil(
