@@ -45,11 +45,24 @@ def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_gr
         )
         out = out.replace(**{f"{prefix}_hidden_states": states, f"{prefix}_attentions": maps})
     out = out.replace(text_attention_mask=(torch.arange(TOKENS["text"]) < torch.tensor([[6], [5], [4], [3], [6]])).long())
-    return out
+    # BLIP signals (models/blip_signals.py): ITM logits of 3B pairs, and caption token logits over a 9-token
+    # vocabulary with their labels (-100 at BOS and padding).
+    labels = torch.randint(9, (B, TOKENS["text"])).masked_fill(out.text_attention_mask == 0, -100)
+    labels[:, 0] = -100
+    return out.replace(
+        itm_logits=torch.randn(3 * B, 2).requires_grad_(requires_grad),
+        itm_negatives=torch.stack([torch.arange(1, B + 1) % B, torch.arange(2, B + 2) % B]),
+        token_logits=torch.randn(B, TOKENS["text"], 9).requires_grad_(requires_grad),
+        caption_labels=labels,
+    )
 
 
 def student_tensors_read(needs: frozenset[str], student: Signals) -> list[torch.Tensor]:
-    """Student tensors a loss with these `needs` must send gradients to (the last layer is always mapped)."""
+    """Student tensors a loss with these `needs` (and student needs) must send gradients to (the last layer is
+    always mapped)."""
+    blip = [name for name in ("itm_logits", "token_logits") if name in needs]
+    if blip:
+        return [student[name] for name in blip]
     if needs == HIDDEN_STATES:
         return [student.image_hidden_states[-1], student.text_hidden_states[-1]]
     if needs == ATTENTIONS:
@@ -61,6 +74,7 @@ def all_tensors(out: Signals) -> list[torch.Tensor]:
     return [
         out.image_embeds, out.text_embeds, out.logit_scale,
         *out.image_hidden_states, *out.text_hidden_states, *out.image_attentions, *out.text_attentions,
+        out.itm_logits, out.token_logits,
     ]
 
 
@@ -113,7 +127,7 @@ def test_every_registered_loss_gives_finite_scalar_and_student_gradients(name: s
     assert parts["loss/total"] == pytest.approx(loss.item())
     assert all(torch.isfinite(v) and not v.requires_grad for v in parts.values())
     loss.backward()
-    for tensor in student_tensors_read(objective.needs, student):
+    for tensor in student_tensors_read(objective.needs | objective.student_needs, student):
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
     assert all(tensor.grad is None for tensor in all_tensors(teacher))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in objective.parameters())

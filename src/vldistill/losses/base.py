@@ -56,6 +56,8 @@ class DistillLoss(nn.Module):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    # Student signals read beyond `needs` (a task loss's own inputs, e.g. ITM logits): ask the student for both.
+    student_needs: ClassVar[frozenset[str]] = frozenset()
 
     @dataclass
     class Params:

@@ -13,7 +13,7 @@ from torch import nn
 from vldistill.binding import build_dataclass
 
 # Importing the families registers their losses.
-from vldistill.losses import attention, contrastive, features, hidden, logits, relational  # noqa: F401
+from vldistill.losses import attention, blip, contrastive, features, hidden, logits, relational  # noqa: F401
 from vldistill.losses.base import LOSSES, LossContext
 from vldistill.models.signals import Signals
 from vldistill.losses.schedules import (
@@ -107,6 +107,11 @@ class DistillationObjective(nn.Module):
         return frozenset().union(*(loss.needs for loss in self.losses.values()))
 
     @property
+    def student_needs(self) -> frozenset[str]:
+        """What the selected losses read from the student beyond `needs` (ask the student for both)."""
+        return frozenset().union(*(loss.student_needs for loss in self.losses.values()))
+
+    @property
     def weights(self) -> dict[str, float]:
         """Each loss's current weight: its schedule at the current progress, rebalanced by gap weighting
         (uncertainty weighting further multiplies it by exp(-s_i) in `forward`)."""
@@ -156,7 +161,7 @@ class DistillationObjective(nn.Module):
         self, student: Signals, teacher: Optional[Signals]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total weighted loss and a flat dict of every loss and its named parts, for logging."""
-        total = torch.zeros((), device=student.image_embeds.device)
+        total = torch.zeros((), device=next(v for v in student.values() if isinstance(v, torch.Tensor)).device)
         parts: dict[str, torch.Tensor] = {}
         weights = self.weights
         for name, loss_fn in self.losses.items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from vldistill.models.signals import (
     EnsembleWeights,
@@ -31,6 +32,7 @@ from vldistill.models.signals import (
 )
 
 ITM_BLOCKS = 3  # positives, negative text per image, negative image per text
+IGNORE_INDEX = -100  # a caption label with no target (cross-entropy's ignore_index)
 
 
 def concat_itm_logits(values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -47,6 +49,13 @@ def concat_itm_negatives(values: Sequence[torch.Tensor]) -> torch.Tensor:
         shifted.append(value + offsets)
         offsets += value.shape[1]
     return torch.cat(shifted, dim=1)
+
+
+def concat_caption_labels(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Micro-batches' (B_k, T_k) caption labels as one batch's, each padded to the longest with -100
+    (no target), as `token_logits` are padded with zeros."""
+    longest = max(value.shape[1] for value in values)
+    return torch.cat([F.pad(value, (0, longest - value.shape[1]), value=IGNORE_INDEX) for value in values])
 
 
 def mean_over_teachers(values: Sequence[torch.Tensor], weights: EnsembleWeights) -> torch.Tensor:
@@ -75,6 +84,12 @@ register_signal(SignalKind(
     description="(B, T, V) a captioning decoder's next-token logits",
     concat=padded_concat((1,)),
     combine=mean_over_teachers,
+))
+register_signal(SignalKind(
+    name="caption_labels",
+    description="(B, T) the token each position of token_logits predicts, -100 where none (padding, BOS, prompt)",
+    concat=concat_caption_labels,
+    combine=primary,
 ))
 for _module in ("fusion", "decoder"):
     register_signal(SignalKind(
