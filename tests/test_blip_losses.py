@@ -138,7 +138,7 @@ def test_lm_bad_inputs_raise() -> None:
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
 def test_itm_kd_matches_explicit_loop_and_trains_only_the_student(temperature: float) -> None:
     """T^2 * mean over the 3B rows of KL(softmax(t / T) || softmax(s / T)) over the 2 ITM classes."""
-    objective, loss_fn = objective_for("itm_kd", temperature=temperature)
+    objective, _ = objective_for("itm_kd", temperature=temperature)
     assert objective.needs == {"itm_logits", "itm_negatives"}
     student, teacher = itm_signals(1.0, requires_grad=True), itm_signals(4.0, requires_grad=True)
     loss, parts = objective(student, teacher)

@@ -113,8 +113,11 @@ def test_mismatched_or_missing_references_raise() -> None:
 
 def random_corpus(seed: int, images: int) -> tuple[list[str], list[list[str]]]:
     rng = random.Random(seed)
-    words = "a the red blue small big square circle left right on of two".split()
-    sentence = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))  # noqa: E731
+    words = ["a", "the", "red", "blue", "small", "big", "square", "circle", "left", "right", "on", "of", "two"]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
+
     candidates = [sentence() if rng.random() > 0.1 else "" for _ in range(images)]
     references = [[sentence() for _ in range(rng.randint(1, 5))] for _ in range(images)]
     return candidates, references
