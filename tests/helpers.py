@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 from transformers import (
     BertConfig,
     BertModel,
+    BlipConfig,
+    BlipForImageTextRetrieval,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
@@ -37,6 +39,7 @@ from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
 from vldistill.models import CLIPDualEncoder, DualEncoderSpec, TowerSpec, clip_config_from_spec
+from vldistill.models.blip import BlipRetrievalEncoder
 from vldistill.models.signals import Signals
 from vldistill.train.loop import StudentWithObjective
 
@@ -258,6 +261,33 @@ def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
     BertModel(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def tiny_blip_config(tokenizer) -> BlipConfig:
+    """A BLIP config over 16x16 images in 8x8 patches and the word tokenizer: a 2-layer width-32 vision tower
+    and text transformer (2 heads, MLP 128; cross-attention in every text layer), 32-d ITC embeddings. The
+    vision initializer range is BERT's 0.02 (BLIP's default 1e-10 would embed every random image alike)."""
+    tower = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return BlipConfig(
+        vision_config={**tower, "image_size": IMAGE_SIZE, "patch_size": 8, "initializer_range": 0.02},
+        text_config={
+            **tower,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": TEXT_LENGTH,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "sep_token_id": tokenizer.eos_token_id,
+        },
+        image_text_hidden_size=32,
+    )
+
+
+def tiny_blip(tokenizer, seed: int = 0) -> BlipRetrievalEncoder:
+    """A seeded BlipForImageTextRetrieval of `tiny_blip_config` (about 70k parameters) as a BlipRetrievalEncoder
+    holding the word tokenizer, in eval mode."""
+    torch.manual_seed(seed)
+    return BlipRetrievalEncoder(BlipForImageTextRetrieval(tiny_blip_config(tokenizer)), tokenizer=tokenizer).eval()
 
 
 # ---------------------------------------------------------------- pairs and micro-batches

@@ -22,7 +22,8 @@ from vldistill.registry import Registry
 
 REAL_ADAPTERS = adapters.ADAPTERS
 SUPPORTED = (
-    "supported model types: clip (an HF CLIPModel), clip-int8 (a vldistill int8 CLIP folder: clip_int8.json), "
+    "supported model types: blip (an HF BlipForImageTextRetrieval or BlipForConditionalGeneration), "
+    "clip (an HF CLIPModel), clip-int8 (a vldistill int8 CLIP folder: clip_int8.json), "
     "onnx (a vldistill ONNX export folder: onnx_pair.json), siglip (an HF SiglipModel), "
     "two-tower (a vldistill two-tower folder: two_tower.json)"
 )
@@ -48,7 +49,7 @@ def other_model(folder, model_type: str):
 
 
 def test_the_registry_lists_clip_siglip_and_two_tower_and_each_folder_loads_with_its_own(tmp_path, tokenizer, bert_dir):
-    assert supported_model_types() == ["clip", "clip-int8", "onnx", "siglip", "two-tower"]
+    assert supported_model_types() == ["blip", "clip", "clip-int8", "onnx", "siglip", "two-tower"]
     save_dual_encoder(build_clip(config_for(teacher_spec(), tokenizer)), tokenizer, tmp_path / "clip")
     SiglipDualEncoder(tiny_siglip(tokenizer), tokenizer=tokenizer).save_pretrained(tmp_path / "siglip")
     tiny_vision().save_pretrained(tmp_path / "vision")
@@ -70,11 +71,11 @@ def test_an_unknown_model_type_is_one_line_naming_the_supported_ones(tmp_path, m
         load_dual_encoder_any(folder)
     assert str(error.value) == f"{folder} holds a model of type 'bert', which is not a supported dual encoder; {SUPPORTED}"
     # A hub id is typed by its config.json too (fetched here from a stand-in for the hub).
-    monkeypatch.chdir(tmp_path)  # no local folder org/blip
-    monkeypatch.setattr(PretrainedConfig, "get_config_dict", lambda name, **kw: ({"model_type": "blip"}, {}))
+    monkeypatch.chdir(tmp_path)  # no local folder org/llava
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict", lambda name, **kw: ({"model_type": "llava"}, {}))
     with pytest.raises(NotAModelError) as error:
-        load_dual_encoder_any("org/blip")
-    assert str(error.value) == f"org/blip holds a model of type 'blip', which is not a supported dual encoder; {SUPPORTED}"
+        load_dual_encoder_any("org/llava")
+    assert str(error.value) == f"org/llava holds a model of type 'llava', which is not a supported dual encoder; {SUPPORTED}"
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelNotFoundError) as error:
@@ -102,7 +103,7 @@ def test_a_registered_toy_family_is_what_the_loader_dispatches_to(registry, tmp_
         calls.append(("marked", name_or_path))
         return toy_model, tokenizer
 
-    assert supported_model_types() == ["clip", "clip-int8", "onnx", "siglip", "toy", "toy-folder", "two-tower"]
+    assert supported_model_types() == ["blip", "clip", "clip-int8", "onnx", "siglip", "toy", "toy-folder", "two-tower"]
     folder = other_model(tmp_path / "toy", "toy")
     assert load_dual_encoder_any(folder, attentions=True, trust_remote_code=True) == (toy_model, tokenizer)
     marked = tmp_path / "marked"
@@ -110,6 +111,6 @@ def test_a_registered_toy_family_is_what_the_loader_dispatches_to(registry, tmp_
     (marked / "toy.json").write_text("{}")  # no config.json: the marker file says what it is
     assert load_dual_encoder_any(marked) == (toy_model, tokenizer)
     assert calls == [(folder, True, True), ("marked", marked)]
-    with pytest.raises(NotAModelError, match=r"supported model types: clip .*, siglip .*, toy \(a family registered by a test\), "):
+    with pytest.raises(NotAModelError, match=r"supported model types: blip .*, clip .*, siglip .*, toy \(a family registered by a test\), "):
         load_dual_encoder_any(other_model(tmp_path / "bert", "bert"))
     assert "toy" not in REAL_ADAPTERS  # registered in this test's copy only

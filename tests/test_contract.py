@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import IMAGE_SIZE, build_clip, config_for, teacher_spec, tiny_siglip, tiny_vision
+from helpers import IMAGE_SIZE, build_clip, config_for, teacher_spec, tiny_blip, tiny_siglip, tiny_vision
 from transformers import AutoTokenizer, BertModel, CLIPModel
 
 from vldistill.data.tokenizer import make_tokenize
@@ -44,14 +44,18 @@ def tiny_two_tower(tokenizer, fixture):
     return model.eval(), bert_tokenizer
 
 
+def tiny_blip_encoder(tokenizer, fixture):
+    return tiny_blip(tokenizer), tokenizer
+
+
 def tiny_onnx(tokenizer, fixture):
     return load_dual_encoder_any(fixture("onnx_teacher"))  # the tiny teacher exported by `vldistill export`
 
 
 # One tiny builder per registered model type: a new family without one fails the coverage test below. A builder
 # takes the tokenizer and `fixture(name)`, which returns the value of the fixture `name` (a folder built once).
-TINY = {"clip": tiny_clip, "clip-int8": tiny_int8_clip, "onnx": tiny_onnx, "siglip": tiny_siglip_encoder,
-        "two-tower": tiny_two_tower}
+TINY = {"blip": tiny_blip_encoder, "clip": tiny_clip, "clip-int8": tiny_int8_clip, "onnx": tiny_onnx,
+        "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
 # Families that return embeddings only (an exported pair): asking them for hidden states or attention maps is an error.
 EMBEDDINGS_ONLY = {"onnx"}
 

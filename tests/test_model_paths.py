@@ -89,7 +89,8 @@ def test_eval_of_another_model_type_names_it(tmp_path, capsys):
     assert main(["eval", str(folder), "--config", TINY, "--out", str(tmp_path / "results")]) == 2
     assert error_line(capsys) == (
         f"vldistill: error: {folder} holds a model of type 'bert', which is not a supported dual encoder; supported "
-        "model types: clip (an HF CLIPModel), clip-int8 (a vldistill int8 CLIP folder: clip_int8.json), onnx (a "
+        "model types: blip (an HF BlipForImageTextRetrieval or BlipForConditionalGeneration), clip (an HF "
+        "CLIPModel), clip-int8 (a vldistill int8 CLIP folder: clip_int8.json), onnx (a "
         "vldistill ONNX export folder: onnx_pair.json), siglip (an HF SiglipModel), two-tower (a vldistill two-tower "
         "folder: two_tower.json)"
     )

@@ -146,7 +146,7 @@ def test_loader_dispatches_clip_and_refuses_other_kinds(tokenizer, tmp_path, ber
     tokenizer.save_pretrained(folder)
     model, _ = load_dual_encoder_any(folder)
     assert type(model) is CLIPDualEncoder
-    with pytest.raises(ValueError, match=r"type 'bert', which is not a supported dual encoder; supported model types: clip .*, clip-int8 .*, onnx .*, siglip .*, two-tower"):
+    with pytest.raises(ValueError, match=r"type 'bert', which is not a supported dual encoder; supported model types: blip .*, clip .*, clip-int8 .*, onnx .*, siglip .*, two-tower"):
         load_dual_encoder_any(bert_dir)
     with pytest.raises(FileNotFoundError, match="neither clip_int8.json nor onnx_pair.json nor two_tower.json nor config.json"):
         load_dual_encoder_any(tmp_path)
