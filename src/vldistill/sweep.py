@@ -18,6 +18,7 @@ from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
 from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
 from vldistill.losses import LOSSES
+from vldistill.models.signals import DUAL_ENCODER_SIGNALS
 from vldistill.losses.schedules import describe_schedule
 from vldistill.report import write_run_report
 from vldistill.train.runs import obtain_teacher, train_student
@@ -25,11 +26,20 @@ from vldistill.train.runs import obtain_teacher, train_student
 TASK_LOSS = "clip"
 
 
+def dual_encoder_losses() -> list[str]:
+    """The registered losses a dual-encoder student (the sweep's CLIP student) can train with: those reading
+    only signals a dual encoder returns (not BLIP's ITM or captioning signals)."""
+    return [
+        name for name in LOSSES.names()
+        if LOSSES.get(name).needs | LOSSES.get(name).student_needs <= DUAL_ENCODER_SIGNALS
+    ]
+
+
 def sweep_runs(cfg: ExperimentConfig) -> dict[str, dict[str, dict[str, Any]]]:
     """Run name -> losses: the task loss alone, each selected loss with the task loss (a task loss such
     as siglip alone instead), then the named combinations."""
     runs: dict[str, dict[str, dict[str, Any]]] = {TASK_LOSS: {TASK_LOSS: {"weight": 1.0}}}
-    for name in cfg.sweep.losses or LOSSES.names():
+    for name in cfg.sweep.losses or dual_encoder_losses():
         if name == TASK_LOSS:
             continue
         params = {"weight": 1.0, **cfg.sweep.loss_params.get(name, {})}

@@ -280,6 +280,11 @@ for _direction in ("image_to_text", "text_to_image"):
     ))
 
 
+# What a dual encoder (CLIP, SigLIP, two-tower) can return: the kinds registered above. Other families
+# register more (models/blip_signals.py); a loss that reads those cannot train a dual-encoder student.
+DUAL_ENCODER_SIGNALS = frozenset(SIGNALS.names())
+
+
 def tower_signals(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
