@@ -58,7 +58,7 @@ def test_forward_returns_token_logits_and_the_signals_asked_for(captioner, make_
     inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
     batch_size, length = batch["input_ids"].shape
     plain = captioner(**inputs)
-    assert set(plain) == {"token_logits", "text_attention_mask"}
+    assert set(plain) == {"token_logits", "caption_labels", "text_attention_mask"}
     assert plain.token_logits.shape == (batch_size, length, len(tokenizer))
     expected = captioner.model(**inputs).logits  # HF's own forward pass
     assert torch.allclose(plain.token_logits, expected, atol=1e-6)
@@ -210,3 +210,18 @@ def test_inheritance_refusals(captioner):
     student = BlipForConditionalGeneration(student_captioner_config(captioner.model.config, vision=SMALL))
     with pytest.raises(ValueError, match="unknown captioner module text"):
         inherit_captioner_weights(student, captioner.model, ("text",))
+
+
+def test_the_forward_pass_carries_the_caption_labels_an_lm_loss_reads(captioner, make_batch):
+    from vldistill.losses.base import LossContext
+    from vldistill.losses.registry import build_objective
+
+    batch = make_batch(4)
+    inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    out = captioner(**inputs)
+    assert torch.equal(out.caption_labels, captioner.caption_labels(batch["input_ids"], batch["attention_mask"]))
+    objective = build_objective({"lm": {"label_smoothing": 0.0}}, LossContext(16))
+    assert "caption_labels" in objective.student_needs
+    loss, _ = objective(out, None)
+    expected = F.cross_entropy(out.token_logits.flatten(0, 1), out.caption_labels.flatten(), ignore_index=IGNORE_INDEX)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -170,6 +170,7 @@ class BlipCaptioner(nn.Module):
             )
         return Signals(
             token_logits=decoder.logits,
+            caption_labels=self.caption_labels(input_ids, attention_mask),
             text_attention_mask=attention_mask,
             image_hidden_states=vision.hidden_states if output_hidden_states else None,
             image_attentions=vision.attentions if output_attentions else None,

@@ -76,7 +76,8 @@ class StudentWithObjective(nn.Module):
         self.objective = objective
 
     def _student_output(self, batch: dict[str, torch.Tensor]) -> Signals:
-        return self.student(**inputs_for(batch, ""), **request_flags(self.objective.needs))
+        wanted = self.objective.needs | self.objective.student_needs  # e.g. itm, a task loss on the student's ITM logits
+        return self.student(**inputs_for(batch, ""), **request_flags(wanted))
 
     def forward(
         self,
