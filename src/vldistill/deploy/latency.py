@@ -6,18 +6,15 @@ mean latency per image at any routing is modelled, and the model is checked agai
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from vldistill.deploy.cascade import CascadeClassifier, ZeroShotModel, as_images
-from vldistill.profile.throughput import quartiles
+from vldistill.profile.throughput import no_gc, quartiles
 
 METHOD = (
     "latency per image of requests of `batch_size` uint8 images (each request: the model's preprocessing, image "
@@ -32,19 +29,6 @@ METHOD = (
     "that is cascade_alone_ms + teacher_call_rate x teacher_ms. `checks` compares the model with the real "
     "cascade timed at a few thresholds (relative_error = (modelled - measured) / measured)"
 )
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    """Python's garbage collector paused (a collection inside a timed call would be counted against it)."""
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def summarize(trial_means_ms: Sequence[float]) -> dict[str, float]:
@@ -111,7 +95,7 @@ def measure_cascade_latency(
             stage(request)
     seconds: dict[tuple, list[float]] = {key: [] for key in keys}  # per trial, summed over the requests
     answers: dict[float, list] = {}
-    with _no_gc():
+    with no_gc():
         for trial in range(trials):
             order = keys[trial % len(keys) :] + keys[: trial % len(keys)]
             total = dict.fromkeys(keys, 0)
