@@ -67,6 +67,20 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN or infinite loss."""
 
 
+def batch_rows(batch: dict[str, torch.Tensor]) -> int:
+    """How many pairs a collated batch holds."""
+    return int(batch["input_ids"].shape[0])
+
+
+def teacher_chosen_inputs(teacher_output: Optional[Signals], start: int, rows: int) -> dict[str, torch.Tensor]:
+    """What the teacher chose for the student's micro-batch of `rows` pairs starting at row `start` of the
+    window: its ITM negatives, re-based to the micro-batch, so the student scores the teacher's pairs (which
+    ITM distillation compares). Empty without a teacher or without ITM."""
+    if teacher_output is None or teacher_output.itm_negatives is None:
+        return {}
+    return {"itm_negatives": teacher_output.itm_negatives[:, start : start + rows] - start}
+
+
 class StudentWithObjective(nn.Module):
     """The trainable part of a run: the student and the objective (which may own projections)."""
 
@@ -75,9 +89,9 @@ class StudentWithObjective(nn.Module):
         self.student = student
         self.objective = objective
 
-    def _student_output(self, batch: dict[str, torch.Tensor]) -> Signals:
+    def _student_output(self, batch: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor]) -> Signals:
         wanted = self.objective.needs | self.objective.student_needs  # e.g. itm, a task loss on the student's ITM logits
-        return self.student(**inputs_for(batch, ""), **request_flags(wanted))
+        return self.student(**inputs_for(batch, ""), **request_flags(wanted), **chosen)
 
     def forward(
         self,
@@ -85,11 +99,14 @@ class StudentWithObjective(nn.Module):
         teacher_output: Optional[Signals],
         cached: Sequence[Signals] = (),
         position: int = 0,
+        start: int = 0,
     ):
         """The objective's total loss and its parts plus its current weights and temperatures, for logging.
-        With `cached` outputs of an accumulation window, the live outputs of `batch` take `position` among
-        them (the logit scale and bias are the live ones) and the loss is that of the whole window."""
-        student = gather_signals(self._student_output(batch), keep_grad=True)
+        With `cached` outputs of an accumulation window, the live outputs of `batch` (rows from `start` of the
+        window) take `position` among them (the logit scale and bias are the live ones) and the loss is that of
+        the whole window."""
+        chosen = teacher_chosen_inputs(teacher_output, start, batch_rows(batch))
+        student = gather_signals(self._student_output(batch, chosen), keep_grad=True)
         if cached:
             window = concat_signals([*cached[:position], student, *cached[position + 1 :]])
             student = window.replace(logit_scale=student.logit_scale, logit_bias=student.logit_bias)
@@ -97,10 +114,11 @@ class StudentWithObjective(nn.Module):
         return loss, {**parts, **self.objective.settings()}
 
     @torch.no_grad()
-    def cached_output(self, batch: dict[str, torch.Tensor]) -> Signals:
-        """The student's gathered output on `batch` without gradients: for gap weighting's measurements, and
-        standing for its micro-batch of an accumulation window while another one's gradient is taken."""
-        return gather_signals(self._student_output(batch), keep_grad=False)
+    def cached_output(self, batch: dict[str, torch.Tensor], chosen: Optional[dict[str, torch.Tensor]] = None) -> Signals:
+        """The student's gathered output on `batch` without gradients (given the teacher's `chosen` inputs,
+        see `teacher_chosen_inputs`): for gap weighting's measurements, and standing for its micro-batch of an
+        accumulation window while another one's gradient is taken."""
+        return gather_signals(self._student_output(batch, chosen or {}), keep_grad=False)
 
     def loss_side_parameters(self) -> list[nn.Parameter]:
         """Parameters the loss uses directly rather than through the embedded micro-batch (the objective's
@@ -113,7 +131,8 @@ class StudentWithObjective(nn.Module):
     def refresh_gap(self, batch: dict[str, torch.Tensor], teacher_output: Signals) -> None:
         """Re-measure the objective's gap weighting on a held-out batch, the student in eval mode meanwhile."""
         self.student.eval()
-        self.objective.refresh_gap(self.cached_output(batch), teacher_output)
+        chosen = teacher_chosen_inputs(teacher_output, 0, batch_rows(batch))
+        self.objective.refresh_gap(self.cached_output(batch, chosen), teacher_output)
         self.student.train()
 
 
@@ -440,15 +459,19 @@ def backward_window(
     Forward passes run under `autocast`; DDP synchronizes gradients only on the window's last backward pass.
     A window of one micro-batch is a plain step: nothing cached, one pass."""
     inner = accelerator.unwrap_model(module)
+    starts = [sum(batch_rows(batch) for batch in window[:k]) for k in range(len(window))]
     cached = []
     if len(window) > 1:
         with autocast():
-            cached = [inner.cached_output(batch) for batch in window]
+            cached = [
+                inner.cached_output(batch, teacher_chosen_inputs(teacher_output, start, batch_rows(batch)))
+                for batch, start in zip(window, starts)
+            ]
     for position, batch in enumerate(window):
         last = position == len(window) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(module):
             with autocast():
-                loss, parts = module(batch, teacher_output, cached, position)
+                loss, parts = module(batch, teacher_output, cached, position, starts[position])
             if position == 0 and not on_every_rank(bool(torch.isfinite(loss)), loss.device):
                 return None, parts
             accelerator.backward(loss)
