@@ -19,11 +19,11 @@ B, STUDENT_DIM, TEACHER_DIM = 5, 8, 12
 # Towers for the layer-wise losses: the student shallower, narrower and with fewer heads.
 STUDENT_SPEC = DualEncoderSpec(
     vision=TowerSpec(layers=2, width=16, heads=2, patch_size=8), text=TowerSpec(layers=2, width=16, heads=2),
-    projection_dim=STUDENT_DIM,
+    projection_dim=STUDENT_DIM, fusion=TowerSpec(layers=2, width=16, heads=2),
 )
 TEACHER_SPEC = DualEncoderSpec(
     vision=TowerSpec(layers=3, width=24, heads=3, patch_size=8), text=TowerSpec(layers=3, width=24, heads=3),
-    projection_dim=TEACHER_DIM,
+    projection_dim=TEACHER_DIM, fusion=TowerSpec(layers=3, width=24, heads=3),
 )
 TOKENS = {"image": 5, "text": 6}  # 16x16 images in 8x8 patches plus CLS; 6 text positions
 
@@ -54,6 +54,10 @@ def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_gr
         itm_negatives=torch.stack([torch.arange(1, B + 1) % B, torch.arange(2, B + 2) % B]),
         token_logits=torch.randn(B, TOKENS["text"], 9).requires_grad_(requires_grad),
         caption_labels=labels,
+        fusion_cross_attentions=tuple(  # BLIP's fusion encoder: text tokens attending to the image tokens
+            torch.softmax(torch.randn(B, spec.fusion.heads, TOKENS["text"], TOKENS["image"]), dim=-1).requires_grad_(requires_grad)
+            for _ in range(spec.fusion.layers)
+        ),
     )
 
 
@@ -67,6 +71,8 @@ def student_tensors_read(needs: frozenset[str], student: Signals) -> list[torch.
         return [student.image_hidden_states[-1], student.text_hidden_states[-1]]
     if needs == ATTENTIONS:
         return [student.image_attentions[-1], student.text_attentions[-1]]
+    if "fusion_cross_attentions" in needs:
+        return [student.fusion_cross_attentions[-1]]
     return [student.image_embeds, student.text_embeds]
 
 
@@ -74,7 +80,7 @@ def all_tensors(out: Signals) -> list[torch.Tensor]:
     return [
         out.image_embeds, out.text_embeds, out.logit_scale,
         *out.image_hidden_states, *out.text_hidden_states, *out.image_attentions, *out.text_attentions,
-        out.itm_logits, out.token_logits,
+        out.itm_logits, out.token_logits, *out.fusion_cross_attentions,
     ]
 
 

@@ -15,7 +15,7 @@ def test_default_sweep_covers_every_loss_a_clip_student_can_train_with():
     assert runs["clip"] == {"clip": {"weight": 1.0}}
     assert runs["siglip"] == {"siglip": {"weight": 1.0}}  # a task loss runs alone
     assert runs["kd"] == {"clip": {"weight": 1.0}, "kd": {"weight": 1.0}}
-    blip_only = {"itm", "lm", "itm_kd", "lm_kd"}  # they read ITM / captioning signals a CLIP student lacks
+    blip_only = {"itm", "lm", "itm_kd", "lm_kd", "cross_attention"}  # they read ITM / captioning / fusion signals a CLIP student lacks
     assert blip_only <= set(LOSSES.names())
     assert set(runs) == set(LOSSES.names()) - blip_only
 

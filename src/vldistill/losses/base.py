@@ -51,11 +51,14 @@ class DistillLoss(nn.Module):
 
     Subclasses set `needs`, the names of the teacher signals they read (registered in
     models/signals.py, e.g. `EMBEDDINGS`; empty for a task loss that ignores the teacher; the student is
-    asked for the same signals) and may define a dataclass `Params` of their YAML options. A loss
-    with a `temperature` option reads `self.temperature`, so that a temperature schedule can override it.
+    asked for the same signals), or override `needs_for` when their options decide them, and may define a
+    dataclass `Params` of their YAML options. A loss with a `temperature` option reads `self.temperature`,
+    so that a temperature schedule can override it.
     """
 
-    needs: ClassVar[frozenset[str]] = frozenset()
+    # What the loss reads with its default options; an instance's `needs` are those of its own options
+    # (`needs_for`), e.g. the hidden states of the towers a layer-wise loss selects.
+    needs: frozenset[str] = frozenset()
     # Student signals read beyond `needs` (a task loss's own inputs, e.g. ITM logits): ask the student for both.
     student_needs: ClassVar[frozenset[str]] = frozenset()
 
@@ -64,9 +67,15 @@ class DistillLoss(nn.Module):
         """This loss's options: the YAML keys beside `weight`."""
         pass
 
+    @classmethod
+    def needs_for(cls, params: "DistillLoss.Params") -> frozenset[str]:
+        """The teacher signals this loss reads with options `params` (by default the class's `needs`)."""
+        return cls.needs
+
     def __init__(self, params: "DistillLoss.Params", context: LossContext) -> None:
         super().__init__()
         self.params = params
+        self.needs = self.needs_for(params)
         self.scheduled_temperature: Optional[float] = None
 
     @property

@@ -13,7 +13,9 @@ from torch import nn
 from vldistill.binding import build_dataclass
 
 # Importing the families registers their losses.
-from vldistill.losses import attention, blip, contrastive, features, hidden, logits, relational  # noqa: F401
+from vldistill.losses import (  # noqa: F401
+    attention, blip, contrastive, cross_attention, features, hidden, logits, relational,
+)
 from vldistill.losses.base import LOSSES, LossContext
 from vldistill.models.signals import Signals
 from vldistill.losses.schedules import (
@@ -38,8 +40,8 @@ class LossSpec:
 
     @property
     def needs(self) -> frozenset[str]:
-        """The teacher signals this loss reads (empty: a task loss)."""
-        return LOSSES.get(self.name).needs
+        """The teacher signals this loss reads with its options (empty: a task loss)."""
+        return LOSSES.get(self.name).needs_for(self.params)
 
 
 def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "losses") -> list[LossSpec]:

@@ -31,7 +31,7 @@ from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normal
 from vldistill.models.io import write_metadata
 from vldistill.models.locate import require_tokenizer
 from vldistill.models.signals import Signals
-from vldistill.models.spec import TowerSpec
+from vldistill.models.spec import DualEncoderSpec, TowerSpec
 
 # BLIP normalizes images as OpenAI CLIP does (BlipImageProcessor's defaults).
 BLIP_MEAN, BLIP_STD = CLIP_MEAN, CLIP_STD
@@ -205,6 +205,20 @@ class BlipCaptioner(nn.Module):
         """The BLIP config as stable JSON data."""
         return stable_config(self.model.config)
 
+    def architecture_spec(self) -> DualEncoderSpec:
+        """The per-module spec the layer-wise losses map layers with: the vision tower, and the decoder as
+        `decoder` and as the text transformer `text` (the captioner has no text-only pass, so no text_*
+        signals; `projection_dim` is the config's image_text_hidden_size, which no captioning layer uses)."""
+        config = self.model.config
+        vision, text = config.vision_config, config.text_config
+        decoder = _tower_spec(text)
+        return DualEncoderSpec(
+            vision=_tower_spec(vision, square_image_size(vision.patch_size, where="the BLIP vision config's patch_size")),
+            text=decoder,
+            projection_dim=config.image_text_hidden_size,
+            decoder=decoder,
+        )
+
     def num_parameters(self) -> int:
         """Total parameter count of the vision tower and the decoder."""
         return sum(p.numel() for p in self.model.parameters())
@@ -231,6 +245,17 @@ class BlipCaptioner(nn.Module):
             if metadata is not None:
                 write_metadata(tmp, metadata)
         return out_dir
+
+
+def _tower_spec(tower: Any, patch_size: Optional[int] = None) -> TowerSpec:
+    """The TowerSpec of one HF BLIP tower config (vision or text)."""
+    return TowerSpec(
+        layers=tower.num_hidden_layers,
+        width=tower.hidden_size,
+        heads=tower.num_attention_heads,
+        mlp_ratio=tower.intermediate_size / tower.hidden_size,
+        patch_size=patch_size,
+    )
 
 
 def load_blip_captioner(

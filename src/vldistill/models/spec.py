@@ -31,11 +31,15 @@ class TowerSpec:
 
 @dataclass
 class DualEncoderSpec:
-    """A CLIP-style model: image tower, text tower, shared projection size."""
+    """A CLIP-style model: image tower, text tower, shared projection size; and, as BLIP-style models
+    report them (`architecture_spec`), the fusion (image-grounded text) encoder and the captioning decoder
+    the layer-wise losses map layers of (None: the model has no such module)."""
 
     vision: TowerSpec = field(default_factory=lambda: TowerSpec(patch_size=8))
     text: TowerSpec = field(default_factory=TowerSpec)
     projection_dim: int = 64
+    fusion: Optional[TowerSpec] = None
+    decoder: Optional[TowerSpec] = None
 
     def validate(self, where: str) -> None:
         """Raise ValueError naming the field when the model cannot be built."""
@@ -47,3 +51,9 @@ class DualEncoderSpec:
             raise ValueError(f"{where}.text.patch_size is not allowed: the text tower has no patches")
         if self.projection_dim < 1:
             raise ValueError(f"{where}.projection_dim must be >= 1, got {self.projection_dim}")
+        for name in ("fusion", "decoder"):
+            module = getattr(self, name)
+            if module is not None:
+                module.validate(f"{where}.{name}")
+                if module.patch_size is not None:
+                    raise ValueError(f"{where}.{name}.patch_size is not allowed: the {name} reads text tokens")
