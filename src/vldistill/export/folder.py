@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -11,15 +12,15 @@ from transformers import PreTrainedTokenizerBase
 
 from vldistill.export.model_card import student_card
 from vldistill.fileio import atomic_directory, write_text_atomic
-from vldistill.models.clip import CLIPDualEncoder
-from vldistill.models.io import METADATA_FILE, read_metadata, write_dual_encoder, write_metadata
+from vldistill.models.contract import DualEncoder
+from vldistill.models.io import METADATA_FILE, read_metadata, write_metadata
 from vldistill.profile.throughput import count_parameters
 
 CARD_FILE = "README.md"
 
 
 def export_student(
-    student: CLIPDualEncoder,
+    student: DualEncoder,
     tokenizer: PreTrainedTokenizerBase,
     folder: str | os.PathLike,
     metadata: Mapping[str, Any],
@@ -29,10 +30,17 @@ def export_student(
     folder = Path(folder)
     metadata = {**metadata, "params": count_parameters(student)}
     with atomic_directory(folder) as tmp:
-        write_dual_encoder(student, tokenizer, tmp)
+        student.save_pretrained(tmp, tokenizer=tokenizer)  # each family writes its own HF files
+        metadata["architecture"] = saved_architecture(tmp)
         write_metadata(tmp, metadata)
         (tmp / CARD_FILE).write_text(student_card(metadata, folder.name).content, encoding="utf-8")
     return folder
+
+
+def saved_architecture(folder: Path) -> Optional[str]:
+    """The HF class a saved model folder's config.json names (e.g. CLIPModel), None when it names none."""
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or [None]
+    return architectures[0]
 
 
 def write_card(

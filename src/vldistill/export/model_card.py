@@ -3,6 +3,7 @@ metadata) and, once it is evaluated, its measured metrics as a `model-index`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Mapping, Optional
 
@@ -11,7 +12,35 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from vldistill.losses.schedules import describe_schedule
 
 PIPELINE_TAG = "zero-shot-image-classification"
-TAGS = ("vldistill", "clip", "knowledge-distillation")
+TAGS = ("vldistill", "knowledge-distillation")
+
+
+@dataclass(frozen=True)
+class CardKind:
+    """What a card says of a student's HF class: what it is, how it loads, its pipeline and family tag."""
+
+    what: str
+    loads: str
+    pipeline_tag: Optional[str]
+    tag: str
+
+
+CLIP_CARD = CardKind(
+    "A CLIP-style dual encoder",
+    "It loads with `transformers.CLIPModel.from_pretrained` and the `zero-shot-image-classification` pipeline",
+    PIPELINE_TAG,
+    "clip",
+)
+# By the HF class a student's config.json names (its vldistill.json `architecture`); CLIP when it names none.
+CARD_KINDS = {
+    "CLIPModel": CLIP_CARD,
+    "BlipForImageTextRetrieval": CardKind(
+        "A BLIP image-text retrieval model (contrastive embeddings and an image-text matching head)",
+        "It loads with `transformers.BlipForImageTextRetrieval.from_pretrained`",
+        None,
+        "blip",
+    ),
+}
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -19,9 +48,8 @@ CARD_TEMPLATE = """---
 
 # {model_name}
 
-A CLIP-style dual encoder distilled with [vldistill](https://pypi.org/project/vldistill/) from
-`{base_model}`. It loads with `transformers.CLIPModel.from_pretrained` and the
-`zero-shot-image-classification` pipeline; no vldistill needed.
+{what} distilled with [vldistill](https://pypi.org/project/vldistill/) from
+`{base_model}`. {loads}; no vldistill needed.
 
 ## How it was distilled
 
@@ -99,6 +127,7 @@ def student_card(
     if measured and not dataset:
         raise ValueError("a model card with metrics needs the dataset they were measured on")
     base_model = str(metadata.get("teacher"))
+    kind = CARD_KINDS.get(metadata.get("architecture") or "CLIPModel", CLIP_CARD)
     eval_results = [
         EvalResult(task_type=task_type(key), dataset_type=dataset, dataset_name=dataset, metric_type=key,
                    metric_value=value)
@@ -107,9 +136,9 @@ def student_card(
     data = ModelCardData(
         model_name=model_name,
         base_model=base_model,
-        pipeline_tag=PIPELINE_TAG,
+        pipeline_tag=kind.pipeline_tag,
         library_name="transformers",
-        tags=list(dict.fromkeys([*TAGS, *metadata.get("losses", {})])),  # and the loss names
+        tags=list(dict.fromkeys([TAGS[0], kind.tag, *TAGS[1:], *metadata.get("losses", {})])),  # and the loss names
         eval_results=eval_results or None,
     )
     if measured:
@@ -121,7 +150,9 @@ def student_card(
         CARD_TEMPLATE.format(
             card_data=data.to_yaml(),
             model_name=model_name,
+            what=kind.what,
             base_model=base_model,
+            loads=kind.loads,
             facts="\n".join(_fact_lines(metadata)),
             evaluation=evaluation,
         )

@@ -22,8 +22,8 @@ models/blip_caption.py's loader, any other BLIP head is refused with a one-line 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,7 +37,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from vldistill.fileio import atomic_directory
 from vldistill.models.adapters import register_adapter
 from vldistill.models.blip_caption import CAPTIONING_ARCHITECTURE, load_blip_captioner
-from vldistill.models.blip_student import spec_from_blip_config
+from vldistill.models.blip_student import blip_student_config, inherit_blip_weights, spec_from_blip_config
 from vldistill.models.common import (
     eager_attention,
     load_tokenizer_if_present,
@@ -50,6 +50,8 @@ from vldistill.models.io import write_metadata
 from vldistill.models.locate import NotAModelError, require_tokenizer
 from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec
+
+logger = logging.getLogger(__name__)
 
 RETRIEVAL_ARCHITECTURE = "BlipForImageTextRetrieval"
 
@@ -164,14 +166,21 @@ class BlipRetrievalEncoder(nn.Module):
 
     def architecture_spec(self) -> DualEncoderSpec:
         """The per-module spec (vision tower, text encoder, projection size) the layer-wise losses map layers
-        of image_* and text_* signals with; its fusion encoder is the text encoder (the same layers run
-        with cross-attention), so `fusion` is the text encoder's spec."""
-        spec = spec_from_blip_config(self.model.config)
-        return dataclasses.replace(spec, fusion=spec.text)
+        of image_* and text_* signals with."""
+        return spec_from_blip_config(self.model.config)
 
     def inheritable_clip(self) -> None:
         """None: a CLIP student cannot inherit a BLIP model's weights (a BLIP student can, models/blip_student.py)."""
         return None
+
+    def build_student(self, spec: DualEncoderSpec, inherit: bool) -> "BlipRetrievalEncoder":
+        """A fresh BLIP retrieval student with `spec`'s modules (models/blip_student.py), this model's image
+        normalization, tokenizer and ITM seed, inheriting its weights per module when `inherit`."""
+        model = BlipForImageTextRetrieval(blip_student_config(self.model.config, spec))
+        if inherit:
+            maps = inherit_blip_weights(model, self.model)
+            logger.info("BLIP student inherits teacher layers %s", maps)
+        return BlipRetrievalEncoder(model, self.image_mean, self.image_std, self.tokenizer, self.itm_seed)
 
     def architecture_config(self) -> dict[str, Any]:
         """The BLIP config as stable JSON data."""

@@ -86,6 +86,16 @@ class DualEncoder(Protocol):
 
 
 @runtime_checkable
+class BuildsStudents(Protocol):
+    """A teacher family whose students are models of its own kind (BLIP: a smaller BLIP with its ITM head);
+    training asks such a teacher for its student instead of building a CLIP one."""
+
+    def build_student(self, spec: DualEncoderSpec, inherit: bool) -> DualEncoder:
+        """A fresh student with `spec`'s modules, this teacher's input spec and tokenizer, inheriting its
+        weights where shapes allow when `inherit`."""
+
+
+@runtime_checkable
 class Captioner(Protocol):
     """An image captioning model: an image encoder and a text decoder reading it (an `nn.Module`).
 

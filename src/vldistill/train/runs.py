@@ -31,7 +31,7 @@ from vldistill.data.tokenizer import build_word_tokenizer
 from vldistill.losses import LossContext, build_objective
 from vldistill.losses.registry import parse_loss_specs, specs_need
 from vldistill.models.clip import CLIPDualEncoder
-from vldistill.models.contract import DualEncoder
+from vldistill.models.contract import BuildsStudents, DualEncoder
 from vldistill.models.inherit import inherit_weights
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.io import read_metadata
@@ -226,10 +226,13 @@ def cached_teacher(cfg: ExperimentConfig, data: DataBundle, primary: TrainedMode
     return open_cached_teacher(cfg.cache.path, cache_meta(cfg, data, members), teacher_weights(cfg), cfg.teacher.combine)
 
 
-def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> CLIPDualEncoder:
-    """The configured (CLIP) student for the primary teacher's tokenizer and images, optionally inheriting
-    its weights (from a teacher that offers a CLIPModel to inherit, see DualEncoder.inheritable_clip)."""
+def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> DualEncoder:
+    """The configured student for the primary teacher's tokenizer and images, optionally inheriting its
+    weights: the teacher's own kind from a teacher that builds its students (contract.BuildsStudents, e.g.
+    BLIP), else a CLIP (inheriting from a teacher that offers a CLIPModel, see DualEncoder.inheritable_clip)."""
     teacher, spec = primary.model, cfg.student.model
+    if isinstance(teacher, BuildsStudents):
+        return teacher.build_student(spec, inherit)
     source = teacher.inheritable_clip()
     if source is not None:
         config = student_config_from_teacher(source.config, spec)
@@ -295,7 +298,7 @@ def plan_student_run(
     losses: Optional[Mapping[str, Mapping[str, Any]]] = None,
     inherit: Optional[bool] = None,
     resume: Optional[str] = None,
-    student: Optional[CLIPDualEncoder] = None,
+    student: Optional[DualEncoder] = None,
 ) -> DistillPlan:
     """Resolve a student run once: the losses (default `cfg.distill.losses`) and inheritance (default
     `cfg.student.inherit`), the teachers' source (the cache at `cache.path` when it can serve every loss, see
