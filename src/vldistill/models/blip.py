@@ -22,6 +22,7 @@ models/blip_caption.py's loader, any other BLIP head is refused with a one-line 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -166,8 +167,10 @@ class BlipRetrievalEncoder(nn.Module):
 
     def architecture_spec(self) -> DualEncoderSpec:
         """The per-module spec (vision tower, text encoder, projection size) the layer-wise losses map layers
-        of image_* and text_* signals with."""
-        return spec_from_blip_config(self.model.config)
+        of image_* and text_* signals with; its fusion encoder is the text encoder (the same layers run
+        with cross-attention), so `fusion` is the text encoder's spec."""
+        spec = spec_from_blip_config(self.model.config)
+        return dataclasses.replace(spec, fusion=spec.text)
 
     def inheritable_clip(self) -> None:
         """None: a CLIP student cannot inherit a BLIP model's weights (a BLIP student can, models/blip_student.py)."""
