@@ -1,6 +1,7 @@
 """`vldistill distill` with a BLIP retrieval teacher builds a BLIP student from `student.model` (per module,
 inheriting when `student.inherit`), trains it with the task and distillation losses of both heads, saves a
-plain HF BLIP folder with its model card, and `vldistill eval` scores it; the teacher cache refuses ITM signals."""
+plain HF BLIP folder with its model card, and `vldistill eval` scores it; the teacher cache serves its
+embeddings and refuses ITM signals; a captioning teacher is refused."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bert_word_tokenizer, tiny_blip
-from transformers import BlipForImageTextRetrieval
+from helpers import bert_word_tokenizer, tiny_blip, tiny_blip_config
+from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from vldistill.cli import main
 from vldistill.config import ConfigError, load_config, packaged_config
 from vldistill.models.blip import BlipRetrievalEncoder
+from vldistill.models.blip_caption import BlipCaptioner
 from vldistill.models.contract import BuildsStudents
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.teachers.assemble import load_teacher
@@ -74,6 +76,28 @@ def test_the_teacher_cache_refuses_itm_signals(blip_teacher, tmp_path, caplog):
         plan_student_run(cfg, None, load_teacher(str(blip_teacher)), tmp_path / "student")  # decided before data
     embeddings = tiny_config(blip_teacher, f"cache.path={tmp_path / 'cache'}", "distill.losses={clip: {}, kd: {}}")
     assert serve_from_cache(embeddings.cache, embeddings.distill.loss_specs, embeddings.distill.weighting)
+
+
+def test_a_captioning_teacher_is_refused_with_what_it_is(tmp_path):
+    tokenizer = bert_word_tokenizer()
+    torch.manual_seed(0)
+    folder = BlipCaptioner(BlipForConditionalGeneration(tiny_blip_config(tokenizer)).eval(), tokenizer).save_pretrained(
+        tmp_path / "captioner"
+    )
+    with pytest.raises(ValueError, match=r"holds a BlipCaptioner, not a dual encoder; vldistill distill trains"):
+        build_student(tiny_config(folder), load_teacher(str(folder)), inherit=False)
+
+
+def test_a_blip_student_distills_from_the_teacher_cache_of_its_embeddings(blip_teacher, tmp_path):
+    """The cache holds the BLIP teacher's ITC embeddings: kd reads them, the ITM task loss needs no teacher."""
+    cache = tmp_path / "cache"
+    assert main(["cache", TINY, "--quiet", "--set", f"teacher.path={blip_teacher}", "--out", str(cache)]) == 0
+    out = tmp_path / "run"
+    assert main(distill_args(out, blip_teacher, "--no-eval", "--set", f"cache.path={cache}", "--set", "cache.mode=require",
+                             "--set", "distill.losses={clip: {}, itm: {}, kd: {}}")) == 0
+    assert json.loads((out / "student" / "vldistill.json").read_text())["teacher_cache"] == str(cache)
+    steps = [json.loads(line) for line in (out / "logs" / "distill.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(s["loss/kd"] >= 0 and 0.5 < s["loss/itm"] < 1.0 for s in steps)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from vldistill.trained import TrainedModel
 
 
 def load_teacher(path: str, trust_remote_code: bool = False) -> TrainedModel:
-    """A teacher from a model folder or hub id (CLIP, SigLIP or a vldistill two-tower folder)."""
+    """A teacher from a model folder or hub id (any registered family: CLIP, SigLIP, BLIP, a vldistill
+    two-tower folder ...)."""
     model, tokenizer = load_dual_encoder_any(path, trust_remote_code=trust_remote_code)
     return TrainedModel(model, tokenizer, Path(path))
 

@@ -233,6 +233,11 @@ def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -
     teacher, spec = primary.model, cfg.student.model
     if isinstance(teacher, BuildsStudents):
         return teacher.build_student(spec, inherit)
+    if not isinstance(teacher, DualEncoder):
+        raise ValueError(
+            f"teacher.path: {primary.path} holds a {type(teacher).__name__}, not a dual encoder; "
+            "vldistill distill trains image-text retrieval students from dual-encoder teachers"
+        )
     source = teacher.inheritable_clip()
     if source is not None:
         config = student_config_from_teacher(source.config, spec)
