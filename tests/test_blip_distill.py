@@ -103,10 +103,21 @@ def test_a_blip_student_distills_from_the_teacher_cache_of_its_embeddings(blip_t
 @pytest.fixture(scope="module")
 def blip_run(blip_teacher, tmp_path_factory) -> Path:
     """The folder of a 2-step `vldistill distill` of the tiny config's student from the BLIP teacher with the
-    ITC and ITM task and distillation losses, in micro-batches of 4 (built once; tests must not change it)."""
+    ITC and ITM task and distillation losses, in micro-batches of 4, evaluated beside the teacher (built once;
+    tests must not change it)."""
     out = tmp_path_factory.mktemp("blip-run") / "run"
-    assert main(distill_args(out, blip_teacher, "--no-eval", "--set", "distill.train.accumulation_steps=2")) == 0
+    assert main(distill_args(out, blip_teacher, "--set", "distill.train.accumulation_steps=2")) == 0
     return out
+
+
+def test_distill_summarizes_the_blip_student_beside_its_teacher(blip_run):
+    summary = json.loads((blip_run / "summary.json").read_text())
+    teacher, student = summary["models"]["teacher"], summary["models"]["student"]
+    assert summary["steps"] == 2 and student["params"] < teacher["params"]
+    assert summary["compression"] == pytest.approx(teacher["params"] / student["params"], rel=1e-3)
+    for model in (teacher, student):
+        assert 0 <= model["image_retrieval_recall@1"] <= 1 and 0 <= model["text_retrieval_recall@1"] <= 1
+    assert (blip_run / "report.html").is_file()
 
 
 def test_distill_logs_finite_itc_and_itm_losses_every_step(blip_run):
@@ -130,7 +141,7 @@ def test_the_student_is_a_plain_blip_folder_with_its_card_that_loads_back(blip_r
     assert metadata["params"] == sum(p.numel() for p in plain.parameters()) < metadata["teacher_params"]
     card = (folder / "README.md").read_text()
     assert "BlipForImageTextRetrieval.from_pretrained" in card and "CLIPModel" not in card
-    assert "zero-shot-image-classification" not in card and "- blip\n" in card
+    assert "pipeline_tag:" not in card and "- blip\n" in card  # no transformers pipeline runs BLIP retrieval
     model, tokenizer = load_dual_encoder_any(folder)
     assert isinstance(model, BlipRetrievalEncoder) and tokenizer.cls_token == "[CLS]"
     for name, value in plain.state_dict().items():
