@@ -1,10 +1,12 @@
 """Config loading: defaults, YAML, overrides and errors that name the key before any work."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from vldistill.config import ConfigError, apply_override, load_config, packaged_config
+from vldistill.losses import LOSSES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,7 +62,7 @@ def test_int_is_accepted_for_float_but_bool_is_not_int():
         ("distill.losses.kd.temperature=-1", r"distill\.losses\.kd\.temperature must be > 0"),
         ("distill.losses.kd.weight=-1", r"distill\.losses\.kd\.weight must be a number >= 0"),
         ("distill.losses.kd.temprature=2", r"unknown config key distill\.losses\.kd\.temprature; allowed keys: weight, temperature"),
-        ("distill.losses.nope.weight=1", r"unknown loss distill\.losses\.nope; known losses: affinity, attention, clip, crd, feature, hidden, icl, kd, siglip"),
+        ("distill.losses.nope.weight=1", r"unknown loss distill\.losses\.nope; known losses: " + re.escape(", ".join(LOSSES.names()))),
         ("distill.losses.feature.distance=l1", r"distill\.losses\.feature\.distance must be one of cosine, mse"),
         ("student.model.vision.width=256", r"student\.model\.vision\.width = 256 exceeds the teacher's 128"),
         ("student.model.text.layers=5", r"student\.model\.text\.layers = 5 exceeds the teacher's 4"),
