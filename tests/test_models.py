@@ -410,3 +410,15 @@ def test_saved_folder_loads_with_plain_transformers_in_a_fresh_process(teacher, 
     class_embeds = teacher.encode_text(prompts["input_ids"], prompts["attention_mask"])
     expected = (teacher.logit_scale * image_embeds[:1] @ class_embeds.t()).softmax(dim=-1)[0]
     assert [scores[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_clip_student_refuses_modules_it_does_not_have(tokenizer):
+    from vldistill.models.spec import DualEncoderSpec, TowerSpec
+    from vldistill.models.student import clip_config_from_spec
+
+    tower = TowerSpec(layers=1, width=16, heads=2)
+    spec = DualEncoderSpec(vision=TowerSpec(layers=1, width=16, heads=2, patch_size=8), text=tower, projection_dim=16,
+                           decoder=tower)
+    with pytest.raises(ValueError, match="model.decoder is set, but a CLIP student has no decoder module"):
+        clip_config_from_spec(spec, image_size=16, vocab_size=len(tokenizer), max_text_length=8,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2)

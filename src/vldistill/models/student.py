@@ -34,6 +34,12 @@ def clip_config_from_spec(
     """A `CLIPConfig` for `spec` with the given image size and tokenizer (vocabulary and special ids);
     `*_overrides` set further tower fields (e.g. a teacher's `hidden_act` and `layer_norm_eps`)."""
     spec.validate("model")
+    extra = [name for name in ("fusion", "decoder") if getattr(spec, name) is not None]
+    if extra:
+        raise ValueError(
+            f"model.{extra[0]} is set, but a CLIP student has no {extra[0]} module (it applies to BLIP students); "
+            f"remove student.model.{extra[0]}"
+        )
     if image_size % spec.vision.patch_size:
         raise ValueError(f"image size {image_size} is not divisible by vision.patch_size {spec.vision.patch_size}")
     text_config = {
