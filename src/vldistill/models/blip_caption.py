@@ -31,7 +31,7 @@ from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normal
 from vldistill.models.io import write_metadata
 from vldistill.models.locate import require_tokenizer
 from vldistill.models.signals import Signals
-from vldistill.models.spec import DualEncoderSpec, TowerSpec
+from vldistill.models.spec import DualEncoderSpec, TowerSpec, tower_spec_from_config
 
 # BLIP normalizes images as OpenAI CLIP does (BlipImageProcessor's defaults).
 BLIP_MEAN, BLIP_STD = CLIP_MEAN, CLIP_STD
@@ -211,9 +211,9 @@ class BlipCaptioner(nn.Module):
         signals; `projection_dim` is the config's image_text_hidden_size, which no captioning layer uses)."""
         config = self.model.config
         vision, text = config.vision_config, config.text_config
-        decoder = _tower_spec(text)
+        decoder = tower_spec_from_config(text)
         return DualEncoderSpec(
-            vision=_tower_spec(vision, square_image_size(vision.patch_size, where="the BLIP vision config's patch_size")),
+            vision=tower_spec_from_config(vision, square_image_size(vision.patch_size, where="the BLIP vision config's patch_size")),
             text=decoder,
             projection_dim=config.image_text_hidden_size,
             decoder=decoder,
@@ -245,17 +245,6 @@ class BlipCaptioner(nn.Module):
             if metadata is not None:
                 write_metadata(tmp, metadata)
         return out_dir
-
-
-def _tower_spec(tower: Any, patch_size: Optional[int] = None) -> TowerSpec:
-    """The TowerSpec of one HF BLIP tower config (vision or text)."""
-    return TowerSpec(
-        layers=tower.num_hidden_layers,
-        width=tower.hidden_size,
-        heads=tower.num_attention_heads,
-        mlp_ratio=tower.intermediate_size / tower.hidden_size,
-        patch_size=patch_size,
-    )
 
 
 def load_blip_captioner(

@@ -20,7 +20,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration
 from vldistill.models.blip_caption import BlipCaptioner, captioner_config
 from vldistill.models.common import square_image_size
 from vldistill.models.inherit import uniform_layer_map
-from vldistill.models.spec import TowerSpec
+from vldistill.models.spec import TowerSpec, tower_spec_from_config
 
 MODULES = ("vision", "decoder")
 # Each module's parameter prefix and the pattern of its per-layer parameters.
@@ -35,18 +35,8 @@ _FUSED_QKV = re.compile(r"self_attn\.qkv\.(weight|bias)$")
 def captioner_modules(config: BlipConfig) -> dict[str, TowerSpec]:
     """The vision tower's and the decoder's shapes in a BLIP config, as TowerSpecs keyed by module."""
     vision, text = config.vision_config, config.text_config
-
-    def spec(tower, patch_size=None) -> TowerSpec:
-        return TowerSpec(
-            layers=tower.num_hidden_layers,
-            width=tower.hidden_size,
-            heads=tower.num_attention_heads,
-            mlp_ratio=tower.intermediate_size / tower.hidden_size,
-            patch_size=patch_size,
-        )
-
     patch = square_image_size(vision.patch_size, where="the BLIP vision config")
-    return {"vision": spec(vision, patch), "decoder": spec(text)}
+    return {"vision": tower_spec_from_config(vision, patch), "decoder": tower_spec_from_config(text)}
 
 
 def student_captioner_config(

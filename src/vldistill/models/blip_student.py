@@ -23,7 +23,7 @@ from transformers import BlipConfig, PreTrainedModel
 
 from vldistill.models.common import square_image_size
 from vldistill.models.inherit import check_inheritable, uniform_layer_map
-from vldistill.models.spec import DualEncoderSpec, TowerSpec
+from vldistill.models.spec import DualEncoderSpec, tower_spec_from_config
 
 # Per-layer keys of every BLIP module: vision_model.encoder.layers.N..., text_encoder.encoder.layer.N...,
 # text_decoder.bert.encoder.layer.N... (the module is everything before the layer index).
@@ -40,19 +40,8 @@ def spec_from_blip_config(config: BlipConfig) -> DualEncoderSpec:
     """The per-module spec of a BLIP config: vision tower, text transformer, ITC projection size."""
     vision, text = config.vision_config, config.text_config
     return DualEncoderSpec(
-        vision=TowerSpec(
-            layers=vision.num_hidden_layers,
-            width=vision.hidden_size,
-            heads=vision.num_attention_heads,
-            mlp_ratio=vision.intermediate_size / vision.hidden_size,
-            patch_size=square_image_size(vision.patch_size, where="the BLIP vision config's patch_size"),
-        ),
-        text=TowerSpec(
-            layers=text.num_hidden_layers,
-            width=text.hidden_size,
-            heads=text.num_attention_heads,
-            mlp_ratio=text.intermediate_size / text.hidden_size,
-        ),
+        vision=tower_spec_from_config(vision, square_image_size(vision.patch_size, where="the BLIP vision config's patch_size")),
+        text=tower_spec_from_config(text),
         projection_dim=config.image_text_hidden_size,
     )
 

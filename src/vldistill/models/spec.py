@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -57,3 +57,16 @@ class DualEncoderSpec:
                 module.validate(f"{where}.{name}")
                 if module.patch_size is not None:
                     raise ValueError(f"{where}.{name}.patch_size is not allowed: the {name} reads text tokens")
+
+
+def tower_spec_from_config(tower: Any, patch_size: Optional[int] = None) -> TowerSpec:
+    """The TowerSpec of a Hugging Face transformer tower config (CLIP, SigLIP or BLIP vision / text config:
+    `num_hidden_layers`, `hidden_size`, `num_attention_heads`, `intermediate_size`), with `patch_size` for a
+    vision tower."""
+    return TowerSpec(
+        layers=tower.num_hidden_layers,
+        width=tower.hidden_size,
+        heads=tower.num_attention_heads,
+        mlp_ratio=tower.intermediate_size / tower.hidden_size,
+        patch_size=patch_size,
+    )

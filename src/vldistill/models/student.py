@@ -6,7 +6,7 @@ from typing import Optional
 
 from transformers import CLIPConfig
 
-from vldistill.models.spec import DualEncoderSpec, TowerSpec
+from vldistill.models.spec import DualEncoderSpec, TowerSpec, tower_spec_from_config
 
 
 def _tower_kwargs(tower: TowerSpec) -> dict:
@@ -85,19 +85,9 @@ def student_config_from_teacher(teacher_config: CLIPConfig, spec: DualEncoderSpe
 
 def spec_from_clip_config(config: CLIPConfig) -> DualEncoderSpec:
     """Read back the tower spec of an existing `CLIPConfig` (e.g. a hub teacher's)."""
-
-    def tower(c, patch_size=None) -> TowerSpec:
-        return TowerSpec(
-            layers=c.num_hidden_layers,
-            width=c.hidden_size,
-            heads=c.num_attention_heads,
-            mlp_ratio=c.intermediate_size / c.hidden_size,
-            patch_size=patch_size,
-        )
-
     return DualEncoderSpec(
-        vision=tower(config.vision_config, config.vision_config.patch_size),
-        text=tower(config.text_config),
+        vision=tower_spec_from_config(config.vision_config, config.vision_config.patch_size),
+        text=tower_spec_from_config(config.text_config),
         projection_dim=config.projection_dim,
     )
 
