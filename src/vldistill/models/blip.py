@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BlipConfig, BlipForImageTextRetrieval, PreTrainedTokenizerBase
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from vldistill.fileio import atomic_directory
 from vldistill.models.adapters import register_adapter
-from vldistill.models.blip_caption import CAPTIONING_ARCHITECTURE, load_blip_captioner
+from vldistill.models.blip_caption import CAPTIONING_ARCHITECTURE, load_blip_captioner, save_blip_folder
 from vldistill.models.blip_student import blip_student_config, inherit_blip_weights, spec_from_blip_config
 from vldistill.models.common import (
     eager_attention,
@@ -47,7 +45,6 @@ from vldistill.models.common import (
     text_token_settings_from,
 )
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
-from vldistill.models.io import write_metadata
 from vldistill.models.locate import NotAModelError, require_tokenizer
 from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec
@@ -336,16 +333,7 @@ class BlipRetrievalEncoder(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is None:
             raise ValueError("BlipRetrievalEncoder.save_pretrained needs a tokenizer: it has none of its own")
-        size = self.input_spec.image_size
-        with atomic_directory(out_dir) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            BlipImageProcessorPil(
-                size={"height": size, "width": size}, image_mean=list(self.image_mean), image_std=list(self.image_std)
-            ).save_pretrained(tmp)
-            if metadata is not None:
-                write_metadata(tmp, metadata)
-        return Path(out_dir)
+        return save_blip_folder(self.model, tokenizer, self.input_spec, out_dir, metadata)
 
 
 def _rows(per_layer: tuple[torch.Tensor, ...], rows: slice) -> tuple[torch.Tensor, ...]:

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
-from transformers import BlipConfig, BlipForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import BlipConfig, BlipForConditionalGeneration, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from vldistill.fileio import atomic_directory
@@ -232,19 +232,31 @@ class BlipCaptioner(nn.Module):
     ) -> Path:
         """Write an HF BLIP captioning folder (config, weights, `tokenizer` (default: the model's own), image
         processor, and `vldistill.json` when `metadata` is given) to `out_dir`, atomically."""
-        out_dir = Path(out_dir)
-        spec = self.input_spec
-        with atomic_directory(out_dir) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            (tokenizer or self.tokenizer).save_pretrained(tmp)
-            BlipImageProcessorPil(
-                size={"height": spec.image_size, "width": spec.image_size},
-                image_mean=list(spec.image_mean),
-                image_std=list(spec.image_std),
-            ).save_pretrained(tmp)
-            if metadata is not None:
-                write_metadata(tmp, metadata)
-        return out_dir
+        return save_blip_folder(self.model, tokenizer or self.tokenizer, self.input_spec, out_dir, metadata)
+
+
+def save_blip_folder(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: InputSpec,
+    out_dir: str | os.PathLike,
+    metadata: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write an HF BLIP folder (any BLIP head: config, safetensors weights, `tokenizer`, a BLIP image processor
+    config of `spec`'s size and normalization, and `vldistill.json` when `metadata` is given) to `out_dir`,
+    atomically."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        BlipImageProcessorPil(
+            size={"height": spec.image_size, "width": spec.image_size},
+            image_mean=list(spec.image_mean),
+            image_std=list(spec.image_std),
+        ).save_pretrained(tmp)
+        if metadata is not None:
+            write_metadata(tmp, metadata)
+    return out_dir
 
 
 def load_blip_captioner(
