@@ -122,7 +122,7 @@ class CachedTeacher(nn.Module):
             per_sample = {
                 kind.name: torch.from_numpy(self.reader.rows(field_name(k, kind.cache_field), rows)).to(device=device, dtype=torch.float32)
                 for kind in cached_per_sample()
-                if kind.name in self.held_signals(k)
+                if field_name(k, kind.cache_field) in self.reader.fields
             }
             scalars = {
                 name: torch.tensor(value, dtype=torch.float32, device=device)
