@@ -300,12 +300,14 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings: batch size, zero-shot templates (null: the dataset's), retrieval matching."""
+    """Evaluation settings: batch size, zero-shot templates (null: the dataset's), retrieval matching, and
+    `rerank_k`, the contrastive top-k candidates of each query an ITM head re-ranks (models with one: BLIP)."""
 
     batch_size: int = 256
     templates: Optional[list[str]] = None
     retrieval_match: str = "identical_caption"
     throughput_batch_size: int = 256
+    rerank_k: int = 16
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
@@ -315,6 +317,8 @@ class EvalConfig:
             )
         if self.batch_size < 1 or self.throughput_batch_size < 1:
             raise ConfigError(f"{where}.batch_size and {where}.throughput_batch_size must be >= 1")
+        if self.rerank_k < 1:
+            raise ConfigError(f"{where}.rerank_k must be >= 1, got {self.rerank_k}")
         for template in self.templates or []:
             if "{}" not in template:
                 raise ConfigError(f"{where}.templates: {template!r} has no '{{}}' for the class name")
