@@ -248,6 +248,10 @@ def _default_losses() -> dict[str, dict[str, Any]]:
     return {"clip": {"weight": 1.0}, "kd": {"weight": 1.0, "temperature": 2.0}, "feature": {"weight": 1.0}}
 
 
+def _default_caption_losses() -> dict[str, dict[str, Any]]:
+    return {"lm": {"weight": 1.0}, "lm_kd": {"weight": 1.0, "temperature": 2.0}}
+
+
 @dataclass
 class CheckpointConfig:
     """Training checkpoints: every `every` steps (0: none) and at the end, the newest `keep` kept, in
@@ -270,11 +274,13 @@ class DistillConfig:
     and temperatures may be schedules), how the weights adapt (`weighting`) and how many training pairs
     the student sees (`train_pairs`: the first N of the training data; null: all of it). A teacher
     pretrained here always learns from all of them: the regime where distillation has something to
-    transfer (a teacher trained on far more data than the student's)."""
+    transfer (a teacher trained on far more data than the student's). `losses` train a retrieval
+    (dual-encoder) student; `caption_losses` (same form) a captioning student (from a captioning teacher)."""
 
     train: OptimConfig = field(default_factory=OptimConfig)
     train_pairs: Optional[int] = None
     losses: dict[str, dict[str, Any]] = field(default_factory=_default_losses)
+    caption_losses: dict[str, dict[str, Any]] = field(default_factory=_default_caption_losses)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
@@ -283,10 +289,16 @@ class DistillConfig:
         """`losses` parsed once into typed specs (registered name, weight schedule, validated params)."""
         return parse_loss_specs(self.losses, "distill.losses")
 
+    @functools.cached_property
+    def caption_loss_specs(self) -> list[LossSpec]:
+        """`caption_losses` parsed once into typed specs, as `loss_specs`."""
+        return parse_loss_specs(self.caption_losses, "distill.caption_losses")
+
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
         try:
             specs = self.loss_specs
+            self.caption_loss_specs  # parsed here so that a bad caption loss fails with the config
         except (KeyError, ValueError) as error:
             raise ConfigError(str(error).strip("'\"")) from None
         if self.train_pairs is not None and self.train_pairs < self.train.batch_size:
