@@ -150,30 +150,36 @@ def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Seque
     )
 
 
-def cache_blockers(losses: Sequence[LossSpec], weighting: WeightingConfig) -> list[str]:
-    """Why the cache cannot stand in for the teachers, one reason each: losses that need signals the cache
-    cannot hold (models/signals.py), and gap weighting (it measures on held-out pairs the cache does not hold)."""
+def cache_blockers(
+    losses: Sequence[LossSpec], weighting: WeightingConfig, where: str = "distill.losses"
+) -> list[str]:
+    """Why the cache cannot stand in for the teachers, one reason each: losses (configured at `where`) that
+    need signals the cache cannot hold (models/signals.py), and gap weighting (it measures on held-out pairs
+    the cache does not hold)."""
     reasons = []
     for spec in losses:
         beyond = spec.needs - cacheable_signals()
         if beyond:
-            reasons.append(f"distill.losses.{spec.name} needs the teacher's {', '.join(sorted(beyond))}, which a cache cannot hold")
+            reasons.append(f"{where}.{spec.name} needs the teacher's {', '.join(sorted(beyond))}, which a cache cannot hold")
     if weighting.kind == "gap":
         reasons.append("distill.weighting.kind gap measures the teachers on held-out pairs, which the cache does not hold")
     return reasons
 
 
-def serve_from_cache(cache: CacheConfig, losses: Sequence[LossSpec], weighting: WeightingConfig) -> bool:
+def serve_from_cache(
+    cache: CacheConfig, losses: Sequence[LossSpec], weighting: WeightingConfig, where: str = "distill.losses"
+) -> bool:
     """Whether distillation reads the teachers from `cache.path`: only when it is set, a loss uses the
     teacher, and nothing needs more than the cache holds. Otherwise, with `cache.mode` auto, log
-    a warning saying why the teachers run online; with `require`, raise a ConfigError naming the reasons."""
+    a warning saying why the teachers run online; with `require`, raise a ConfigError naming the reasons
+    (the losses by their key under `where`, e.g. distill.caption_losses)."""
     if not specs_need(losses):
         return False
     if cache.path is None:
         if cache.mode == "require":
             raise ConfigError("cache.mode is require, but cache.path is not set: build one with `vldistill cache`")
         return False
-    reasons = cache_blockers(losses, weighting)
+    reasons = cache_blockers(losses, weighting, where)
     if not reasons:
         return True
     if cache.mode == "require":
