@@ -56,6 +56,14 @@ def test_student_variants_lay_their_modules_over_student_model_field_by_field():
     assert student_variants(load_config(TINY)) == {None: load_config(TINY)}  # no variants: the config itself
 
 
+def test_a_variant_shapes_the_decoder_field_by_field_or_drops_it():
+    decoder = "student.model.decoder={layers: 1, width: 16, heads: 1, mlp_ratio: 2.0}"
+    cfg = load_config(TINY, ["teacher.family=blip", decoder, "sweep.students={deep: {decoder: {layers: 2}}, none: {decoder: null}}"])
+    variants = student_variants(cfg)
+    assert variants["deep"].student.model.decoder == TowerSpec(layers=2, width=16, heads=1, mlp_ratio=2.0)
+    assert variants["none"].student.model.decoder is None
+
+
 @pytest.mark.parametrize(
     "students, message",
     [
