@@ -73,6 +73,7 @@ def test_a_variant_shapes_the_decoder_field_by_field_or_drops_it():
         ("{a: {projection_dim: wide}}", r"sweep\.students\.a\.projection_dim must be int"),
         ("{a: {vision: {width: 64}}}", r"sweep\.students\.a\.vision\.width = 64 exceeds the teacher's 32.*student\.inherit is true"),
         ("{a/b: {}}", r"sweep\.students\.a/b: a student name may hold only"),
+        ("{..: {}}", r"sweep\.students\.\.\.: a student name may hold only"),
         ("{a: 3}", r"sweep\.students\.a must be a mapping"),
     ],
 )
