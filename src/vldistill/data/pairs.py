@@ -25,6 +25,9 @@ class PairSplit:
     image, caption i describing image i. Every image has at least one caption. The retrieval benchmarks
     (COCO, Flickr30k) have about five captions per image, held once each here: retrieval is scored over
     the distinct images (see eval.retrieval).
+
+    `references[i]` are the reference captions a generated caption of image i is scored against (captioning
+    metrics); None means each image's own captions in the split (see `image_references`).
     """
 
     images: np.ndarray
@@ -32,6 +35,7 @@ class PairSplit:
     labels: Optional[np.ndarray] = None
     attributes: Optional[list[dict[str, str]]] = None
     text_to_image: Optional[np.ndarray] = None
+    references: Optional[list[list[str]]] = None
 
     def __post_init__(self) -> None:
         n_images = len(self.images)
@@ -44,10 +48,13 @@ class PairSplit:
                 raise ValueError(f"text_to_image has shape {self.text_to_image.shape}, expected ({len(self.captions)},)")
             if not np.array_equal(np.unique(self.text_to_image), np.arange(n_images)):
                 raise ValueError(f"text_to_image must give each of the {n_images} images a caption, and no other image")
-        for name in ("labels", "attributes"):
+        for name in ("labels", "attributes", "references"):
             value = getattr(self, name)
             if value is not None and len(value) != n_images:
                 raise ValueError(f"{len(value)} {name} for {n_images} images")
+        empty = [i for i, refs in enumerate(self.references or []) if isinstance(refs, str) or not refs]
+        if empty:
+            raise ValueError(f"references of image {empty[0]} must be a non-empty list of captions")
 
     def __len__(self) -> int:
         """The number of (distinct) images."""
@@ -56,6 +63,16 @@ class PairSplit:
     def caption_images(self) -> np.ndarray:
         """(T,) the image index of each caption."""
         return self.text_to_image if self.text_to_image is not None else np.arange(len(self.images))
+
+    def image_references(self) -> list[list[str]]:
+        """Each image's reference captions: `references` when set, else the image's own captions in the
+        split in caption order (a Karpathy-format set's five per image)."""
+        if self.references is not None:
+            return [list(refs) for refs in self.references]
+        grouped: list[list[str]] = [[] for _ in range(len(self.images))]
+        for caption, image in zip(self.captions, self.caption_images().tolist()):
+            grouped[image].append(caption)
+        return grouped
 
     def as_pairs(self) -> "InMemoryPairs":
         """The split as training pairs: one `InMemoryPairs` row per caption (its image repeated)."""
@@ -147,7 +164,9 @@ class PairCollator:
     `self.view` for every sample (`set_epoch` moves it: epoch e uses view e, or e % `views` when
     `views` is set, e.g. by a teacher cache holding that many views). When every sample carries its
     index, the batch also holds `sample_index`, `view` and `view_hash` (each view's `view_hash`, the
-    fingerprint a teacher cache checks its stored rows against), (B,) LongTensors.
+    fingerprint a teacher cache checks its stored rows against), (B,) LongTensors. `attach`, when given, adds
+    the entries it makes from the batch's samples and their view ids (e.g. a teacher cache's ITM negatives'
+    inputs, teachers/cache/negatives.py).
 
     Inside a DataLoader worker, the bad-input counts the worker's copy of `quality` gathered since the
     last batch travel with the batch as `batch["data_quality"]` (`repeat_batches` merges them into the
@@ -162,6 +181,7 @@ class PairCollator:
         extra: Optional[Mapping[str, Preprocess]] = None,
         views: Optional[int] = None,
         quality: Optional[DataQuality] = None,
+        attach: Optional[Callable[[Sequence[PairSample], Sequence[int]], dict[str, torch.Tensor]]] = None,
     ) -> None:
         if views is not None and views < 1:
             raise ValueError(f"views must be >= 1 or None, got {views}")
@@ -172,6 +192,7 @@ class PairCollator:
         self.views = views
         self.view = 0
         self.quality = quality
+        self.attach = attach
 
     def set_epoch(self, epoch: int) -> None:
         """Use the view of training epoch `epoch` for the batches collated from now on."""
@@ -202,6 +223,8 @@ class PairCollator:
             batch["sample_index"] = torch.tensor([s.index for s in samples], dtype=torch.long)
             batch["view"] = torch.tensor(list(views), dtype=torch.long)
             batch["view_hash"] = torch.tensor([view_hash(i, c) for i, c in zip(images, captions)], dtype=torch.long)
+        if self.attach is not None:
+            batch.update(self.attach(samples, views))
         return batch
 
 

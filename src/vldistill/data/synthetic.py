@@ -5,6 +5,10 @@ background. Training captions vary their wording and sometimes leave out the siz
 validation and test captions always state all four attributes in one canonical wording, so
 retrieval on them has a well-defined answer (images that share an identical caption are
 equivalent). Zero-shot classes are size x colour x shape ("a small red circle").
+
+Validation and test images also carry reference captions for captioning metrics (`reference_captions`):
+the canonical caption and every training wording that states all four attributes, so CIDEr's consensus
+has several references per image, as COCO's five captions give it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,24 @@ from vldistill.data.grammar import (
 from vldistill.data.pairs import PairSplit
 
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+ATTRIBUTES = ("size", "colour", "shape", "position")
+# The wordings a reference caption may take: the canonical one, then every training wording stating all four attributes.
+REFERENCE_WORDINGS = tuple(
+    dict.fromkeys(
+        [CANONICAL_CAPTION, *(w for w in TRAIN_CAPTIONS if all(f"{{{name}}}" in w for name in ATTRIBUTES))]
+    )
+)
+
+
+def caption_for(wording: str, attrs: dict[str, str]) -> str:
+    """`wording` filled with an image's attributes (its position as a phrase: "at the top left")."""
+    return wording.format(**{**attrs, "position": POSITION_PHRASES[attrs["position"]]})
+
+
+def reference_captions(attrs: dict[str, str]) -> list[str]:
+    """An image's reference captions: its canonical caption first, then every other training wording that
+    states all four attributes (`REFERENCE_WORDINGS`), filled with its attributes."""
+    return [caption_for(wording, attrs) for wording in REFERENCE_WORDINGS]
 
 
 def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -59,7 +81,8 @@ def render(shape: str, colour: str, size: str, position: str, image_size: int, r
 
 
 def make_split(split: str, size: int, seed: int = 0, image_size: int = 32) -> PairSplit:
-    """Generate split `split` ("train", "val" or "test") with `size` samples, deterministic in `seed`."""
+    """Generate split `split` ("train", "val" or "test") with `size` samples, deterministic in `seed`;
+    val and test images carry their `reference_captions`."""
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"unknown split {split!r}; known splits: {', '.join(SPLIT_OFFSETS)}")
     rng = np.random.default_rng(seed + SPLIT_OFFSETS[split])
@@ -75,7 +98,8 @@ def make_split(split: str, size: int, seed: int = 0, image_size: int = 32) -> Pa
         }
         images[i] = render(attrs["shape"], attrs["colour"], attrs["size"], attrs["position"], image_size, rng)
         wording = TRAIN_CAPTIONS[rng.integers(len(TRAIN_CAPTIONS))] if split == "train" else CANONICAL_CAPTION
-        captions.append(wording.format(**{**attrs, "position": POSITION_PHRASES[attrs["position"]]}))
+        captions.append(caption_for(wording, attrs))
         labels[i] = class_label(attrs["size"], attrs["colour"], attrs["shape"])
         attributes.append(attrs)
-    return PairSplit(images=images, captions=captions, labels=labels, attributes=attributes)
+    references = None if split == "train" else [reference_captions(attrs) for attrs in attributes]
+    return PairSplit(images=images, captions=captions, labels=labels, attributes=attributes, references=references)
