@@ -12,6 +12,7 @@ from vldistill.fileio import write_text_atomic
 
 ZEROSHOT_CLASSIFICATION = "zeroshot_classification"
 ZEROSHOT_RETRIEVAL = "zeroshot_retrieval"
+CAPTIONING = "captioning"
 REQUIRED_KEYS = ("dataset", "model", "task", "metrics")
 
 
@@ -57,17 +58,25 @@ def _recall_ks(metrics: Mapping[str, float]) -> list[int]:
 
 def format_records(records: Mapping[str, dict[str, Any]]) -> str:
     """A plain-text report of a model's records (keyed by task): the retrieval recalls as a table,
-    text->image (image_retrieval_recall@K) and image->text (text_retrieval_recall@K) by K, then the
-    zero-shot accuracies on one line (and the record's note)."""
+    text->image (image_retrieval_recall@K) and image->text (text_retrieval_recall@K) by K, and the same
+    after ITM re-ranking when the record has them (itm_*, "-" at depths not re-ranked); the zero-shot
+    accuracies on one line (and the record's note); the captioning BLEU-4 and CIDEr on one line."""
     lines = []
     retrieval = records.get(ZEROSHOT_RETRIEVAL)
     if retrieval is not None:
         metrics, ks = retrieval["metrics"], _recall_ks(retrieval["metrics"])
         counts = f"{retrieval['images']:,} images, {retrieval['captions']:,} captions, " if "images" in retrieval else ""
         lines.append(f"{retrieval['model']} on {retrieval['dataset']}: {counts}hits: {retrieval.get('retrieval_match', 'pair')}")
-        lines.append(f"{'retrieval':<13}" + "".join(f"{f'R@{k}':>8}" for k in ks))
-        for label, key in (("text->image", "image_retrieval_recall"), ("image->text", "text_retrieval_recall")):
-            lines.append(f"{label:<13}" + "".join(f"{metrics[f'{key}@{k}']:>8.3f}" for k in ks))
+        rows = [("text->image", "image_retrieval_recall"), ("image->text", "text_retrieval_recall")]
+        width = 13
+        if "rerank_k" in retrieval:
+            rows += [(f"{label} ITM", f"itm_{key}") for label, key in rows]
+            lines[-1] += f"; ITM re-ranks the top {retrieval['rerank_k']}"
+            width = 17
+        lines.append(f"{'retrieval':<{width}}" + "".join(f"{f'R@{k}':>8}" for k in ks))
+        for label, key in rows:
+            cells = [metrics.get(f"{key}@{k}") for k in ks]
+            lines.append(f"{label:<{width}}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
     classification = records.get(ZEROSHOT_CLASSIFICATION)
     if classification is not None:
         metrics = classification["metrics"]
@@ -78,4 +87,10 @@ def format_records(records: Mapping[str, dict[str, Any]]) -> str:
         lines.append(f"zero-shot{classes}: " + ", ".join(accuracies))
         if classification.get("note"):
             lines.append(f"  note: {classification['note']}")
+    captioning = records.get(CAPTIONING)
+    if captioning is not None:
+        metrics = captioning["metrics"]
+        counts = f" ({captioning['images']:,} images)" if "images" in captioning else ""
+        lines.append(f"{captioning['model']} on {captioning['dataset']}{counts}: captioning "
+                     f"BLEU-4 {metrics['bleu4']:.3f}, CIDEr {metrics['cider']:.3f}")
     return "\n".join(lines)

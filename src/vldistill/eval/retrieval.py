@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -152,6 +153,51 @@ def _positives(
     return positives
 
 
+@dataclass(frozen=True)
+class RetrievalEmbeddings:
+    """A model's (N_img, D) image and (N_txt, D) text embeddings of a retrieval set, and its (N_img, N_txt)
+    positives mask."""
+
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    positives: torch.Tensor
+
+    def similarity(self) -> torch.Tensor:
+        """(N_img, N_txt) image_embeds @ text_embeds.T, the contrastive ranking scores."""
+        return self.image_embeds.float().cpu() @ self.text_embeds.float().cpu().T
+
+
+def embed_for_retrieval(
+    model: nn.Module,
+    tokenize: Tokenize,
+    images: Images,
+    image_captions: Optional[list[str]] = None,
+    texts: Optional[list[str]] = None,
+    text_to_image: Optional[Sequence[int]] = None,
+    match: Match = "pair",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> RetrievalEmbeddings:
+    """Embed images and texts with `model` and build the positives mask of `evaluate_retrieval` (same arguments)."""
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
+    if texts is None:
+        if image_captions is None:
+            raise ValueError("give the texts (with text_to_image) or the image captions")
+        if text_to_image is not None:
+            raise ValueError("text_to_image is only meaningful with explicit texts")
+        texts, text_to_image = image_captions, range(len(image_captions))
+    elif text_to_image is None and (match == "pair" or image_captions is None):
+        raise ValueError(f"match={match!r} with explicit texts needs text_to_image")
+    image_embeds = embed_images(model, images, batch_size, progress)
+    n_images = image_embeds.shape[0]
+    if image_captions is not None and n_images != len(image_captions):
+        raise ValueError(f"got {n_images} images but {len(image_captions)} image captions")
+    positives = _positives(n_images, image_captions, texts, text_to_image, match)
+    text_embeds = embed_texts(model, tokenize, texts, batch_size, progress)
+    return RetrievalEmbeddings(image_embeds, text_embeds, positives)
+
+
 def evaluate_retrieval(
     model: nn.Module,
     tokenize: Tokenize,
@@ -173,20 +219,7 @@ def evaluate_retrieval(
     image with a caption identical to the text (see `positives_from_identical_captions` and
     `positives_from_equivalent_captions`).
     """
-    if match not in MATCHES:
-        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
-    if texts is None:
-        if image_captions is None:
-            raise ValueError("give the texts (with text_to_image) or the image captions")
-        if text_to_image is not None:
-            raise ValueError("text_to_image is only meaningful with explicit texts")
-        texts, text_to_image = image_captions, range(len(image_captions))
-    elif text_to_image is None and (match == "pair" or image_captions is None):
-        raise ValueError(f"match={match!r} with explicit texts needs text_to_image")
-    image_embeds = embed_images(model, images, batch_size, progress)
-    n_images = image_embeds.shape[0]
-    if image_captions is not None and n_images != len(image_captions):
-        raise ValueError(f"got {n_images} images but {len(image_captions)} image captions")
-    positives = _positives(n_images, image_captions, texts, text_to_image, match)
-    text_embeds = embed_texts(model, tokenize, texts, batch_size, progress)
-    return retrieval_metrics(image_embeds, text_embeds, positives, ks)
+    embedded = embed_for_retrieval(
+        model, tokenize, images, image_captions, texts, text_to_image, match, batch_size, progress
+    )
+    return retrieval_metrics(embedded.image_embeds, embedded.text_embeds, embedded.positives, ks)
