@@ -1,7 +1,7 @@
 """`vldistill distill` with a BLIP retrieval teacher builds a BLIP student from `student.model` (per module,
 inheriting when `student.inherit`), trains it with the task and distillation losses of both heads, saves a
 plain HF BLIP folder with its model card, and `vldistill eval` scores it; the teacher cache serves its
-embeddings and refuses ITM signals; a captioning teacher is refused."""
+embeddings and ITM logits and refuses its fusion layers; a captioning teacher is refused."""
 
 from __future__ import annotations
 
@@ -66,16 +66,17 @@ def test_a_blip_teacher_builds_a_blip_student_per_module_inheriting_its_layers(b
     torch.testing.assert_close(student.model.itm_head.weight, primary.model.model.itm_head.weight[:, :16])
 
 
-def test_the_teacher_cache_refuses_itm_signals(blip_teacher, tmp_path, caplog):
-    cfg = tiny_config(blip_teacher, f"cache.path={tmp_path / 'cache'}", LOSSES)
-    refused = r"distill\.losses\.itm_kd needs the teacher's itm_logits, itm_negatives, which a cache cannot hold"
+def test_the_teacher_cache_serves_itm_and_refuses_fusion_layers(blip_teacher, tmp_path, caplog):
+    fusion = "distill.losses={itm_kd: {}, hidden: {towers: [fusion]}}"
+    cfg = tiny_config(blip_teacher, f"cache.path={tmp_path / 'cache'}", fusion)
+    refused = r"distill\.losses\.hidden needs the teacher's fusion_hidden_states.*, which a cache does not store: per-layer maps"
     assert not serve_from_cache(cfg.cache, cfg.distill.loss_specs, cfg.distill.weighting)  # auto: run online
     assert re.search(refused, caplog.text)
-    cfg = tiny_config(blip_teacher, f"cache.path={tmp_path / 'cache'}", "cache.mode=require", LOSSES)
+    cfg = tiny_config(blip_teacher, f"cache.path={tmp_path / 'cache'}", "cache.mode=require", fusion)
     with pytest.raises(ConfigError, match=refused):
         plan_student_run(cfg, None, load_teacher(str(blip_teacher)), tmp_path / "student")  # decided before data
-    embeddings = tiny_config(blip_teacher, f"cache.path={tmp_path / 'cache'}", "distill.losses={clip: {}, kd: {}}")
-    assert serve_from_cache(embeddings.cache, embeddings.distill.loss_specs, embeddings.distill.weighting)
+    served = tiny_config(blip_teacher, f"cache.path={tmp_path / 'cache'}", LOSSES)
+    assert serve_from_cache(served.cache, served.distill.loss_specs, served.distill.weighting)
 
 
 def test_a_captioning_teacher_is_refused_with_what_it_is(tmp_path):
@@ -88,16 +89,17 @@ def test_a_captioning_teacher_is_refused_with_what_it_is(tmp_path):
         build_student(tiny_config(folder), load_teacher(str(folder)), inherit=False)
 
 
-def test_a_blip_student_distills_from_the_teacher_cache_of_its_embeddings(blip_teacher, tmp_path):
-    """The cache holds the BLIP teacher's ITC embeddings: kd reads them, the ITM task loss needs no teacher."""
+def test_a_blip_student_distills_from_the_teacher_cache_of_its_embeddings_and_itm(blip_teacher, tmp_path):
+    """The cache holds the BLIP teacher's ITC embeddings and ITM logits: kd and itm_kd read them, the ITM task
+    loss needs no teacher."""
     cache = tmp_path / "cache"
     assert main(["cache", TINY, "--quiet", "--set", f"teacher.path={blip_teacher}", "--out", str(cache)]) == 0
     out = tmp_path / "run"
     assert main(distill_args(out, blip_teacher, "--no-eval", "--set", f"cache.path={cache}", "--set", "cache.mode=require",
-                             "--set", "distill.losses={clip: {}, itm: {}, kd: {}}")) == 0
+                             "--set", LOSSES)) == 0
     assert json.loads((out / "student" / "vldistill.json").read_text())["teacher_cache"] == str(cache)
     steps = [json.loads(line) for line in (out / "logs" / "distill.jsonl").read_text().splitlines()]
-    assert len(steps) == 2 and all(s["loss/kd"] >= 0 and 0.5 < s["loss/itm"] < 1.0 for s in steps)
+    assert len(steps) == 2 and all(s["loss/kd"] >= 0 and 0.5 < s["loss/itm"] < 1.0 and s["loss/itm_kd"] > 0 for s in steps)
 
 
 @pytest.fixture(scope="module")

@@ -233,9 +233,10 @@ def test_hidden_state_loss_runs_online_in_auto_and_fails_in_require(tiny, plain_
     student = train_student(cfg, tiny["data"], tiny["teacher"], tmp_path / "auto", progress=False)
     [warning] = [r for r in caplog.records if r.name == "vldistill.teachers.cache.cached"]
     assert warning.levelno == logging.WARNING
-    assert "running the teachers online: distill.losses.hidden needs the teacher's image_hidden_states, text_attention_mask, text_hidden_states, which a cache cannot hold" in warning.getMessage()
+    assert ("running the teachers online: distill.losses.hidden needs the teacher's image_hidden_states, text_hidden_states, "
+            "which a cache does not store: per-layer maps of every token") in warning.getMessage()
     assert student.result.steps == 8 and read_metadata(tmp_path / "auto")["teacher_cache"] is None
-    with pytest.raises(ConfigError, match=r"cache.mode is require.*distill\.losses\.hidden needs the teacher's image_hidden_states.*which a cache cannot hold"):
+    with pytest.raises(ConfigError, match=r"cache.mode is require.*distill\.losses\.hidden needs the teacher's image_hidden_states.*which a cache does not store"):
         train_student(plain_cfg(tiny, losses, "cache.mode=require"), tiny["data"], tiny["teacher"], tmp_path / "req")
     assert not (tmp_path / "req").exists()
     with pytest.raises(ConfigError, match="cache.mode is require, but cache.path is not set"):

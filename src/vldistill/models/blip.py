@@ -159,6 +159,11 @@ class BlipRetrievalEncoder(nn.Module):
         """BLIP adds no bias to its logits."""
         return None
 
+    @property
+    def scores_itm(self) -> bool:
+        """True: its forward scores image-text matching pairs (`output_itm`), which a teacher cache can store."""
+        return True
+
     def clamp_logit_scale(self) -> None:
         """Nothing to clamp: the logit scale is fixed."""
 
@@ -248,27 +253,40 @@ class BlipRetrievalEncoder(nn.Module):
         output_attentions: bool = False,
         output_itm: bool = False,
         itm_negatives: Optional[torch.Tensor] = None,
+        itm_negative_inputs: Optional[dict[str, torch.Tensor]] = None,
     ) -> Signals:
         """ITC embeddings of paired images and texts; with `output_itm`, the ITM logits of the positives and
-        of hard negatives (`itm_negatives` (2, B) when given, e.g. a teacher's, else sampled) in three blocks
-        (models/blip_signals.py); hidden states / attention maps of the vision tower, the text-only pass and
-        the fusion pass over the positive pairs on request."""
+        of hard negatives in three blocks (models/blip_signals.py): the batch's rows `itm_negatives` (2, B) when
+        given (e.g. a teacher's), or the negatives `itm_negative_inputs` holds (row i: `input_ids` /
+        `attention_mask` of image i's negative caption, `pixel_values` of caption i's negative image, e.g. read
+        from a teacher cache; then no `itm_negatives` are returned), else negatives sampled from the batch;
+        hidden states / attention maps of the vision tower, the text-only pass and the fusion pass over the
+        positive pairs on request."""
+        if itm_negative_inputs is not None and (not output_itm or itm_negatives is not None):
+            raise ValueError("itm_negative_inputs are scored only with output_itm=True and without itm_negatives")
         flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
         with eager_attention(self.model, enabled=output_attentions):
             vision = self.model.vision_model(pixel_values=pixel_values, **flags)
             text = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, **flags)
             image_embeds = self._image_cls(vision.last_hidden_state)
             text_embeds = self._text_cls(text.last_hidden_state)
-            itm, fusion = {}, {}
-            if output_itm:
+            itm, fusion, negatives = {}, {}, None
+            if output_itm and itm_negative_inputs is not None:
+                negatives = self._given_negatives(itm_negative_inputs, input_ids.shape[0])
+            elif output_itm:
                 if itm_negatives is None:
                     similarity = self.logit_scale * image_embeds.detach() @ text_embeds.detach().t()
                     itm_negatives = self.sample_negatives(similarity, pixel_values, input_ids, attention_mask)
                 itm_negatives = self._checked_negatives(itm_negatives, input_ids.shape[0])
+                texts, images = itm_negatives
+                mask = None if attention_mask is None else attention_mask[texts]
+                negatives = (vision.last_hidden_state[images], input_ids[texts], mask)
             if output_itm or output_hidden_states or output_attentions:
                 itm, fusion = self._fusion_signals(
-                    vision.last_hidden_state, input_ids, attention_mask, itm_negatives, flags
+                    vision.last_hidden_state, input_ids, attention_mask, negatives, flags
                 )
+                if itm_negatives is not None:
+                    itm["itm_negatives"] = itm_negatives
         return Signals(
             image_embeds=image_embeds,
             text_embeds=text_embeds,
@@ -282,26 +300,42 @@ class BlipRetrievalEncoder(nn.Module):
             **fusion,
         )
 
+    def _given_negatives(
+        self, inputs: dict[str, torch.Tensor], size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The negatives `itm_negative_inputs` holds as (negative images' tokens, negative captions' ids, mask),
+        or a ValueError saying what is missing or mis-sized."""
+        missing = [key for key in ("pixel_values", "input_ids") if key not in inputs]
+        if missing:
+            raise ValueError(f"itm_negative_inputs lacks {', '.join(missing)}")
+        sizes = {key: int(value.shape[0]) for key, value in inputs.items()}
+        if any(rows != size for rows in sizes.values()):
+            raise ValueError(f"itm_negative_inputs must hold one negative per pair of the batch of {size}, got {sizes}")
+        image_tokens = self.model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        return image_tokens, inputs["input_ids"], inputs.get("attention_mask")
+
     def _fusion_signals(
         self,
         image_tokens: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
-        itm_negatives: Optional[torch.Tensor],
+        negatives: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
         flags: dict[str, bool],
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """One fusion pass over the positive pairs, and the negative pairs of `itm_negatives` when given: the ITM
-        signals (when negatives are given) and the positives' fusion hidden states / attention maps (when
-        `flags` ask for them), each as a dict of signals."""
+        """One fusion pass over the positive pairs, and the negative pairs when `negatives` (each image's negative
+        caption ids and mask, each caption's negative image tokens) are given: the ITM logits (when negatives are
+        given) and the positives' fusion hidden states / attention maps (when `flags` ask for them), each as a
+        dict of signals."""
         size = input_ids.shape[0]
-        if itm_negatives is not None:
-            texts, images = itm_negatives
-            image_tokens = torch.cat([image_tokens, image_tokens, image_tokens[images]])
-            input_ids = torch.cat([input_ids, input_ids[texts], input_ids])
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask[texts], attention_mask])
+        if negatives is not None:
+            negative_images, negative_ids, negative_mask = negatives
+            image_tokens = torch.cat([image_tokens, image_tokens, negative_images])
+            input_ids, attention_mask = _stack_texts(
+                [(input_ids, attention_mask), (negative_ids, negative_mask), (input_ids, attention_mask)],
+                self.model.config.text_config.pad_token_id or 0,
+            )
         logits, fusion = self.itm_logits(image_tokens, input_ids, attention_mask, **flags)
-        itm = {} if itm_negatives is None else {"itm_logits": logits, "itm_negatives": itm_negatives}
+        itm = {} if negatives is None else {"itm_logits": logits}
         positives = slice(0, size)
         layers = {}
         if flags["output_hidden_states"]:
@@ -334,6 +368,23 @@ class BlipRetrievalEncoder(nn.Module):
         if tokenizer is None:
             raise ValueError("BlipRetrievalEncoder.save_pretrained needs a tokenizer: it has none of its own")
         return save_blip_folder(self.model, tokenizer, self.input_spec, out_dir, metadata)
+
+
+def _stack_texts(
+    texts: list[tuple[torch.Tensor, Optional[torch.Tensor]]], pad_token_id: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Several (ids, mask) text blocks stacked along the batch, each padded to the longest with `pad_token_id`
+    and mask 0 (a missing mask is all ones); the mask is None when no block had one."""
+    longest = max(ids.shape[1] for ids, _ in texts)
+    if all(mask is None for _, mask in texts) and all(ids.shape[1] == longest for ids, _ in texts):
+        return torch.cat([ids for ids, _ in texts]), None
+    all_ids, masks = [], []
+    for ids, mask in texts:
+        mask = torch.ones_like(ids) if mask is None else mask
+        pad = longest - ids.shape[1]
+        all_ids.append(F.pad(ids, (0, pad), value=pad_token_id))
+        masks.append(F.pad(mask, (0, pad), value=0))
+    return torch.cat(all_ids), torch.cat(masks)
 
 
 def _rows(per_layer: tuple[torch.Tensor, ...], rows: slice) -> tuple[torch.Tensor, ...]:

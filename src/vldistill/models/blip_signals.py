@@ -13,16 +13,24 @@ adapters, their losses and their tests share one contract:
 - `token_logits` (B, T, V): a captioning decoder's next-token logits over the vocabulary.
 - `fusion_*` / `decoder_*`: per-layer hidden states, self-attention and cross-attention maps of the fusion
   (image-grounded text) encoder and of the decoder; on request, from the primary teacher.
+
+The teacher cache (teachers/cache) stores a lone BLIP retrieval teacher's ITM: per sample (cache row) its
+three pairs' logits as field `teacher0/itm` (3 x 2, in block order) and its negatives as field
+`teacher0/itm_negatives` (2 cache rows, int64: the row whose caption is this row's image's negative, the row
+whose image is this row's caption's negative). A batch read from the cache carries those negatives' inputs
+under `ITM_NEGATIVE_KEY`-prefixed keys (and their rows as `itm_negative.rows`), which the student scores
+instead of batch-local indices, so the cache returns `itm_logits` but no `itm_negatives`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from vldistill.models.signals import (
+    LAYER_MAPS_REFUSAL,
     EnsembleWeights,
     SignalKind,
     layerwise,
@@ -32,6 +40,8 @@ from vldistill.models.signals import (
 )
 
 ITM_BLOCKS = 3  # positives, negative text per image, negative image per text
+ITM_NEGATIVE_KEY = "itm_negative"  # batch-key prefix of the ITM negatives' inputs read from a teacher cache
+ITM_NEGATIVE_ROWS = f"{ITM_NEGATIVE_KEY}.rows"  # (B, 2) their cache rows: negative text's, negative image's
 IGNORE_INDEX = -100  # a caption label with no target (cross-entropy's ignore_index)
 
 
@@ -64,12 +74,44 @@ def mean_over_teachers(values: Sequence[torch.Tensor], weights: EnsembleWeights)
     return torch.stack(list(values)).mean(dim=0)
 
 
+def itm_rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(3B, 2) ITM logits in three blocks as (B, 6) per-sample rows: sample i's three pairs in block order."""
+    return logits.float().reshape(ITM_BLOCKS, len(rows), -1).transpose(0, 1).reshape(len(rows), -1)
+
+
+def itm_from_rows(stored: torch.Tensor) -> torch.Tensor:
+    """(B, 6) per-sample ITM rows (see `itm_rows`) back in the (3B, 2) block layout."""
+    return stored.reshape(stored.shape[0], ITM_BLOCKS, -1).transpose(0, 1).reshape(-1, stored.shape[1] // ITM_BLOCKS)
+
+
+def negative_rows(negatives: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(2, B) batch-local ITM negatives of a batch at cache `rows` (B,) as (B, 2) cache rows (int64)."""
+    return rows.to(negatives.device)[negatives].t().to(torch.int64)
+
+
+def itm_width(model) -> Optional[int]:
+    """Per-sample width of a model's cached ITM logits: 3 pairs x 2 classes when it scores ITM, else None."""
+    return ITM_BLOCKS * 2 if getattr(model, "scores_itm", False) else None
+
+
+def carried_by_batch(stored: torch.Tensor) -> None:
+    """Cached ITM negatives are global cache rows: the batch carries their inputs, not batch-local indices."""
+    return None
+
+
+CAPTION_REFUSAL = (
+    "which a cache does not store: a distribution over the whole vocabulary at every caption token, per sample"
+)
 register_signal(SignalKind(
     name="itm_logits",
     description="(3B, 2) image-text matching logits: positives, negative text per image, negative image per text",
     concat=concat_itm_logits,
     combine=mean_over_teachers,
     request="output_itm",
+    cache_field="itm",
+    cache_width=itm_width,
+    cache_rows=itm_rows,
+    cache_read=itm_from_rows,
 ))
 register_signal(SignalKind(
     name="itm_negatives",
@@ -78,18 +120,25 @@ register_signal(SignalKind(
     combine=primary,
     request="output_itm",
     primary_only=True,
+    cache_field="itm_negatives",
+    cache_width=lambda model: 2 if itm_width(model) else None,
+    cache_dtype="int64",
+    cache_rows=negative_rows,
+    cache_read=carried_by_batch,
 ))
 register_signal(SignalKind(
     name="token_logits",
     description="(B, T, V) a captioning decoder's next-token logits",
     concat=padded_concat((1,)),
     combine=mean_over_teachers,
+    cache_refusal=CAPTION_REFUSAL,
 ))
 register_signal(SignalKind(
     name="caption_labels",
     description="(B, T) the token each position of token_logits predicts, -100 where none (padding, BOS, prompt)",
     concat=concat_caption_labels,
     combine=primary,
+    cache_refusal=CAPTION_REFUSAL,
 ))
 for _module in ("fusion", "decoder"):
     register_signal(SignalKind(
@@ -99,6 +148,7 @@ for _module in ("fusion", "decoder"):
         combine=primary,
         request="output_hidden_states",
         primary_only=True,
+        cache_refusal=LAYER_MAPS_REFUSAL,
     ))
     register_signal(SignalKind(
         name=f"{_module}_attentions",
@@ -107,6 +157,7 @@ for _module in ("fusion", "decoder"):
         combine=primary,
         request="output_attentions",
         primary_only=True,
+        cache_refusal=LAYER_MAPS_REFUSAL,
     ))
     register_signal(SignalKind(
         name=f"{_module}_cross_attentions",
@@ -115,4 +166,5 @@ for _module in ("fusion", "decoder"):
         combine=primary,
         request="output_attentions",
         primary_only=True,
+        cache_refusal=LAYER_MAPS_REFUSAL,
     ))

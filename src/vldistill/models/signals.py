@@ -11,9 +11,12 @@ registered in `SIGNALS`, which declares everything the rest of vldistill does wi
 - `combine`: how several teachers' values become one virtual teacher's (teachers/ensemble.py), given the
   ensemble's per-sample weights; `primary_only` kinds come from the first teacher, so only it is asked;
 - `cache_field` / `cache_width`: the field a per-sample signal is stored under in the teacher cache
-  (`teacher{k}/<cache_field>`) and its width for a given model (None: that model does not produce it);
-  or `cache_meta`: a per-model scalar read off the model into the cache's meta. Neither: the cache cannot
-  hold the kind, and a loss that needs it runs the teachers online.
+  (`teacher{k}/<cache_field>`) and its width for a given model (None: that model does not produce it),
+  with `cache_dtype` (None: the cache's float dtype), `cache_rows` (the value as one row per sample, given
+  the batch's cache rows; default: the value's rows flattened) and `cache_read` (the value from those rows;
+  default: as they are); or `cache_meta`: a per-model scalar read off the model into the cache's meta.
+  Neither: the cache cannot hold the kind (`cache_refusal` says why), and a loss that needs it runs the
+  teachers online.
 
 A loss names the signals it needs (`DistillLoss.needs`). Adding a kind (an ITM score, a decoder's
 token distribution, a cross-attention map) is one `register_signal(SignalKind(...))` call.
@@ -60,6 +63,20 @@ class SignalKind:
     cache_field: Optional[str] = None
     cache_width: Optional[Callable[[Any], Optional[int]]] = None
     cache_meta: Optional[Callable[[Any], Optional[float]]] = None
+    cache_dtype: Optional[str] = None
+    cache_rows: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = None
+    cache_read: Optional[Callable[[torch.Tensor], Any]] = None
+    cache_refusal: str = "which a cache cannot hold"
+
+    def to_cache_rows(self, value: Any, rows: torch.Tensor) -> torch.Tensor:
+        """The value of a batch whose samples sit at cache `rows` (B,) as (B, width) rows to store."""
+        if self.cache_rows is not None:
+            return self.cache_rows(value, rows)
+        return value.float().reshape(len(rows), -1)
+
+    def from_cache_rows(self, stored: torch.Tensor) -> Any:
+        """The signal value of a batch from its (B, width) stored rows (None: the batch carries it instead)."""
+        return stored if self.cache_read is None else self.cache_read(stored)
 
 
 SIGNALS: Registry = Registry("signal")
@@ -222,6 +239,11 @@ def refuse_gather(value: Any, keep_grad: bool) -> Any:
 
 # --- the registered kinds ----------------------------------------------------------------------------
 
+LAYER_MAPS_REFUSAL = (
+    "which a cache does not store: per-layer maps of every token take far more space per sample than the "
+    "teacher's forward pass takes time"
+)
+
 for _tower in ("image", "text"):
     register_signal(SignalKind(
         name=f"{_tower}_embeds",
@@ -239,6 +261,7 @@ for _tower in ("image", "text"):
         combine=primary,
         request="output_hidden_states",
         primary_only=True,
+        cache_refusal=LAYER_MAPS_REFUSAL,
     ))
     register_signal(SignalKind(
         name=f"{_tower}_attentions",
@@ -247,6 +270,7 @@ for _tower in ("image", "text"):
         combine=primary,
         request="output_attentions",
         primary_only=True,
+        cache_refusal=LAYER_MAPS_REFUSAL,
     ))
 
 register_signal(SignalKind(

@@ -39,6 +39,7 @@ from vldistill.distributed import (
     every_rank_values, join_process_group, on_every_rank, settle_collectives,
 )
 from vldistill.teachers.ensemble import TeacherEnsemble, teacher_output_over
+from vldistill.models.blip_signals import ITM_NEGATIVE_KEY
 from vldistill.models.inputs import inputs_for
 from vldistill.precision import report_cpu_bf16, training_autocast
 from vldistill.models.signals import Signals, concat_signals, gather_signals, request_flags
@@ -81,6 +82,13 @@ def teacher_chosen_inputs(teacher_output: Optional[Signals], start: int, rows: i
     return {"itm_negatives": teacher_output.itm_negatives[:, start : start + rows] - start}
 
 
+def cache_chosen_inputs(batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inputs of the ITM negatives a batch read from a teacher cache carries (teachers/cache/negatives.py),
+    so the student scores the pairs whose teacher logits the cache holds. Empty for any other batch."""
+    negatives = inputs_for(batch, ITM_NEGATIVE_KEY)
+    return {"itm_negative_inputs": negatives} if negatives else {}
+
+
 class StudentWithObjective(nn.Module):
     """The trainable part of a run: the student and the objective (which may own projections)."""
 
@@ -91,7 +99,7 @@ class StudentWithObjective(nn.Module):
 
     def _student_output(self, batch: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor]) -> Signals:
         wanted = self.objective.needs | self.objective.student_needs  # e.g. itm, a task loss on the student's ITM logits
-        return self.student(**inputs_for(batch, ""), **request_flags(wanted), **chosen)
+        return self.student(**inputs_for(batch, ""), **request_flags(wanted), **chosen, **cache_chosen_inputs(batch))
 
     def forward(
         self,

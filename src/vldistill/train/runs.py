@@ -18,6 +18,7 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 from vldistill import __version__
 from vldistill.teachers.cache.meta import cache_meta
 from vldistill.teachers.cache.cached import CachedTeacher, open_cached_teacher, serve_from_cache
+from vldistill.teachers.cache.negatives import ITMNegativeInputs
 from vldistill.binding import plain_digest
 from vldistill.config import ExperimentConfig
 from vldistill.data.augment import AugmentConfig
@@ -74,13 +75,16 @@ def _batches(
     views=None,
     num_workers: int = 0,
     start_step: int = 0,
+    attach=None,
 ):
     """`optim.steps` training batches of `data.train`, each as `optim.accumulation_steps` micro-batches, each
     pair augmented per `augment` (one view for every model), preprocessed for the student/primary teacher
-    and, prefixed, for each `extra` teacher. Epoch e uses view e (fresh views every epoch), or e % `views`
-    when reading a teacher cache of that many. Bad input is skipped and counted; too much of it stops the
-    run (DataQualityError)."""
-    collate = PairCollator(preprocess, augment=augment, seed=seed, extra=extra, views=views, quality=data.quality)
+    and, prefixed, for each `extra` teacher, plus what `attach` adds (a teacher cache's ITM negatives' inputs).
+    Epoch e uses view e (fresh views every epoch), or e % `views` when reading a teacher cache of that many.
+    Bad input is skipped and counted; too much of it stops the run (DataQualityError)."""
+    collate = PairCollator(
+        preprocess, augment=augment, seed=seed, extra=extra, views=views, quality=data.quality, attach=attach
+    )
     micro = optim.accumulation_steps
     loader = pair_loader(data.train, collate, optim.batch_size, seed, num_workers, micro_batches=micro)
     return repeat_batches(loader, optim.steps * micro, data.quality, start_step=start_step * micro)
@@ -315,17 +319,21 @@ def plan_student_run(
     losses = cfg.distill.losses if losses is None else losses
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
-    from_cache = serve_from_cache(cfg.cache, specs, cfg.distill.weighting)
+    from_cache = serve_from_cache(cfg.cache, specs, cfg.distill.weighting, teachers=1 + len(cfg.teacher.ensemble))
     set_seed(cfg.seed)
     student = build_student(cfg, teacher, inherit) if student is None else student
     if from_cache:  # a cache holds every training pair; the student reads the rows of its own
         teachers, extra = cached_teacher(cfg, data, teacher), {}
+        teachers.require(specs_need(specs))
     else:
         teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if specs_need(specs) else (None, {})
     objective = build_objective(
         specs, _loss_context(student, teachers, teacher.model), where="distill.losses", weighting=cfg.distill.weighting
     )
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
+    attach = None
+    if from_cache and "itm_logits" in specs_need(specs):  # each batch carries the inputs of the cached ITM negatives
+        attach = ITMNegativeInputs.from_cache(teachers, data.train, preprocess, cfg.data.augment, cfg.seed)
     optim = cfg.distill.train
     views = cfg.cache.views if from_cache else None
     fingerprint = run_fingerprint(cfg, losses, inherit, teacher.path)
@@ -335,7 +343,7 @@ def plan_student_run(
     start_step = state.step if state is not None else 0
     data = first_pairs(data, cfg.distill.train_pairs)
     batches = _batches(
-        data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views, cfg.data.num_workers, start_step
+        data, preprocess, optim, cfg.seed, cfg.data.augment, extra, views, cfg.data.num_workers, start_step, attach
     )
     held_out = held_out_batch(data, preprocess, optim.batch_size, cfg.seed, extra) if objective.needs_held_out else None
     return DistillPlan(

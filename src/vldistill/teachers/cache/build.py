@@ -6,7 +6,9 @@ of that view (regenerated exactly at distillation time, see data.pairs.make_view
 shard by shard (a DataLoader over the next shard's rows, so loading overlaps the teachers' forward
 when `cache.num_workers` > 0); an interrupted build resumes at the first shard not yet written.
 Field `view_hash` holds each row's view fingerprint (data.pairs.view_hash), which distillation checks
-its regenerated views against. With `cache.batch_size: auto` the teachers' throughput is probed on real
+its regenerated views against. A lone BLIP retrieval teacher's ITM is stored too (`teacher0/itm`,
+`teacher0/itm_negatives`, see models/blip_signals.py): its batches then hold one view each (`itm_batches`),
+and within each the teacher draws its hard negatives from its own similarity, as it does in training. With `cache.batch_size: auto` the teachers' throughput is probed on real
 batches first and the fastest size is used.
 """
 
@@ -26,9 +28,9 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from vldistill.teachers.cache.meta import cache_meta
+from vldistill.teachers.cache.meta import cache_meta, caches_itm
 from vldistill.teachers.cache.store import CacheReader, CacheWriter
-from vldistill.teachers.cache.cached import VIEW_HASH, field_name
+from vldistill.teachers.cache.cached import VIEW_HASH, check_cacheable_teachers, field_name
 from vldistill.config import AUTO_BATCH_SIZE, ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.data.pairs import PairCollator, PairSample
@@ -95,15 +97,48 @@ class RowCollator:
 
 def cache_fields(members: Sequence[TrainedModel], dtype: str) -> dict[str, tuple[int, str]]:
     """The cache's fields: per teacher k, `teacher{k}/<field>` for every per-sample signal kind it produces
-    (models/signals.py `cache_field` and `cache_width`: its image and text embeddings), and `view_hash`
-    (int64) fingerprinting the view each row was computed from."""
+    (models/signals.py `cache_field` and `cache_width`: its image and text embeddings; a lone BLIP retrieval
+    teacher's ITM logits and negatives, see meta.caches_itm), in `dtype` unless the kind names its own, and
+    `view_hash` (int64) fingerprinting the view each row was computed from."""
     fields = {
-        field_name(k, kind.cache_field): (width, dtype)
+        field_name(k, kind.cache_field): (width, kind.cache_dtype or dtype)
         for k, m in enumerate(members)
         for kind in cached_per_sample()
-        if (width := kind.cache_width(m.model)) is not None
+        if (kind.request is None or caches_itm(members)) and (width := kind.cache_width(m.model)) is not None
     }
     return {**fields, VIEW_HASH: (1, "int64")}
+
+
+def requested_kinds(fields: dict[str, tuple[int, str]]) -> frozenset[str]:
+    """The signals among the cache's fields that a teacher returns only when asked (its ITM)."""
+    return frozenset(
+        kind.name for kind in cached_per_sample()
+        if kind.request is not None and field_name(0, kind.cache_field) in fields
+    )
+
+
+def itm_batches(begin: int, stop: int, views: int, batch_size: int, samples: int) -> list[list[int]]:
+    """The build batches (lists of cache rows) of the cache rows [begin, stop) when the teacher's ITM is stored:
+    each holds one view of distinct samples, so a sample's hard negatives are other samples of its view, drawn
+    from the teacher's similarity within that batch. Batches hold `batch_size` rows (at least 2); a last one of
+    a single row joins the batch before it, and a shard holding one sample of a view borrows the neighbouring
+    sample's row of that view (computed, not written: it belongs to another shard)."""
+    if samples < 2:
+        raise ValueError(f"caching ITM needs at least 2 training pairs to draw negatives from, got {samples}")
+    size, batches = max(batch_size, 2), []
+    for view in range(views):
+        first = begin + (view - begin) % views
+        rows = list(range(first, stop, views))
+        if not rows:
+            continue
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if len(chunks) > 1 and len(chunks[-1]) < 2:
+            chunks[-2].extend(chunks.pop())
+        if len(chunks[0]) < 2:
+            sample = chunks[0][0] // views
+            chunks[0].append((sample - 1 if sample > 0 else sample + 1) * views + view)
+        batches.extend(chunks)
+    return batches
 
 
 MISSING_VIEW = -1  # view_hash of a row whose sample was bad input (real fingerprints are >= 0)
@@ -194,24 +229,34 @@ def _shard_arrays(
     progress: tqdm,
 ) -> dict[str, np.ndarray]:
     """Every field's (rows, dim) array for one shard, filled batch by batch from the teachers' outputs at
-    each sample's row. Rows of bad input (skipped by the collator) stay zero with `view_hash` -1, a value
-    no view has, so they are never mistaken for data (training never asks for them: bad samples are
-    dropped from its batches too)."""
+    each sample's row (rows outside the shard, borrowed as ITM negatives, are not written). Rows of bad input
+    (skipped by the collator) stay zero with `view_hash` -1, a value no view has (and ITM negatives -1), so
+    they are never mistaken for data (training never asks for them: bad samples are dropped from its batches
+    too)."""
     arrays = {name: np.zeros((len(rows), dim), dtype=dtype) for name, (dim, dtype) in fields.items()}
-    arrays[VIEW_HASH][:] = MISSING_VIEW
+    for name, (_, dtype) in fields.items():
+        if np.dtype(dtype).kind in "iu":
+            arrays[name][:] = MISSING_VIEW
+    needs = requested_kinds(fields)
     with torch.inference_mode():
         for batch in loader:
             if not batch:
                 continue
+            if needs and len(batch["sample_index"]) < 2:
+                raise ValueError("a teacher-cache build batch holds a single good pair (the others are bad input): "
+                                 "ITM negatives need 2; raise cache.batch_size")
             batch = {key: value.to(device) for key, value in batch.items()}
-            local = (batch["sample_index"] * views + batch["view"]).cpu().numpy() - rows.start
-            for k, output in enumerate(ensemble.outputs(batch)):
+            global_rows = batch["sample_index"] * views + batch["view"]
+            local = global_rows.cpu().numpy() - rows.start
+            keep = (local >= 0) & (local < len(rows))
+            for k, output in enumerate(ensemble.outputs(batch, needs)):
                 for kind in cached_per_sample():
                     name = field_name(k, kind.cache_field)
                     if name in arrays:
-                        arrays[name][local] = output[kind.name].float().reshape(len(local), -1).cpu().numpy()
-            arrays[VIEW_HASH][local, 0] = batch[VIEW_HASH].cpu().numpy()
-            progress.update(len(local))
+                        stored = kind.to_cache_rows(output[kind.name], global_rows).cpu().numpy()
+                        arrays[name][local[keep]] = stored[keep]
+            arrays[VIEW_HASH][local[keep], 0] = batch[VIEW_HASH].cpu().numpy()[keep]
+            progress.update(int(keep.sum()))
     return arrays
 
 
@@ -236,6 +281,7 @@ def build_cache(
     join_process_group()
     state = PartialState(cpu=not torch.accelerator.is_available())
     members = ensemble_members(cfg, primary)
+    check_cacheable_teachers(members)
     ensemble, extra = teacher_ensemble(cfg, primary, primary.model.input_spec, members)
     ensemble = ensemble.to(state.device).eval()
     if ensemble.precision == "bf16" and state.device.type == "cpu" and state.is_main_process:
@@ -259,13 +305,21 @@ def build_cache(
             files = None
             if index < writer.num_shards:
                 begin, stop = writer.shard_range(index)
-                loader = DataLoader(
-                    ShardRows(pairs, settings.views, begin, stop),
-                    batch_size=batch_size,
-                    shuffle=False,
-                    num_workers=settings.num_workers,
-                    collate_fn=collator,
-                )
+                if requested_kinds(fields):  # ITM: batches of one view each, indexed by cache row
+                    loader = DataLoader(
+                        ShardRows(pairs, settings.views, 0, total),
+                        batch_sampler=itm_batches(begin, stop, settings.views, batch_size, len(pairs)),
+                        num_workers=settings.num_workers,
+                        collate_fn=collator,
+                    )
+                else:
+                    loader = DataLoader(
+                        ShardRows(pairs, settings.views, begin, stop),
+                        batch_size=batch_size,
+                        shuffle=False,
+                        num_workers=settings.num_workers,
+                        collate_fn=collator,
+                    )
                 arrays = _shard_arrays(ensemble, loader, fields, range(begin, stop), settings.views, state.device, bar)
                 files = writer.write_shard_files(index, arrays)
             for offset, shard_files in enumerate(gather_object([files])):  # every process's, in rank order

@@ -1,9 +1,10 @@
 """The teacher cache standing in for the teachers during distillation: `CachedTeacher` is called like
 a `TeacherEnsemble` (batch, needs) -> Signals, but reads the signals stored for the batch's samples and
-view (the kinds models/signals.py declares cacheable: the embeddings, the logit scale and bias) instead
-of running any model. Every batch's views are checked against the
-fingerprints (`view_hash`) stored when the cache was built, so the student is fed exactly the views the
-teachers saw."""
+view (the kinds models/signals.py declares cacheable: the embeddings, the logit scale and bias, and a lone
+BLIP retrieval teacher's ITM logits) instead of running any model. Every batch's views are checked against
+the fingerprints (`view_hash`) stored when the cache was built, so the student is fed exactly the views the
+teachers saw; a batch served ITM logits must carry the inputs of the negatives the teacher scored
+(teachers/cache/negatives.py), checked against the stored ones."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from vldistill.teachers.cache.store import REBUILD_HINT, CacheReader, CacheViewM
 from vldistill.config import CacheConfig, ConfigError
 from vldistill.losses.registry import LossSpec, specs_need
 from vldistill.teachers.ensemble import check_combine_method, teacher_output_over
-from vldistill.models.signals import Signals, cacheable_signals, cached_per_model, cached_per_sample, gather_signals
+from vldistill.models.blip_signals import ITM_NEGATIVE_ROWS
+from vldistill.models.signals import SIGNALS, Signals, cacheable_signals, cached_per_model, cached_per_sample, gather_signals
 from vldistill.losses.schedules import WeightingConfig
+from vldistill.models.contract import Captioner
+from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -105,24 +109,48 @@ class CachedTeacher(nn.Module):
         """The combined cached output for the batch."""
         return teacher_output_over(self, [batch], needs)
 
-    @torch.no_grad()
-    def gathered_outputs(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
-        """Each cached teacher's signals for the batch, its gathered signals holding every rank's rows."""
+    def require(self, needs: frozenset[str]) -> None:
+        """Raise ValueError unless the cache holds every signal in `needs` (ITM is stored only for a lone
+        BLIP retrieval teacher, see cache.meta.caches_itm)."""
         held = set(self.held_signals(0)) | {kind.name for kind in cached_per_model()}
         if needs - held:
             raise ValueError(
                 f"the teacher cache at {self.reader.root} holds {', '.join(sorted(held))}, "
-                f"not {', '.join(sorted(needs - held))}"
+                f"not {', '.join(sorted(needs - held))} (ITM is cached for a lone BLIP retrieval teacher only); "
+                "run the teachers online (cache.mode auto without cache.path) or rebuild the cache"
             )
+
+    def holds_itm(self) -> bool:
+        """Whether the cache stores the primary teacher's ITM logits and negatives."""
+        return field_name(0, SIGNALS.get("itm_negatives").cache_field) in self.reader.fields
+
+    def _check_negatives(self, batch: Mapping[str, torch.Tensor], rows: np.ndarray) -> None:
+        """Raise ValueError unless the batch carries the inputs of the ITM negatives the cache stores for its rows."""
+        if ITM_NEGATIVE_ROWS not in batch:
+            raise ValueError(
+                f"a batch read with ITM from the teacher cache at {self.reader.root} must carry the negatives' inputs "
+                "(collate it with PairCollator(attach=teachers.cache.negatives.ITMNegativeInputs(...)))"
+            )
+        stored = self.reader.rows(field_name(0, SIGNALS.get("itm_negatives").cache_field), rows)
+        if not np.array_equal(batch[ITM_NEGATIVE_ROWS].cpu().numpy(), stored):
+            raise ValueError(f"the batch's ITM negatives are not those the teacher cache at {self.reader.root} stores")
+
+    @torch.no_grad()
+    def gathered_outputs(self, batch: Mapping[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
+        """Each cached teacher's signals for the batch, its gathered signals holding every rank's rows; the
+        signals a teacher returns only on request (ITM) only when `needs` names them."""
+        self.require(needs)
         rows = self._rows(batch).cpu().numpy()
         self._check_views(batch, rows)
+        if "itm_logits" in needs:
+            self._check_negatives(batch, rows)
         device = batch["sample_index"].device
         outputs = []
         for k, per_model in enumerate(self.model_signals):
             per_sample = {
-                kind.name: torch.from_numpy(self.reader.rows(field_name(k, kind.cache_field), rows)).to(device=device, dtype=torch.float32)
+                kind.name: _as_signal(kind.from_cache_rows(torch.from_numpy(self.reader.rows(field_name(k, kind.cache_field), rows))), device)
                 for kind in cached_per_sample()
-                if field_name(k, kind.cache_field) in self.reader.fields
+                if field_name(k, kind.cache_field) in self.reader.fields and (kind.request is None or kind.name in needs)
             }
             scalars = {
                 name: torch.tensor(value, dtype=torch.float32, device=device)
@@ -131,6 +159,13 @@ class CachedTeacher(nn.Module):
             }
             outputs.append(Signals(**per_sample, **scalars))
         return [gather_signals(output, keep_grad=False) for output in outputs]
+
+
+def _as_signal(value: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """A value read from the cache on `device`, float32 when it is floating point (None stays None)."""
+    if value is None:
+        return None
+    return value.to(device=device, dtype=torch.float32 if value.is_floating_point() else value.dtype)
 
 
 def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Sequence[float], method: str) -> CachedTeacher:
@@ -151,38 +186,64 @@ def open_cached_teacher(path: str, expected_meta: dict[str, Any], weights: Seque
 
 
 def cache_blockers(
-    losses: Sequence[LossSpec], weighting: WeightingConfig, where: str = "distill.losses"
+    losses: Sequence[LossSpec], weighting: WeightingConfig, where: str = "distill.losses", teachers: int = 1
 ) -> list[str]:
-    """Why the cache cannot stand in for the teachers, one reason each: losses (configured at `where`) that
-    need signals the cache cannot hold (models/signals.py), and gap weighting (it measures on held-out pairs
-    the cache does not hold)."""
+    """Why the cache cannot stand in for the `teachers` (their count), one reason each: losses (configured at
+    `where`) that need signals the cache cannot hold, each group saying why (models/signals.py
+    `cache_refusal`: per-layer maps, token distributions); ITM for an ensemble (its members would each score
+    other pairs, so the cache stores ITM for a lone teacher only; ITM of pairs the student chooses is never
+    cached, as no loss asks for it); and gap weighting (it measures on held-out pairs the cache does not hold)."""
     reasons = []
     for spec in losses:
-        beyond = spec.needs - cacheable_signals()
-        if beyond:
-            reasons.append(f"{where}.{spec.name} needs the teacher's {', '.join(sorted(beyond))}, which a cache cannot hold")
+        by_reason: dict[str, list[str]] = {}
+        for name in sorted(spec.needs - cacheable_signals()):
+            refusal = SIGNALS.get(name).cache_refusal if name in SIGNALS else "which a cache cannot hold"
+            by_reason.setdefault(refusal, []).append(name)
+        if by_reason:
+            groups = "; and ".join(f"{', '.join(names)}, {why}" for why, names in by_reason.items())
+            reasons.append(f"{where}.{spec.name} needs the teacher's {groups}")
+        requested = sorted(name for name in spec.needs & cacheable_signals() if SIGNALS.get(name).request is not None)
+        if requested and teachers > 1:
+            reasons.append(
+                f"{where}.{spec.name} needs the teachers' {', '.join(requested)}, which a cache stores for a lone "
+                "teacher only (an ensemble's members would each score other pairs)"
+            )
     if weighting.kind == "gap":
         reasons.append("distill.weighting.kind gap measures the teachers on held-out pairs, which the cache does not hold")
     return reasons
 
 
 def serve_from_cache(
-    cache: CacheConfig, losses: Sequence[LossSpec], weighting: WeightingConfig, where: str = "distill.losses"
+    cache: CacheConfig, losses: Sequence[LossSpec], weighting: WeightingConfig, where: str = "distill.losses",
+    teachers: int = 1,
 ) -> bool:
-    """Whether distillation reads the teachers from `cache.path`: only when it is set, a loss uses the
-    teacher, and nothing needs more than the cache holds. Otherwise, with `cache.mode` auto, log
-    a warning saying why the teachers run online; with `require`, raise a ConfigError naming the reasons
-    (the losses by their key under `where`, e.g. distill.caption_losses)."""
+    """Whether distillation reads the `teachers` (their count) from `cache.path`: only when it is set, a loss
+    uses the teacher, and nothing needs more than the cache holds (`cache_blockers`). Otherwise, with
+    `cache.mode` auto, log a warning saying why the teachers run online; with `require`, raise a ConfigError
+    naming the reasons (the losses by their key under `where`, e.g. distill.caption_losses)."""
     if not specs_need(losses):
         return False
     if cache.path is None:
         if cache.mode == "require":
             raise ConfigError("cache.mode is require, but cache.path is not set: build one with `vldistill cache`")
         return False
-    reasons = cache_blockers(losses, weighting, where)
+    reasons = cache_blockers(losses, weighting, where, teachers)
     if not reasons:
         return True
     if cache.mode == "require":
         raise ConfigError(f"cache.mode is require, but the teacher cache cannot serve this run: {'; '.join(reasons)}")
     logger.warning(f"teacher cache {cache.path} not used, running the teachers online: {'; '.join(reasons)}")
     return False
+
+
+def check_cacheable_teachers(members: Sequence[TrainedModel]) -> None:
+    """Raise ValueError naming the teacher when one of `members` is a captioning model: the cache holds
+    per-sample embeddings (and a BLIP retrieval teacher's ITM), none of a captioner's signals (token_logits,
+    its vision and decoder layers)."""
+    for member in members:
+        if isinstance(member.model, Captioner):
+            held = sorted(member.model.signal_names - cacheable_signals())
+            raise ValueError(
+                f"teacher {member.path} is a captioning model ({type(member.model).__name__}): the teacher cache "
+                f"cannot hold its signals ({', '.join(held)}); distill from it online (leave cache.path unset)"
+            )

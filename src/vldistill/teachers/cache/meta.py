@@ -56,14 +56,32 @@ def teacher_identity(model: DualEncoder, tokenizer: PreTrainedTokenizerBase) -> 
     }
 
 
+ITM_SAMPLING = "blip-hard-negatives-per-view-build-batch-v1"  # how cached ITM negatives are drawn (see build.py)
+
+
+def caches_itm(teachers: Sequence[Any]) -> bool:
+    """Whether a cache of `teachers` (TrainedModels) stores ITM: a lone teacher that scores image-text matching
+    (BLIP retrieval). An ensemble's members would each draw their own negatives, so none is stored for one."""
+    return len(teachers) == 1 and bool(getattr(teachers[0].model, "scores_itm", False))
+
+
+def itm_settings(model: Any) -> dict[str, Any]:
+    """What a cached teacher's ITM negatives depend on besides its weights and the data: the seed of its
+    negative sampling and the sampling scheme."""
+    return {"seed": int(model.itm_seed), "sampling": ITM_SAMPLING}
+
+
 def cache_meta(cfg: ExperimentConfig, data: DataBundle, teachers: Sequence[Any]) -> dict[str, Any]:
     """The manifest meta of a cache of `teachers` (TrainedModels: the primary, then the ensemble's) on
     `data`'s training split, with the views `cfg` makes. bf16 teachers (`teacher.precision`) are recorded;
-    fp32 ones, the default, are not, so caches made before the setting existed still match."""
+    fp32 ones, the default, are not, so caches made before the setting existed still match; so are the ITM
+    settings (`itm_settings`) of a cache that stores ITM (`caches_itm`)."""
     data_settings = {k: v for k, v in asdict(cfg.data).items() if k != "augment"}
     precision = {"teacher_precision": cfg.teacher.precision} if cfg.teacher.precision != "fp32" else {}
+    itm = {"itm": itm_settings(teachers[0].model)} if caches_itm(teachers) else {}
     return {
         **precision,
+        **itm,
         "teachers": {str(k): teacher_identity(t.model, t.tokenizer) for k, t in enumerate(teachers)},
         "data": {"fingerprint": data.fingerprint, "settings": data_settings, "train_pairs": len(data.train)},
         "transform": {
