@@ -22,6 +22,7 @@ from transformers import (
     BertConfig,
     BertModel,
     BlipConfig,
+    BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     CLIPConfig,
     CLIPModel,
@@ -40,6 +41,7 @@ from vldistill.data.transforms import to_pixel_values
 from vldistill.losses import LossContext, build_objective
 from vldistill.models import CLIPDualEncoder, DualEncoderSpec, TowerSpec, clip_config_from_spec
 from vldistill.models.blip import BlipRetrievalEncoder
+from vldistill.models.blip_caption import BlipCaptioner, blip_token_settings, captioner_config
 from vldistill.models.signals import Signals
 from vldistill.train.loop import StudentWithObjective
 
@@ -288,6 +290,19 @@ def tiny_blip(tokenizer, seed: int = 0) -> BlipRetrievalEncoder:
     holding the word tokenizer, in eval mode."""
     torch.manual_seed(seed)
     return BlipRetrievalEncoder(BlipForImageTextRetrieval(tiny_blip_config(tokenizer)), tokenizer=tokenizer).eval()
+
+
+def tiny_captioner(tokenizer, seed: int = 0) -> BlipCaptioner:
+    """A seeded BlipForConditionalGeneration over 16x16 images in 8x8 patches reading `tokenizer` (BOS: its bos,
+    else its [CLS]; generation stops at its sep, else its eos): a 2-layer width-32 vision tower and decoder
+    (2 heads, MLP 128), vision initializer range 0.02 as `tiny_blip_config`'s, as a BlipCaptioner in eval mode."""
+    config = captioner_config(
+        blip_token_settings(tokenizer), image_size=IMAGE_SIZE, vision=TowerSpec(2, 32, 2, 4.0, patch_size=8),
+        decoder=TowerSpec(2, 32, 2, 4.0), max_text_length=TEXT_LENGTH,
+    )
+    config.vision_config.initializer_range = 0.02
+    torch.manual_seed(seed)
+    return BlipCaptioner(BlipForConditionalGeneration(config), tokenizer).eval()
 
 
 # ---------------------------------------------------------------- pairs and micro-batches

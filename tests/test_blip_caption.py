@@ -15,12 +15,12 @@ from vldistill.models.blip_caption import (
     IGNORE_INDEX,
     BlipCaptioner,
     blip_token_settings,
+    build_student_captioner,
     captioner_config,
     is_captioning_config,
     load_blip_captioner,
 )
 from vldistill.models.blip_caption_student import (
-    build_student_captioner,
     captioner_modules,
     inherit_captioner_weights,
     student_captioner_config,

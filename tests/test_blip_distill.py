@@ -1,7 +1,8 @@
 """`vldistill distill` with a BLIP retrieval teacher builds a BLIP student from `student.model` (per module,
 inheriting when `student.inherit`), trains it with the task and distillation losses of both heads, saves a
 plain HF BLIP folder with its model card, and `vldistill eval` scores it; the teacher cache serves its
-embeddings and ITM logits and refuses its fusion layers; a captioning teacher is refused."""
+embeddings and ITM logits and refuses its fusion layers; a captioning teacher builds a captioning student instead
+(tests/test_blip_caption_distill.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bert_word_tokenizer, tiny_blip, tiny_blip_config
+from helpers import bert_word_tokenizer, tiny_blip, tiny_captioner
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from vldistill.cli import main
@@ -79,14 +80,11 @@ def test_the_teacher_cache_serves_itm_and_refuses_fusion_layers(blip_teacher, tm
     assert serve_from_cache(served.cache, served.distill.loss_specs, served.distill.weighting)
 
 
-def test_a_captioning_teacher_is_refused_with_what_it_is(tmp_path):
-    tokenizer = bert_word_tokenizer()
-    torch.manual_seed(0)
-    folder = BlipCaptioner(BlipForConditionalGeneration(tiny_blip_config(tokenizer)).eval(), tokenizer).save_pretrained(
-        tmp_path / "captioner"
-    )
-    with pytest.raises(ValueError, match=r"holds a BlipCaptioner, not a dual encoder; vldistill distill trains"):
-        build_student(tiny_config(folder), load_teacher(str(folder)), inherit=False)
+def test_a_captioning_teacher_builds_a_captioning_student_not_a_retrieval_one(tmp_path):
+    folder = tiny_captioner(bert_word_tokenizer(), seed=0).save_pretrained(tmp_path / "captioner")
+    student = build_student(tiny_config(folder), load_teacher(str(folder)), inherit=False)
+    assert isinstance(student, BlipCaptioner) and isinstance(student.model, BlipForConditionalGeneration)
+    assert not isinstance(student, BlipRetrievalEncoder)
 
 
 def test_a_blip_student_distills_from_the_teacher_cache_of_its_embeddings_and_itm(blip_teacher, tmp_path):

@@ -40,6 +40,12 @@ CARD_KINDS = {
         None,
         "blip",
     ),
+    "BlipForConditionalGeneration": CardKind(
+        "A BLIP image captioning model (vision tower and text decoder)",
+        "It loads with `transformers.BlipForConditionalGeneration.from_pretrained` and captions images with `generate()`",
+        "image-to-text",  # the Hub's task of captioning models
+        "blip",
+    ),
 }
 
 CARD_TEMPLATE = """---
@@ -110,7 +116,9 @@ def _fact_lines(metadata: Mapping[str, Any]) -> list[str]:
 
 
 def task_type(metric: str) -> str:
-    """The Hugging Face task a metric of ours belongs to: zero-shot classification or retrieval."""
+    """The Hugging Face task a metric of ours belongs to: zero-shot classification, captioning or retrieval."""
+    if metric.startswith(("bleu", "cider")):
+        return "image-to-text"
     return PIPELINE_TAG if metric.startswith(("acc", "mean_per_class")) else "image-text-retrieval"
 
 

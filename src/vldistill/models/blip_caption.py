@@ -12,13 +12,18 @@ decoder's sep token (the tokenizer's sep, else its eos).
 A saved captioner is a plain HF folder (`config.json` with model_type "blip" and architectures
 ["BlipForConditionalGeneration"], weights, tokenizer, `preprocessor_config.json`); `load_blip_captioner`
 reads one back, and `is_captioning_config` tells a captioning folder's config from a retrieval one's.
+
+A captioner builds its own students (contract.BuildsStudents, `build_student`): smaller captioners per module
+(models/blip_caption_student.py) sharing its tokenizer. It has no embedding space and no learned temperature
+(its `clamp_logit_scale` has nothing to clamp), so the contrastive losses cannot train it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -26,6 +31,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration, PreTrainedMod
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from vldistill.fileio import atomic_directory
+from vldistill.models.blip_caption_student import MODULES, inherit_captioner_weights, student_captioner_config
 from vldistill.models.common import eager_attention, load_tokenizer_if_present, square_image_size, stable_config
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
 from vldistill.models.io import write_metadata
@@ -33,10 +39,18 @@ from vldistill.models.locate import require_tokenizer
 from vldistill.models.signals import Signals
 from vldistill.models.spec import DualEncoderSpec, TowerSpec, tower_spec_from_config
 
+logger = logging.getLogger(__name__)
+
 # BLIP normalizes images as OpenAI CLIP does (BlipImageProcessor's defaults).
 BLIP_MEAN, BLIP_STD = CLIP_MEAN, CLIP_STD
 CAPTIONING_ARCHITECTURE = "BlipForConditionalGeneration"
 IGNORE_INDEX = -100  # the target value cross-entropy skips (PyTorch's and HF's default)
+# What a captioner's forward can return (and so its students'): the caption signals and, on request, the
+# vision tower's and the decoder's layers; no embeddings, ITM or text-encoder signals.
+CAPTIONER_SIGNALS = frozenset({
+    "token_logits", "caption_labels", "text_attention_mask", "image_hidden_states", "image_attentions",
+    "decoder_hidden_states", "decoder_attentions", "decoder_cross_attentions",
+})
 
 
 def is_captioning_config(config: Mapping[str, Any]) -> bool:
@@ -99,6 +113,8 @@ def captioner_config(
 class BlipCaptioner(nn.Module):
     """A `BlipForConditionalGeneration` with its tokenizer seen through the `Captioner` interface."""
 
+    signal_names = CAPTIONER_SIGNALS  # what its forward can return (and so its students', build_student)
+
     def __init__(
         self,
         model: BlipForConditionalGeneration,
@@ -136,6 +152,9 @@ class BlipCaptioner(nn.Module):
     def bos_token_id(self) -> int:
         """The token every caption starts with (BLIP's [DEC])."""
         return self.model.config.text_config.bos_token_id
+
+    def clamp_logit_scale(self) -> None:
+        """Nothing to clamp: a captioner has no logit scale (the training loop calls this after every step)."""
 
     def decoder_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`input_ids` with the first token of every caption set to the decoder's BOS (a copy when it changes)."""
@@ -219,6 +238,19 @@ class BlipCaptioner(nn.Module):
             decoder=decoder,
         )
 
+    def build_student(self, spec: DualEncoderSpec, inherit: bool) -> "BlipCaptioner":
+        """A fresh captioning student (contract.BuildsStudents) with `spec.vision` and `spec.decoder` (None:
+        `spec.text`, the student's text transformer, as a BLIP retrieval student's text and fusion layers are
+        one stack), this model's tokenizer and image normalization, inheriting both modules' weights when
+        `inherit` (see `build_student_captioner`). A captioner has no fusion encoder: `spec.fusion` is refused."""
+        if spec.fusion is not None:
+            raise ValueError(
+                "student.model.fusion is set, but a captioning student has no fusion encoder (vision tower and "
+                "text decoder only): shape its decoder with student.model.decoder"
+            )
+        decoder = spec.decoder if spec.decoder is not None else spec.text
+        return build_student_captioner(self, vision=spec.vision, decoder=decoder, inherit=MODULES if inherit else ())
+
     def num_parameters(self) -> int:
         """Total parameter count of the vision tower and the decoder."""
         return sum(p.numel() for p in self.model.parameters())
@@ -233,6 +265,28 @@ class BlipCaptioner(nn.Module):
         """Write an HF BLIP captioning folder (config, weights, `tokenizer` (default: the model's own), image
         processor, and `vldistill.json` when `metadata` is given) to `out_dir`, atomically."""
         return save_blip_folder(self.model, tokenizer or self.tokenizer, self.input_spec, out_dir, metadata)
+
+
+def build_student_captioner(
+    teacher: BlipCaptioner,
+    *,
+    vision: Optional[TowerSpec] = None,
+    decoder: Optional[TowerSpec] = None,
+    inherit: Iterable[str] = MODULES,
+    seed: Optional[int] = None,
+) -> BlipCaptioner:
+    """A student of `teacher` with the given module shapes (blip_caption_student.student_captioner_config),
+    randomly initialized (from `seed`; None: from the global generator as it stands, e.g. seeded by the run),
+    then each module in `inherit` ("vision", "decoder") taken from the teacher; it shares the teacher's
+    tokenizer and image normalization."""
+    config = student_captioner_config(teacher.model.config, vision=vision, decoder=decoder)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config)
+    layer_maps = inherit_captioner_weights(model, teacher.model, inherit)
+    if layer_maps:
+        logger.info("captioning student inherits teacher layers %s", layer_maps)
+    return BlipCaptioner(model, teacher.tokenizer, teacher.image_mean, teacher.image_std)
 
 
 def save_blip_folder(

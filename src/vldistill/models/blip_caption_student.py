@@ -1,7 +1,8 @@
 """BLIP captioning students configured per module (DLIP-style), with weight inheritance per module.
 
 A student keeps its teacher's image size, vocabulary and special tokens, and takes its own vision tower and
-text decoder shapes (`TowerSpec`: layers, width, heads, MLP ratio; None keeps the teacher's module as is).
+text decoder shapes (`TowerSpec`: layers, width, heads, MLP ratio; None keeps the teacher's module as is),
+and the teacher's other settings (activations, layer-norm epsilons, initializer ranges, label smoothing).
 Each module named in `inherit` starts from the teacher's weights as models/inherit.py does for CLIP:
 student layer i takes teacher layer `uniform_layer_map(...)[i]` (every k-th, the last one included), every
 tensor the leading slice of the teacher's (BLIP's fused vision qkv projection sliced per q, k and v). A
@@ -11,16 +12,17 @@ inherit: the error names the field. Modules not inherited keep their random init
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterable, Optional
 
 import torch
 from transformers import BlipConfig, BlipForConditionalGeneration
 
-from vldistill.models.blip_caption import BlipCaptioner, captioner_config
+from vldistill.models.blip_student import blip_student_config
 from vldistill.models.common import square_image_size
 from vldistill.models.inherit import uniform_layer_map
-from vldistill.models.spec import TowerSpec, tower_spec_from_config
+from vldistill.models.spec import DualEncoderSpec, TowerSpec, tower_spec_from_config
 
 MODULES = ("vision", "decoder")
 # Each module's parameter prefix and the pattern of its per-layer parameters.
@@ -44,20 +46,18 @@ def student_captioner_config(
 ) -> BlipConfig:
     """The config of a student of `teacher`: its own `vision` tower and `decoder` shapes (None: the
     teacher's; a vision spec without patch size takes the teacher's), the teacher's image size, vocabulary,
-    special tokens and caption length."""
+    special tokens, caption length and other settings (models/blip_student.blip_student_config)."""
     modules = captioner_modules(teacher)
     vision = vision or modules["vision"]
     if vision.patch_size is None:
-        vision = TowerSpec(vision.layers, vision.width, vision.heads, vision.mlp_ratio, modules["vision"].patch_size)
-    text = teacher.text_config
-    tokens = {name: getattr(text, name) for name in ("vocab_size", "bos_token_id", "eos_token_id", "sep_token_id", "pad_token_id")}
-    return captioner_config(
-        tokens,
-        image_size=square_image_size(teacher.vision_config.image_size, where="the teacher's BLIP vision config"),
-        vision=vision,
-        decoder=decoder or modules["decoder"],
-        max_text_length=text.max_position_embeddings,
-    )
+        vision = dataclasses.replace(vision, patch_size=modules["vision"].patch_size)
+    decoder = decoder or modules["decoder"]
+    vision.validate("student.vision")
+    decoder.validate("student.decoder")
+    spec = DualEncoderSpec(vision=vision, text=decoder, projection_dim=teacher.image_text_hidden_size)
+    config = blip_student_config(teacher, spec)
+    config.architectures = [BlipForConditionalGeneration.__name__]
+    return config
 
 
 def check_module_inheritable(student: BlipConfig, teacher: BlipConfig, module: str) -> None:
@@ -120,21 +120,3 @@ def inherit_captioner_weights(
         new_state[key] = _leading_slice(teacher_state[source_key], value.shape, key).clone()
     student.load_state_dict(new_state)
     return layer_maps
-
-
-def build_student_captioner(
-    teacher: BlipCaptioner,
-    *,
-    vision: Optional[TowerSpec] = None,
-    decoder: Optional[TowerSpec] = None,
-    inherit: Iterable[str] = MODULES,
-    seed: int = 0,
-) -> BlipCaptioner:
-    """A student of `teacher` with the given module shapes (`student_captioner_config`), randomly initialized
-    from `seed`, then each module in `inherit` taken from the teacher; it shares the teacher's tokenizer
-    and image normalization."""
-    config = student_captioner_config(teacher.model.config, vision=vision, decoder=decoder)
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config)
-    inherit_captioner_weights(model, teacher.model, inherit)
-    return BlipCaptioner(model, teacher.tokenizer, teacher.image_mean, teacher.image_std)

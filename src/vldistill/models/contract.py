@@ -87,10 +87,11 @@ class DualEncoder(Protocol):
 
 @runtime_checkable
 class BuildsStudents(Protocol):
-    """A teacher family whose students are models of its own kind (BLIP: a smaller BLIP with its ITM head);
-    training asks such a teacher for its student instead of building a CLIP one."""
+    """A teacher family whose students are models of its own kind (BLIP retrieval: a smaller BLIP with its ITM
+    head; BLIP captioning: a smaller captioner); training asks such a teacher for its student instead of
+    building a CLIP one."""
 
-    def build_student(self, spec: DualEncoderSpec, inherit: bool) -> DualEncoder:
+    def build_student(self, spec: DualEncoderSpec, inherit: bool) -> "DualEncoder | Captioner":
         """A fresh student with `spec`'s modules, this teacher's input spec and tokenizer, inheriting its
         weights where shapes allow when `inherit`."""
 
@@ -101,7 +102,10 @@ class Captioner(Protocol):
 
     input_spec: image size, mean/std, caption length and padding its batches are prepared with.
     tokenizer: what its captions are tokenized and its generated ids decoded with.
+    signal_names: the signals its forward can return (and so its students'), which losses are checked against.
     """
+
+    signal_names: frozenset[str]
 
     @property
     def input_spec(self) -> InputSpec: ...

@@ -7,7 +7,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sized
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Sized
 
 import torch
 from accelerate.utils import set_seed
@@ -29,10 +29,10 @@ from vldistill.data.quality import DataQualityError
 from vldistill.distributed import process_rank
 from vldistill.export import export_student
 from vldistill.data.tokenizer import build_word_tokenizer
-from vldistill.losses import LossContext, build_objective
-from vldistill.losses.registry import parse_loss_specs, specs_need
+from vldistill.losses import LOSSES, LossContext, build_objective
+from vldistill.losses.registry import LossSpec, parse_loss_specs, specs_need
 from vldistill.models.clip import CLIPDualEncoder
-from vldistill.models.contract import BuildsStudents, DualEncoder
+from vldistill.models.contract import BuildsStudents, Captioner, DualEncoder
 from vldistill.models.inherit import inherit_weights
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.io import read_metadata
@@ -230,10 +230,11 @@ def cached_teacher(cfg: ExperimentConfig, data: DataBundle, primary: TrainedMode
     return open_cached_teacher(cfg.cache.path, cache_meta(cfg, data, members), teacher_weights(cfg), cfg.teacher.combine)
 
 
-def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> DualEncoder:
+def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> DualEncoder | Captioner:
     """The configured student for the primary teacher's tokenizer and images, optionally inheriting its
     weights: the teacher's own kind from a teacher that builds its students (contract.BuildsStudents, e.g.
-    BLIP), else a CLIP (inheriting from a teacher that offers a CLIPModel, see DualEncoder.inheritable_clip)."""
+    a BLIP retrieval model or a BLIP captioner), else a CLIP (inheriting from a teacher that offers a
+    CLIPModel, see DualEncoder.inheritable_clip)."""
     teacher, spec = primary.model, cfg.student.model
     if isinstance(teacher, BuildsStudents):
         return teacher.build_student(spec, inherit)
@@ -272,10 +273,13 @@ def held_out_batch(
     return PairCollator(preprocess, extra=extra)(samples)
 
 
-def _loss_context(student: DualEncoder, teachers: Optional[nn.Module], primary: DualEncoder) -> LossContext:
+def _loss_context(student: DualEncoder | Captioner, teachers: Optional[nn.Module], primary) -> LossContext:
     """Sizes the losses build projections and layer maps from (the layer-wise losses need a primary teacher
     with an architecture spec)."""
     student_spec = student.architecture_spec()
+    if isinstance(student, Captioner):  # no embedding space: its losses (caption, layer-wise) read only the specs
+        teacher_spec = primary.architecture_spec() if teachers is not None else None
+        return LossContext(student_spec.projection_dim, student_spec=student_spec, teacher_spec=teacher_spec)
     if teachers is None:
         return LossContext(student.embed_dim, student_spec=student_spec)
     return LossContext(
@@ -284,6 +288,22 @@ def _loss_context(student: DualEncoder, teachers: Optional[nn.Module], primary: 
         student_spec=student_spec,
         teacher_spec=primary.architecture_spec(),
     )
+
+
+def check_captioning_run(cfg: ExperimentConfig, specs: Sequence[LossSpec], captioner: Captioner, where: str) -> None:
+    """Raise ValueError when a captioning teacher cannot train its student as configured: a further teacher
+    (captioners are not ensembled), or a loss (at `where`.<name>) reading signals a captioner does not return
+    (its `signal_names`: caption, vision and decoder signals; no embeddings, ITM or text-encoder layers)."""
+    if cfg.teacher.ensemble:
+        raise ValueError("teacher.ensemble is set, but a captioning teacher distills alone: remove teacher.ensemble")
+    for spec in specs:
+        missing = (spec.needs | LOSSES.get(spec.name).student_needs) - captioner.signal_names
+        if missing:
+            raise ValueError(
+                f"{where}.{spec.name} reads {', '.join(sorted(missing))}, which a captioning model does not return "
+                f"(it returns {', '.join(sorted(captioner.signal_names))}); for hidden / attention select "
+                "towers vision and decoder"
+            )
 
 
 def first_pairs(data: DataBundle, count: Optional[int]) -> DataBundle:
@@ -315,11 +335,18 @@ def plan_student_run(
     student (`student` when given, e.g. a saved student to fine-tune; else built from the config, seeded with
     `cfg.seed`), the objective, the checkpoints beside `out_dir` and the state `resume`
     names, the batches from that state's step on and gap weighting's held-out batch."""
-    specs = cfg.distill.loss_specs if losses is None else parse_loss_specs(losses, "distill.losses")
-    losses = cfg.distill.losses if losses is None else losses
+    captioning = isinstance(teacher.model, Captioner)  # a captioner's student trains with distill.caption_losses
+    where = "distill.caption_losses" if captioning else "distill.losses"
+    if losses is None:
+        specs = cfg.distill.caption_loss_specs if captioning else cfg.distill.loss_specs
+        losses = cfg.distill.caption_losses if captioning else cfg.distill.losses
+    else:
+        specs = parse_loss_specs(losses, where)
+    if captioning:
+        check_captioning_run(cfg, specs, teacher.model, where)
     inherit = cfg.student.inherit if inherit is None else inherit
     check_teacher_fits_data(teacher.model, cfg.data.image_size)
-    from_cache = serve_from_cache(cfg.cache, specs, cfg.distill.weighting, teachers=1 + len(cfg.teacher.ensemble))
+    from_cache = serve_from_cache(cfg.cache, specs, cfg.distill.weighting, where, teachers=1 + len(cfg.teacher.ensemble))
     set_seed(cfg.seed)
     student = build_student(cfg, teacher, inherit) if student is None else student
     if from_cache:  # a cache holds every training pair; the student reads the rows of its own
@@ -328,7 +355,7 @@ def plan_student_run(
     else:
         teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if specs_need(specs) else (None, {})
     objective = build_objective(
-        specs, _loss_context(student, teachers, teacher.model), where="distill.losses", weighting=cfg.distill.weighting
+        specs, _loss_context(student, teachers, teacher.model), where=where, weighting=cfg.distill.weighting
     )
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     attach = None
