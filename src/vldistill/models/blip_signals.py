@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vldistill.models.signals import (
+    DUAL_ENCODER_SIGNALS,
     LAYER_MAPS_REFUSAL,
     EnsembleWeights,
     SignalKind,
@@ -168,3 +169,10 @@ for _module in ("fusion", "decoder"):
         primary_only=True,
         cache_refusal=LAYER_MAPS_REFUSAL,
     ))
+
+
+# What a BLIP retrieval model (models/blip.py) can return: a dual encoder's signals, ITM and its fusion pass's
+# layers (no captioning signals); a loss reading others cannot train a BLIP retrieval student.
+BLIP_RETRIEVAL_SIGNALS = DUAL_ENCODER_SIGNALS | frozenset({
+    "itm_logits", "itm_negatives", "fusion_hidden_states", "fusion_attentions", "fusion_cross_attentions",
+})
