@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import load_data
-from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
+from vldistill.eval.suite import ITM_SUMMARY_KEYS, SUMMARY_KEYS, evaluate_model
 from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
 from vldistill.losses import LOSSES
@@ -28,9 +28,7 @@ from vldistill.train.runs import obtain_teacher, train_student
 
 TASK_LOSS = "clip"  # the contrastive task loss every retrieval student trains with
 ITM_TASK_LOSS = "itm"  # beside it, for a student with an image-text matching head (BLIP's ITC + ITM)
-# ITM re-ranked R@1 (evaluate_model reports them for a model with an ITM head, None otherwise).
-ITM_KEYS = ("itm_image_retrieval_recall@1", "itm_text_retrieval_recall@1")
-METRIC_KEYS = (*SUMMARY_KEYS, *ITM_KEYS)
+METRIC_KEYS = (*SUMMARY_KEYS, *ITM_SUMMARY_KEYS)  # ITM re-ranked R@1: None for a model without an ITM head
 METRIC_LABELS = {
     "acc1": "acc1", "image_retrieval_recall@1": "T->I R@1", "text_retrieval_recall@1": "I->T R@1",
     "itm_image_retrieval_recall@1": "T->I R@1 (ITM)", "itm_text_retrieval_recall@1": "I->T R@1 (ITM)",
@@ -196,7 +194,7 @@ def format_ablation_table(records: list[dict]) -> str:
     when measured), the difference to the task losses alone of the same student (* where it exceeds the
     spread), seconds per run and cost per step relative to `kd`."""
     variants = any("variant" in r for r in records)
-    keys = [*SUMMARY_KEYS, *(k for k in ITM_KEYS if any(r.get(k) is not None for r in records))]
+    keys = [*SUMMARY_KEYS, *(k for k in ITM_SUMMARY_KEYS if any(r.get(k) is not None for r in records))]
     baseline = next((r["baseline"] for r in records if "baseline" in r), TASK_LOSS)
     labels = " / ".join(METRIC_LABELS[k].replace(" R@1", "") for k in keys)
     head = ["variant", "params (% teacher)"] if variants else []
