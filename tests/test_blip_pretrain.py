@@ -220,3 +220,9 @@ def test_pretrain_teacher_writes_the_retrieval_and_the_captioning_teacher(tmp_pa
     assert isinstance(load_teacher(str(out / "teacher")).model, BlipRetrievalEncoder)
     assert isinstance(load_teacher(str(out / "teacher-captioner")).model, BlipCaptioner)
     assert sorted(p.name for p in (out / "logs").glob("*.jsonl")) == ["captioner.jsonl", "teacher.jsonl"]
+
+
+def test_a_clip_config_has_no_captioning_teacher(data, tmp_path):
+    with pytest.raises(ValueError, match=r"^a captioning teacher is pretrained for teacher\.family blip, not 'clip'$"):
+        obtain_captioning_teacher(load_config(TINY), data, tmp_path / "captioner", progress=False)
+    assert not (tmp_path / "captioner").exists()
