@@ -41,6 +41,10 @@ from vldistill.models.student import clip_config_from_spec, student_config_for_t
 from vldistill.train.checkpoint import (
     CheckpointDamagedError, CheckpointError, TrainState, checkpoints, latest_checkpoint, load_checkpoint,
 )
+from vldistill.train.blip_pretrain import (
+    CAPTIONING_LOSSES, RETRIEVAL_LOSSES, captioning_fingerprint, new_captioning_teacher, new_retrieval_teacher,
+    retrieval_fingerprint,
+)
 from vldistill.train.loop import Checkpointer, train
 from vldistill.train.plan import DistillPlan
 from vldistill.train.trackers import TRACKERS_DIR, Trackers, trackers_for
@@ -50,10 +54,14 @@ from vldistill.trained import TrainedModel
 logger = logging.getLogger(__name__)
 
 TEXT_LENGTH = 32  # text positions of a teacher pretrained here; longer captions are truncated
+CLIP_LOSSES = {"clip": {"weight": 1.0}}
 
 
 def teacher_fingerprint(cfg: ExperimentConfig, data: DataBundle) -> str:
-    """Hash of everything that determines a pretrained teacher: its spec, training, seed, data, version."""
+    """Hash of everything that determines a pretrained teacher: its spec, training, seed, data, version (for
+    `teacher.family` blip, of the retrieval teacher: train/blip_pretrain.py)."""
+    if cfg.teacher.family == "blip":
+        return retrieval_fingerprint(cfg, data)
     payload = {
         "model": asdict(cfg.teacher.model),
         "two_tower": asdict(cfg.teacher.two_tower) if cfg.teacher.two_tower else None,
@@ -106,14 +114,18 @@ def _new_two_tower(cfg: ExperimentConfig) -> tuple[TwoTowerDualEncoder, PreTrain
 def pretrain_teacher(
     cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log_dir: Optional[Path] = None, progress: bool = True
 ) -> TrainedModel:
-    """Train the configured teacher with the CLIP loss on the training split and save it: a CLIP built
-    from `teacher.model` from scratch, or only the projection heads of `teacher.two_tower` (LiT); a
-    progress bar when `progress`."""
+    """Train the configured teacher on the training split and save it: a CLIP built from `teacher.model`
+    from scratch, or only the projection heads of `teacher.two_tower` (LiT), with the CLIP loss; for
+    `teacher.family` blip, a BLIP retrieval model built from `teacher.model` from scratch with ITC + ITM
+    (train/blip_pretrain.py). A progress bar when `progress`."""
     set_seed(cfg.seed)
     if cfg.teacher.two_tower is not None:
         teacher, tokenizer = _new_two_tower(cfg)
         return _pretrain(cfg, data, teacher, tokenizer, out_dir, log_dir, progress)
     tokenizer = build_word_tokenizer(data.words(), max_length=TEXT_LENGTH)
+    if cfg.teacher.family == "blip":
+        teacher = new_retrieval_teacher(cfg, tokenizer, TEXT_LENGTH)
+        return _pretrain(cfg, data, teacher, tokenizer, out_dir, log_dir, progress, losses=RETRIEVAL_LOSSES)
     config = clip_config_from_spec(
         cfg.teacher.model,
         image_size=cfg.data.image_size,
@@ -136,20 +148,35 @@ def run_trackers(cfg: ExperimentConfig, log_path: Optional[Path], out_dir: Path)
 
 
 def _pretrain(
-    cfg: ExperimentConfig, data: DataBundle, teacher: nn.Module, tokenizer, out_dir: Path, log_dir, progress: bool
+    cfg: ExperimentConfig,
+    data: DataBundle,
+    teacher: nn.Module,
+    tokenizer,
+    out_dir: Path,
+    log_dir,
+    progress: bool,
+    *,
+    losses: Mapping[str, Mapping[str, Any]] = CLIP_LOSSES,
+    fingerprint: Optional[str] = None,
+    name: str = "teacher",
 ) -> TrainedModel:
-    objective = build_objective({"clip": {"weight": 1.0}}, LossContext(teacher.embed_dim))
+    """Train `teacher` from the start with the task `losses` on the training split in `teacher.train`
+    settings, logging to `<log_dir>/<name>.jsonl`, and save it to `out_dir` with its `fingerprint` (default:
+    `teacher_fingerprint`)."""
+    embed_dim = getattr(teacher, "embed_dim", 0)  # a captioner has no embedding space: its LM loss reads none
+    objective = build_objective(losses, LossContext(embed_dim))
     preprocess = BatchPreprocessor.for_model(tokenizer, teacher.input_spec)
     batches = _batches(data, preprocess, cfg.teacher.train, cfg.seed, cfg.data.augment, num_workers=cfg.data.num_workers)
-    log_path = log_dir / "teacher.jsonl" if log_dir else None
-    metadata = {"role": "teacher", "fingerprint": teacher_fingerprint(cfg, data), "vldistill": __version__}
+    log_path = log_dir / f"{name}.jsonl" if log_dir else None
+    fingerprint = teacher_fingerprint(cfg, data) if fingerprint is None else fingerprint
+    metadata = {"role": "teacher", "fingerprint": fingerprint, "vldistill": __version__}
 
     def save(folder: Path) -> Path:
         return teacher.save_pretrained(folder, metadata, tokenizer=tokenizer)
 
     with saved_on_bad_data(lambda: save(Path(out_dir).with_name(f"{Path(out_dir).name}-interrupted"))):
         result = train(
-            teacher, objective, batches, cfg.teacher.train, desc="pretrain teacher", log_path=log_path, progress=progress,
+            teacher, objective, batches, cfg.teacher.train, desc=f"pretrain {name}", log_path=log_path, progress=progress,
             trackers=run_trackers(cfg, log_path, out_dir),
         )
     if process_rank()[0] == 0:  # one writer when several processes train together
@@ -219,8 +246,39 @@ def obtain_teacher(
     if cfg.teacher.path is not None:
         return load_teacher(cfg.teacher.path, cfg.teacher.trust_remote_code)
     if read_metadata(cache_dir).get("fingerprint") == teacher_fingerprint(cfg, data):
+        logger.info("reusing the teacher in %s (it matches this config and data)", cache_dir)
         return load_teacher(str(cache_dir))
     return pretrain_teacher(cfg, data, cache_dir, log_dir, progress)
+
+
+def pretrain_captioning_teacher(
+    cfg: ExperimentConfig, data: DataBundle, out_dir: Path, log_dir: Optional[Path] = None, progress: bool = True
+) -> TrainedModel:
+    """Train the BLIP captioning teacher of `teacher.family` blip from scratch (vision tower
+    `teacher.model.vision`, decoder `teacher.model.decoder`, the retrieval teacher's tokenizer) with the
+    captioning LM loss on the training split in `teacher.train` settings and save it to `out_dir` (its log
+    `<log_dir>/captioner.jsonl`; a progress bar when `progress`)."""
+    if cfg.teacher.family != "blip":
+        raise ValueError(f"a captioning teacher is pretrained for teacher.family blip, not {cfg.teacher.family!r}")
+    set_seed(cfg.seed)
+    tokenizer = build_word_tokenizer(data.words(), max_length=TEXT_LENGTH)
+    captioner = new_captioning_teacher(cfg, tokenizer, TEXT_LENGTH)
+    return _pretrain(
+        cfg, data, captioner, tokenizer, out_dir, log_dir, progress,
+        losses=CAPTIONING_LOSSES, fingerprint=captioning_fingerprint(cfg, data), name="captioner",
+    )
+
+
+def obtain_captioning_teacher(
+    cfg: ExperimentConfig, data: DataBundle, cache_dir: Path, log_dir: Optional[Path] = None, progress: bool = True
+) -> TrainedModel:
+    """The BLIP captioning teacher of `teacher.family` blip: the one saved in `cache_dir` if it matches this
+    config and data exactly (train/blip_pretrain.captioning_fingerprint), else a newly pretrained one saved
+    there (`pretrain_captioning_teacher`)."""
+    if cfg.teacher.family == "blip" and read_metadata(cache_dir).get("fingerprint") == captioning_fingerprint(cfg, data):
+        logger.info("reusing the captioning teacher in %s (it matches this config and data)", cache_dir)
+        return load_teacher(str(cache_dir))
+    return pretrain_captioning_teacher(cfg, data, cache_dir, log_dir, progress)
 
 
 def cached_teacher(cfg: ExperimentConfig, data: DataBundle, primary: TrainedModel) -> CachedTeacher:
