@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,6 +30,8 @@ DATASETS = ("shapes", "files")
 CACHE_DTYPES = ("float16", "float32")
 CACHE_MODES = ("auto", "require")
 AUTO_BATCH_SIZE = "auto"  # cache.batch_size: probe the teachers' throughput for the fastest size
+SWEEP_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # sweep.students names: they name run folders
+TEACHER_FAMILIES = ("clip", "blip")  # teacher.family: what `pretrain-teacher` builds from teacher.model
 
 
 def check_caption_file_options(
@@ -208,13 +211,16 @@ class TwoTowerTeacherConfig:
 
 @dataclass
 class TeacherConfig:
-    """The (primary) teacher: a model folder or hub id (`path`), or one pretrained here: a CLIP from
-    `model`, or the heads of a `two_tower` teacher; plus optional further teachers (`ensemble`)
-    combined with it by `combine` (see teachers/ensemble.py). `precision` is what the teachers run in when
-    distilling online and building the teacher cache: fp32, or bf16 (bfloat16 weights, float32 signals);
-    the student trains in `distill.train.precision`, a teacher pretrains in `train.precision`."""
+    """The (primary) teacher: a model folder or hub id (`path`), or one pretrained here: of `family` clip, a
+    CLIP from `model` or the heads of a `two_tower` teacher; of `family` blip, a BLIP retrieval model from
+    `model` (vision tower, text encoder whose layers are also the fusion layers, projection size) and a BLIP
+    captioning model (the vision tower and `model.decoder`, default the text spec); plus optional further
+    teachers (`ensemble`) combined with it by `combine` (see teachers/ensemble.py). `precision` is what the
+    teachers run in when distilling online and building the teacher cache: fp32, or bf16 (bfloat16 weights,
+    float32 signals); the student trains in `distill.train.precision`, a teacher pretrains in `train.precision`."""
 
     path: Optional[str] = None
+    family: str = "clip"
     model: DualEncoderSpec = field(default_factory=_teacher_spec)
     two_tower: Optional[TwoTowerTeacherConfig] = None
     train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, lr=5e-4, warmup_steps=100))
@@ -234,6 +240,39 @@ class TeacherConfig:
             raise ConfigError(f"{where}.weight must be >= 0, got {self.weight}")
         if self.ensemble and self.weight + sum(t.weight for t in self.ensemble) <= 0:
             raise ConfigError(f"{where}.weight and {where}.ensemble weights must not all be 0")
+        self._validate_family(where)
+
+    def _validate_family(self, where: str) -> None:
+        """The `family` is known and `model` / `two_tower` hold what that family can build."""
+        if self.family not in TEACHER_FAMILIES:
+            raise ConfigError(f"{where}.family must be one of {', '.join(TEACHER_FAMILIES)}, got {self.family!r}")
+        if self.family == "clip":
+            for name in ("fusion", "decoder"):
+                if getattr(self.model, name) is not None:
+                    raise ConfigError(
+                        f"{where}.model.{name} is set, but a CLIP teacher has no {name} module "
+                        f"(set {where}.family: blip for a BLIP teacher)"
+                    )
+            return
+        if self.two_tower is not None:
+            raise ConfigError(f"{where}.two_tower is a CLIP-style teacher: it cannot be pretrained as {where}.family blip")
+        fusion = self.model.fusion
+        if fusion is not None and fusion != self.model.text:
+            raise ConfigError(
+                f"{where}.model.fusion ({fusion}) must be null or equal {where}.model.text ({self.model.text}): "
+                "BLIP's fusion layers are its text encoder's layers, run with cross-attention to the image"
+            )
+
+    def retrieval_spec(self) -> DualEncoderSpec:
+        """The spec of the retrieval teacher `model` describes, as the model reports it (`architecture_spec`):
+        for a BLIP teacher its fusion encoder is the text encoder and it has no decoder."""
+        if self.family == "blip":
+            return dataclasses.replace(self.model, fusion=self.model.text, decoder=None)
+        return self.model
+
+    def decoder_spec(self) -> TowerSpec:
+        """The captioning teacher's decoder (BLIP): `model.decoder`, else the text spec."""
+        return self.model.decoder if self.model.decoder is not None else self.model.text
 
 
 @dataclass
@@ -375,12 +414,32 @@ class SweepConfig:
     """What `vldistill sweep` runs besides the task loss alone: each of `losses` (empty: every registered
     loss) beside the task loss, with `loss_params[name]` as its options, and the named `combinations`;
     every run once per seed in `seeds` (the same seeds for every run: each seed fixes the student's
-    initialization and data order; the teacher is the one of the config's `seed`)."""
+    initialization and data order; the teacher is the one of the config's `seed`). With named `students`
+    (module ablation), every run is made once per student variant: each a partial `student.model` (`vision`,
+    `text`, `fusion`, `decoder`, `projection_dim`; a module or field left out keeps student.model's)."""
 
     losses: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     combinations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    students: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def student_specs(self, base: DualEncoderSpec, where: str = "sweep") -> dict[str, DualEncoderSpec]:
+        """Each named student variant as a whole spec: its modules laid over `base` (student.model) field by
+        field; a ConfigError naming `where`.students.<name>.<field> when one cannot be built."""
+        specs = {}
+        for name, override in self.students.items():
+            key = f"{where}.students.{name}"
+            if not SWEEP_RUN_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"{key}: a student name may hold only letters, digits, '_', '-' and '.', not first (it names folders)"
+                )
+            fields = dataclasses.asdict(base)
+            for module, value in override.items():  # a module given as a mapping keeps base's other fields
+                both = isinstance(value, dict) and isinstance(fields.get(module), dict)
+                fields[module] = {**fields[module], **value} if both else value
+            specs[name] = build_dataclass(DualEncoderSpec, fields, key)
+        return specs
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
@@ -447,18 +506,21 @@ class ExperimentConfig:
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
+        variants = self.sweep.student_specs(self.student.model)
         if self.teacher.path is not None:
             return  # the teacher's architecture is known only once its config is read
         if self.student.inherit:
+            students = {"student.model": self.student.model, **{f"sweep.students.{n}": s for n, s in variants.items()}}
             try:
-                check_inheritable(self.student.model, self.teacher.model, where="student.model")
+                for key, spec in students.items():
+                    check_inheritable(spec, self.teacher.model, where=key)
             except ValueError as error:
                 raise ConfigError(f"{error} [student.inherit is true]") from None
         context = LossContext(
             self.student.model.projection_dim,
             self.teacher.model.projection_dim,
             student_spec=self.student.model,
-            teacher_spec=self.teacher.model,
+            teacher_spec=self.teacher.retrieval_spec(),
         )
         try:  # losses whose options depend on both architectures (layer maps, head counts)
             build_objective(self.distill.loss_specs, context, where="distill.losses")
