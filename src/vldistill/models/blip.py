@@ -35,6 +35,7 @@ from torch import nn
 from transformers import BlipConfig, BlipForImageTextRetrieval, PreTrainedTokenizerBase
 
 from vldistill.models.adapters import register_adapter
+from vldistill.models.blip_signals import BLIP_RETRIEVAL_SIGNALS
 from vldistill.models.blip_caption import CAPTIONING_ARCHITECTURE, load_blip_captioner, save_blip_folder
 from vldistill.models.blip_student import blip_student_config, inherit_blip_weights, spec_from_blip_config
 from vldistill.models.common import (
@@ -94,6 +95,8 @@ def sample_itm_negatives(
 class BlipRetrievalEncoder(nn.Module):
     """A `BlipForImageTextRetrieval` seen through the dual-encoder interface (ITC embeddings, fixed logit
     scale), whose forward also scores image-text matching pairs (see the module docstring)."""
+
+    signal_names = BLIP_RETRIEVAL_SIGNALS  # what its forward can return (and so its students', build_student)
 
     def __init__(
         self,
@@ -203,9 +206,13 @@ class BlipRetrievalEncoder(nn.Module):
     def _text_cls(self, text_tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.text_proj(text_tokens[:, 0, :]), dim=-1)
 
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, T_image, W) the vision tower's output tokens (CLS first), what the fusion pass cross-attends to."""
+        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalized image embeddings (B, D): vision_proj of the image CLS token."""
-        return self._image_cls(self.model.vision_model(pixel_values=pixel_values).last_hidden_state)
+        return self._image_cls(self.image_tokens(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L2-normalized text embeddings (B, D): text_proj of the first token of the text-only pass."""
