@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,32 @@ def test_accumulated_micro_batches_train_a_captioner_as_the_whole_batch_does():
             {k: v for k, v in a.items() if k.startswith("loss/")}, rel=1e-5, abs=1e-8)
     for key, value in whole_state.items():
         torch.testing.assert_close(split_state[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_an_evaluated_caption_run_scores_both_captioners_side_by_side(caption_run, captioning_teacher, tmp_path):
+    from vldistill.distill_run import summarize_distill
+    from vldistill.eval.results import read_result
+    from vldistill.trained import TrainedModel
+
+    cfg = tiny_config(captioning_teacher, "data.train_size=32", "data.val_size=8", "data.test_size=8")
+    teacher = load_teacher(str(captioning_teacher))
+    student_model, tokenizer = load_dual_encoder_any(caption_run / "student")
+    out = tmp_path / "run"
+    shutil.copytree(caption_run / "student", out / "student")
+    student = TrainedModel(student_model, tokenizer, out / "student", None)
+    summary = summarize_distill(cfg, load_data(cfg.data, progress=False), teacher, student, out, progress=False)
+    models = summary["models"]
+    assert set(models) == {"teacher", "student"}
+    for name in models:
+        record = read_result(out / "results" / f"{name}_captioning.json")
+        assert models[name]["cider"] == pytest.approx(record["metrics"]["cider"])
+        assert models[name]["bleu4"] == pytest.approx(record["metrics"]["bleu4"]) and models[name]["captions_per_second"] > 0
+    teacher_cider = models["teacher"]["cider"]
+    expected = 100 * models["student"]["cider"] / teacher_cider if teacher_cider else None
+    if expected is not None:
+        assert summary["student_retention_percent"]["cider"] == pytest.approx(expected)
+    assert summary["compression"] == pytest.approx(models["teacher"]["params"] / models["student"]["params"])
+    assert summary["compression"] > 1
+    assert summary["caption_speedup"]["p25"] <= summary["caption_speedup"]["median"] <= summary["caption_speedup"]["p75"]
+    assert "cider" in (out / "student" / "README.md").read_text().lower()
+    assert json.loads((out / "summary.json").read_text())["models"]["student"]["cider"] == models["student"]["cider"]

@@ -12,14 +12,18 @@ from typing import Any, Sized
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.demo import retention
-from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
+from vldistill.eval.caption_suite import CAPTION_SUMMARY_KEYS, caption_length, evaluate_captioner
+from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model, pixel_batches
 from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
+from vldistill.models.contract import Captioner
+from vldistill.profile.blip_heads import compare_caption_throughput
 from vldistill.profile.throughput import compare_image_throughput, count_parameters, speedup
 from vldistill.trained import TrainedModel
 
 SUMMARY_FILE = "summary.json"
 RESULTS_DIR = "results"
+SPEED_IMAGES = 32  # test images each captioner captions per timed round
 
 
 def training_facts(cfg: ExperimentConfig, data: DataBundle, teacher: TrainedModel, student: TrainedModel) -> dict[str, Any]:
@@ -47,7 +51,9 @@ def summarize_distill(
     the training facts only (`models` empty)."""
     out_dir = Path(out_dir)
     summary = {**training_facts(cfg, data, teacher, student), "models": {}}
-    if evaluate:
+    if evaluate and isinstance(student.model, Captioner):
+        summary.update(_captioning_figures(cfg, data, teacher, student, out_dir, progress))
+    elif evaluate:
         arms = {"teacher": teacher, "student": student}
         models = {
             name: evaluate_model(trained.model, trained.tokenizer, data, cfg.eval, name, out_dir / RESULTS_DIR,
@@ -70,3 +76,29 @@ def summarize_distill(
         write_card(student.path, {key: models["student"][key] for key in SUMMARY_KEYS}, data.name)
     write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _captioning_figures(
+    cfg: ExperimentConfig, data: DataBundle, teacher: TrainedModel, student: TrainedModel, out_dir: Path, progress: bool
+) -> dict[str, Any]:
+    """A captioning run's evaluation: both models' captioning records (BLEU-4, CIDEr-D), their captions per second
+    measured together on the first test images, the student's retention, compression and captioning speed-up;
+    the student's card rewritten with its metrics."""
+    arms = {"teacher": teacher, "student": student}
+    models = {
+        name: evaluate_captioner(trained.model, data, cfg.eval, name, out_dir / RESULTS_DIR, progress)["summary"]
+        for name, trained in arms.items()
+    }
+    pixels = next(pixel_batches(data.test.images[:SPEED_IMAGES], student.model.input_spec, SPEED_IMAGES))
+    measured = compare_caption_throughput(
+        {name: trained.model for name, trained in arms.items()}, pixels, caption_length(student.model), progress=progress
+    )
+    for name, throughput in measured.items():
+        models[name].update(throughput.as_dict("captions"))
+    write_card(student.path, {key: models["student"][key] for key in CAPTION_SUMMARY_KEYS}, data.name)
+    return {
+        "models": models,
+        "student_retention_percent": retention(models["student"], models["teacher"], CAPTION_SUMMARY_KEYS),
+        "compression": count_parameters(teacher.model) / count_parameters(student.model),
+        "caption_speedup": speedup(measured["student"], measured["teacher"]),
+    }

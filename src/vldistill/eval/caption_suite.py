@@ -44,6 +44,14 @@ def _reference_counts(references: list[list[str]]) -> dict[str, float]:
     return {"min": min(counts), "mean": sum(counts) / len(counts), "max": max(counts)}
 
 
+def caption_length(captioner: Captioner, model_name: str = "the captioner") -> int:
+    """The most tokens a caption may have after its BOS token: the model's text length minus one."""
+    max_length = captioner.input_spec.max_text_length - 1
+    if max_length < 1:
+        raise ValueError(f"{model_name} takes texts of {max_length + 1} token(s): no room for a caption after its BOS")
+    return max_length
+
+
 def evaluate_captioner(
     captioner: Captioner,
     data: DataBundle,
@@ -62,9 +70,7 @@ def evaluate_captioner(
     settings and the first EXAMPLES images' generated caption, references and CIDEr-D; it is written to
     `results_dir/{model_name}_captioning.json` when given."""
     test = data.test
-    max_length = captioner.input_spec.max_text_length - 1  # positions after the BOS token
-    if max_length < 1:
-        raise ValueError(f"{model_name} takes texts of {max_length + 1} token(s): no room for a caption after its BOS")
+    max_length = caption_length(captioner, model_name)
     generated = generate_all(captioner, data, cfg, max_length, progress)
     references = test.image_references()
     bleu = corpus_bleu(generated, references)
