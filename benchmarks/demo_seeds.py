@@ -9,6 +9,10 @@ another in this process; prints one JSON line with the keys
 
     python benchmarks/demo_seeds.py                       # configs/demo.yaml, seeds 0 1 2
     python benchmarks/demo_seeds.py --tiny                # configs/tiny.yaml: a check that it runs
+    python benchmarks/demo_seeds.py --family blip         # configs/demo_blip.yaml (`vldistill demo --family blip`)
+
+With --family blip the figures also hold ITM re-ranked R@1, BLEU-4, CIDEr-D and captions per second, and the
+result the captioning speed-up ("caption_speedup").
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ from pathlib import Path
 
 from vldistill.config import load_config, packaged_config
 from vldistill.demo import ARMS, run_demo
+from vldistill.demo_blip import BLIP_KEYS, run_blip_demo
 from vldistill.eval.suite import SUMMARY_KEYS
 
-FIGURES = (*SUMMARY_KEYS, "images_per_second")
+CONFIGS = {"clip": ("demo", "tiny"), "blip": ("demo_blip", "tiny_blip")}
+RUNS = {"clip": run_demo, "blip": run_blip_demo}
+KEYS = {"clip": SUMMARY_KEYS, "blip": BLIP_KEYS}
+SPEEDS = {"clip": ("images_per_second",), "blip": ("images_per_second", "captions_per_second")}
 
 
 def mean_and_spread(values: list[float]) -> dict[str, float]:
@@ -31,16 +39,17 @@ def mean_and_spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "spread": max(values) - min(values)}
 
 
-def summarize(summaries: list[dict]) -> dict:
-    """Per arm and figure: mean and spread over the seeds' demo summaries; per summary key: the student's
-    mean gain over the baseline and over scratch, and whether the gain exceeds both arms' spreads."""
+def summarize(summaries: list[dict], keys=SUMMARY_KEYS, speeds=("images_per_second",)) -> dict:
+    """Per arm and figure (`keys` and `speeds`): mean and spread over the seeds' demo summaries; per key: the
+    student's mean gain over the baseline and over scratch, and whether the gain exceeds both arms' spreads."""
     arms = {
-        arm: {fig: mean_and_spread([s["models"][arm][fig] for s in summaries]) for fig in FIGURES} for arm in ARMS
+        arm: {fig: mean_and_spread([s["models"][arm][fig] for s in summaries]) for fig in (*keys, *speeds)}
+        for arm in ARMS
     }
     verdicts = {}
     for other in ("baseline", "scratch"):
         verdicts[f"student_minus_{other}"] = {}
-        for key in SUMMARY_KEYS:
+        for key in keys:
             gains = [s["models"]["student"][key] - s["models"][other][key] for s in summaries]
             gain = statistics.fmean(gains)
             noise = max(arms["student"][key]["spread"], arms[other][key]["spread"])
@@ -53,15 +62,16 @@ def summarize(summaries: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny config: checks that the benchmark runs")
+    parser.add_argument("--family", choices=sorted(CONFIGS), default="clip", help="the demo's model family")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work-dir", default=None, help="keep the demo runs here (default: a temporary folder, deleted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    config = packaged_config("tiny" if args.tiny else "demo")
+    config = packaged_config(CONFIGS[args.family][1 if args.tiny else 0])
     with tempfile.TemporaryDirectory(prefix="demo-seeds-") as scratch:
         work = Path(args.work_dir or scratch)
         summaries = [
-            run_demo(  # peak memory is not a figure here: no fresh-process probes
+            RUNS[args.family](  # peak memory is not a figure here: no fresh-process probes
                 load_config(config, [*args.overrides, f"seed={seed}"]), work / f"seed{seed}", progress=False,
                 measure_memory=False,
             )
@@ -71,10 +81,13 @@ def main() -> None:
     result = {
         "benchmark": "demo_seeds",
         "config": config.stem,
+        "family": args.family,
         "overrides": args.overrides,
         "seeds": args.seeds,
-        **summarize(summaries),
+        **summarize(summaries, KEYS[args.family], SPEEDS[args.family]),
         "image_speedup": mean_and_spread(speedups),
+        **({"caption_speedup": mean_and_spread([s["caption_speedup"]["median"] for s in summaries])}
+           if args.family == "blip" else {}),
         "wall_seconds": [s["wall_seconds"] for s in summaries],
         "train_seconds": [s["train_seconds"] for s in summaries],
         "teacher_train_pairs": summaries[0]["teacher_train_pairs"],

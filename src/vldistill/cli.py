@@ -85,21 +85,31 @@ def _save_config(cfg: ExperimentConfig, out_dir: Path) -> None:
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Teacher, distilled student and baseline on the embedded data, with a printed table."""
-    from vldistill.demo import format_summary, run_demo
+DEMO_CONFIGS = {"clip": "demo", "blip": "demo_blip"}
 
-    cfg = _config(args, default="demo")
-    summary = run_demo(cfg, Path(args.out), progress=_progress(args))
-    print(format_summary(summary))
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Teacher, distilled student and baseline on the embedded data, with a printed table: CLIP models, or
+    BLIP retrieval and captioning models (`--family blip`, or a config whose teacher.family is blip)."""
+    from vldistill.demo import format_summary, run_demo
+    from vldistill.demo_blip import format_blip_summary, run_blip_demo
+
+    cfg = _config(args, default=DEMO_CONFIGS[args.family or "clip"])
+    if args.family is not None and cfg.teacher.family != args.family:
+        raise ConfigError(f"--family {args.family}, but the config's teacher.family is {cfg.teacher.family}")
+    if cfg.teacher.family == "blip":
+        print(format_blip_summary(run_blip_demo(cfg, Path(args.out), progress=_progress(args))))
+    else:
+        print(format_summary(run_demo(cfg, Path(args.out), progress=_progress(args))))
     print(f"wrote {Path(args.out) / 'summary.json'} and the student to {Path(args.out) / 'student'}")
     return 0
 
 
 def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
-    """Pretrain the config's teacher with the CLIP loss on the embedded data."""
+    """Pretrain the config's teacher on the embedded data: a CLIP with the CLIP loss, or for teacher.family blip a
+    BLIP retrieval teacher (ITC + ITM) and, beside it, a BLIP captioning teacher (LM)."""
     from vldistill.data.bundle import load_data
-    from vldistill.train.runs import pretrain_teacher
+    from vldistill.train.runs import pretrain_captioning_teacher, pretrain_teacher
 
     cfg = _config(args)
     out = Path(args.out)
@@ -108,6 +118,9 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
     data = load_data(cfg.data, progress=progress)
     pretrain_teacher(cfg, data, out / "teacher", log_dir=out / "logs", progress=progress)
     print(f"teacher saved to {out / 'teacher'}")
+    if cfg.teacher.family == "blip":
+        pretrain_captioning_teacher(cfg, data, out / "teacher-captioner", log_dir=out / "logs", progress=progress)
+        print(f"captioning teacher saved to {out / 'teacher-captioner'}")
     print(f"data quality: {data.quality.report()}")
     return 0
 
@@ -170,10 +183,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved model on the config's test split, or on the pairs of `--data` (e.g. a Karpathy
     split file or COCO captions); print its retrieval recalls both ways (and zero-shot accuracy when
-    the config has classes) and write CLIP_benchmark-style records."""
+    the config has classes, ITM re-ranked recalls for a BLIP retrieval model), or a captioning model's
+    BLEU-4 and CIDEr, and write CLIP_benchmark-style records."""
     from vldistill.data.bundle import load_data, load_test_data
+    from vldistill.eval.caption_suite import evaluate_captioner
     from vldistill.eval.results import format_records
     from vldistill.eval.suite import evaluate_model
+    from vldistill.models.contract import Captioner
     from vldistill.models.loading import load_dual_encoder_any
 
     if args.data is None and (args.split is not None or args.images is not None):
@@ -196,10 +212,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         data = load_data(cfg.data, progress=progress)
     out = Path(args.out)
-    evaluation = evaluate_model(model, tokenizer, data, cfg.eval, name, out, progress=progress)
+    if isinstance(model, Captioner):
+        evaluation = evaluate_captioner(model, data, cfg.eval, name, out, progress=progress)
+    else:
+        evaluation = evaluate_model(model, tokenizer, data, cfg.eval, name, out, progress=progress)
     print(format_records(evaluation["records"]))
     summary = evaluation["summary"]
-    print(f"{summary['params']:,} parameters, {summary['images_per_second']:.0f} images/s")
+    speed = f", {summary['images_per_second']:.0f} images/s" if "images_per_second" in summary else ""
+    print(f"{summary['params']:,} parameters{speed}")
     if data.quality.total:
         print(f"data quality: {data.quality.report()}")
     print(f"wrote {', '.join(str(out / f'{name}_{task}.json') for task in evaluation['records'])}")
@@ -444,8 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         parser.set_defaults(func=func)
         return parser
 
-    command("demo", cmd_demo, "teacher -> distilled student vs baseline, on the embedded data", False, "demo_out")
-    command("pretrain-teacher", cmd_pretrain_teacher, "pretrain a teacher with the CLIP loss")
+    demo = command("demo", cmd_demo, "teacher -> distilled student vs baseline, on the embedded data", False, "demo_out")
+    demo.add_argument(
+        "--family", choices=sorted(DEMO_CONFIGS), default=None,
+        help="clip (default): CLIP teacher and students; blip: BLIP retrieval and captioning teachers and students "
+        "(DLIP), with ITM re-ranked retrieval and CIDEr (default config: the packaged demo_blip.yaml)",
+    )
+    command("pretrain-teacher", cmd_pretrain_teacher, "pretrain a teacher (CLIP; or BLIP retrieval + captioning)")
     distill = command("distill", cmd_distill, "distill a student from teacher.path")
     distill.add_argument("--no-eval", action="store_true", help="skip evaluating the student at the end")
     distill.add_argument(
@@ -453,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest checkpoint in OUT/student-checkpoints, or from PATH; 'auto': from the "
         "newest if there is one, else start (for commands a scheduler may restart)",
     )
-    evaluate = command("eval", cmd_eval, "zero-shot and retrieval evaluation of a saved model", False, "results")
+    evaluate = command("eval", cmd_eval, "zero-shot, retrieval or captioning evaluation of a saved model", False, "results")
     evaluate.add_argument("model", help="model folder (or hub id)")
     evaluate.add_argument("--name", default=None, help="model name in the results (default: folder name)")
     evaluate.add_argument(

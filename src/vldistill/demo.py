@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -35,14 +36,14 @@ TASK_LOSSES = {"clip": {"weight": 1.0}}
 ARMS = ("teacher", "student", "baseline", "scratch")
 
 
-def retention(student: dict, teacher: dict) -> dict[str, float]:
-    """Student figures as a percentage of the teacher's, for the summary keys."""
-    return {key: 100.0 * student[key] / teacher[key] if teacher[key] else float("nan") for key in SUMMARY_KEYS}
+def retention(student: dict, teacher: dict, keys: Sequence[str] = SUMMARY_KEYS) -> dict[str, float]:
+    """Student figures as a percentage of the teacher's, for `keys` (NaN where the teacher's is 0)."""
+    return {key: 100.0 * student[key] / teacher[key] if teacher[key] else float("nan") for key in keys}
 
 
-def difference(a: dict, b: dict) -> dict[str, float]:
-    """`a` minus `b` for the summary keys."""
-    return {key: a[key] - b[key] for key in SUMMARY_KEYS}
+def difference(a: dict, b: dict, keys: Sequence[str] = SUMMARY_KEYS) -> dict[str, float]:
+    """`a` minus `b` for `keys`."""
+    return {key: a[key] - b[key] for key in keys}
 
 
 def format_table(models: dict[str, dict]) -> str:
@@ -58,20 +59,28 @@ def format_table(models: dict[str, dict]) -> str:
     return "\n".join([header, *rows])
 
 
-def train_arms(cfg: ExperimentConfig, data, out_dir: Path, logs: Path, progress: bool = True) -> dict[str, TrainedModel]:
-    """Obtain the teacher and train the three students of the demo (see the module docstring)."""
-    teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs, progress)
+def train_arms(
+    cfg: ExperimentConfig,
+    data,
+    teacher: TrainedModel,
+    out_dir: Path,
+    logs: Path,
+    progress: bool = True,
+    task_losses: Mapping[str, Mapping[str, Any]] = TASK_LOSSES,
+) -> dict[str, TrainedModel]:
+    """The teacher and the three students of the demo trained from it (see the module docstring), the
+    baseline and scratch arms with `task_losses` alone, saved in `out_dir` and logged to `logs`."""
     arms = {"teacher": teacher}
     arms["student"] = train_student(
         cfg, data, teacher, out_dir / "student", log_path=logs / "student.jsonl", progress=progress
     )
     arms["baseline"] = train_student(
-        cfg, data, teacher, out_dir / "baseline", losses=TASK_LOSSES,
+        cfg, data, teacher, out_dir / "baseline", losses=task_losses,
         desc="baseline (same init, no teacher)", log_path=logs / "baseline.jsonl", progress=progress,
     )
     if cfg.student.inherit:
         arms["scratch"] = train_student(
-            cfg, data, teacher, out_dir / "scratch", losses=TASK_LOSSES, inherit=False,
+            cfg, data, teacher, out_dir / "scratch", losses=task_losses, inherit=False,
             desc="scratch (random init, no teacher)", log_path=logs / "scratch.jsonl", progress=progress,
         )
     else:
@@ -91,7 +100,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True, measur
     logs.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     data = load_data(cfg.data, progress=progress)
-    arms = train_arms(cfg, data, out_dir, logs, progress)
+    arms = train_arms(cfg, data, obtain_teacher(cfg, data, out_dir / "teacher", logs, progress), out_dir, logs, progress)
     distinct = {name: trained for name, trained in arms.items() if name != "scratch" or cfg.student.inherit}
     models = {
         name: evaluate_model(

@@ -153,7 +153,8 @@ def read_run(path: str | Path, label: Optional[str] = None) -> Run:
     if (folder / CONFIG_FILE).is_file():
         run.config_text = (folder / CONFIG_FILE).read_text(encoding="utf-8")
     if (folder / LOGS_DIR).is_dir():
-        run.logs = {p.stem: read_log(p) for p in sorted((folder / LOGS_DIR).glob("*.jsonl"))}
+        logs = folder / LOGS_DIR  # a subfolder's logs (the BLIP demo's captioner/) are named by their path
+        run.logs = {p.relative_to(logs).with_suffix("").as_posix(): read_log(p) for p in sorted(logs.rglob("*.jsonl"))}
     if (folder / SUMMARY_FILE).is_file():
         run.summary = _json_object(folder / SUMMARY_FILE)
     if (folder / RESULTS_DIR).is_dir():

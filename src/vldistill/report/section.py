@@ -9,7 +9,13 @@ from vldistill.report.markup import Markup, tag
 from vldistill.report.run import Run
 
 SUMMARY_KEYS = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1")
-METRIC_LABELS = {"acc1": "acc1", "image_retrieval_recall@1": "T->I R@1", "text_retrieval_recall@1": "I->T R@1"}
+# Figures some runs add (BLIP: ITM re-ranked retrieval and captioning), shown when a run's models have them.
+OPTIONAL_KEYS = ("itm_image_retrieval_recall@1", "itm_text_retrieval_recall@1", "bleu4", "cider")
+METRIC_LABELS = {
+    "acc1": "acc1", "image_retrieval_recall@1": "T->I R@1", "text_retrieval_recall@1": "I->T R@1",
+    "itm_image_retrieval_recall@1": "T->I R@1 (ITM)", "itm_text_retrieval_recall@1": "I->T R@1 (ITM)",
+    "bleu4": "BLEU-4", "cider": "CIDEr-D",
+}
 
 
 @dataclass

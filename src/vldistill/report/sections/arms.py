@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from vldistill.report.markup import Cell, Markup, escape, number, paragraph, signed, table, tag
 from vldistill.report.run import Run
-from vldistill.report.section import METRIC_LABELS, SUMMARY_KEYS, Section, run_heading
+from vldistill.report.section import METRIC_LABELS, OPTIONAL_KEYS, SUMMARY_KEYS, Section, run_heading
 
 ARM_ORDER = ("teacher", "student", "baseline", "scratch")
 GAPS = (
@@ -22,42 +22,54 @@ def ordered_models(models: Mapping[str, Any]) -> list[str]:
     return [name for name in ARM_ORDER if name in models] + [name for name in models if name not in ARM_ORDER]
 
 
-def retention(figures: Mapping[str, Any], teacher: Optional[Mapping[str, Any]]) -> dict[str, Optional[float]]:
-    """Each summary figure of a model as a percentage of the teacher's (None without a teacher or figure)."""
+def shown_keys(runs: Sequence[Run]) -> tuple[str, ...]:
+    """The summary figures every table shows, then the optional ones (OPTIONAL_KEYS) some run's models have
+    (not null)."""
+    present = {
+        key for run in runs for figures in (run.summary.get("models") or {}).values()
+        for key, value in figures.items() if value is not None
+    }
+    return (*SUMMARY_KEYS, *(key for key in OPTIONAL_KEYS if key in present))
+
+
+def retention(
+    figures: Mapping[str, Any], teacher: Optional[Mapping[str, Any]], keys: Sequence[str] = SUMMARY_KEYS
+) -> dict[str, Optional[float]]:
+    """Each of `keys` of a model as a percentage of the teacher's (None without a teacher or figure)."""
     kept = {}
-    for key in SUMMARY_KEYS:
+    for key in keys:
         value, reference = figures.get(key), (teacher or {}).get(key)
         ok = isinstance(value, (int, float)) and isinstance(reference, (int, float)) and reference
         kept[key] = 100.0 * value / reference if ok else None
     return kept
 
 
-def _rows(run: Run, several: bool) -> list[list]:
+def _rows(run: Run, several: bool, keys: Sequence[str]) -> list[list]:
     models = run.summary.get("models") or {}
     teacher = models.get("teacher")
     rows = []
     for name in ordered_models(models):
         figures = models[name]
-        kept = retention(figures, teacher) if name != "teacher" else {key: None for key in SUMMARY_KEYS}
+        kept = retention(figures, teacher, keys) if name != "teacher" else {key: None for key in keys}
         row = [run.label] if several else []
         row += [
             Cell(name, class_="model"), number(figures.get("params")),
-            *(number(figures.get(key)) for key in SUMMARY_KEYS),
+            *(number(figures.get(key)) for key in keys),
             number(figures.get("images_per_second"), 0),
-            *(number(kept[key], 1) for key in SUMMARY_KEYS),
+            *(number(kept[key], 1) for key in keys),
         ]
         rows.append(row)
     return rows
 
 
-def _facts(run: Run) -> list[Markup]:
+def _facts(run: Run, keys: Sequence[str]) -> list[Markup]:
     """The summary's comparisons as sentences: the gaps between arms, compression, speed-up, training data."""
     summary = run.summary
     lines = []
     for key, label in GAPS:
         gap = summary.get(key)
         if isinstance(gap, dict):
-            cells = ", ".join(f"{METRIC_LABELS[k]} {signed(gap.get(k)).text}" for k in SUMMARY_KEYS)
+            cells = ", ".join(f"{METRIC_LABELS[k]} {signed(gap.get(k)).text}" for k in keys if k in gap)
             lines.append(f"{label}: {cells}")
     if summary.get("scratch_is_baseline"):
         lines.append("the student does not inherit weights, so scratch is the baseline run")
@@ -67,6 +79,10 @@ def _facts(run: Run) -> list[Markup]:
     if isinstance(speedup, dict) and isinstance(speedup.get("median"), (int, float)):
         spread = f" (p25-p75 {speedup['p25']:.2f}-{speedup['p75']:.2f})" if "p25" in speedup and "p75" in speedup else ""
         lines.append(f"student image throughput: {speedup['median']:.2f}x the teacher's{spread}")
+    captions = summary.get("caption_speedup")
+    if isinstance(captions, dict) and isinstance(captions.get("median"), (int, float)):
+        lines.append(f"student captions per second: {captions['median']:.2f}x the teacher's "
+                     f"(p25-p75 {captions['p25']:.2f}-{captions['p75']:.2f})")
     pairs = [f"{who} {summary[key]:,}" for key, who in (("teacher_train_pairs", "teacher"), ("student_train_pairs", "students"))
              if isinstance(summary.get(key), int)]
     if pairs:
@@ -84,19 +100,19 @@ def arms_section(runs: Sequence[Run]) -> Optional[Section]:
     summarized = [run for run in runs if run.summary and run.summary.get("models")]
     if not summarized:
         return None
-    several = len(runs) > 1
+    several, keys = len(runs) > 1, shown_keys(summarized)
     header = (["run"] if several else []) + [
-        "model", "params", *(METRIC_LABELS[k] for k in SUMMARY_KEYS), "images/s",
-        *(f"{METRIC_LABELS[k]} kept %" for k in SUMMARY_KEYS),
+        "model", "params", *(METRIC_LABELS[k] for k in keys), "images/s",
+        *(f"{METRIC_LABELS[k]} kept %" for k in keys),
     ]
-    rows = [row for run in summarized for row in _rows(run, several)]
+    rows = [row for run in summarized for row in _rows(run, several, keys)]
     body: list[Markup] = [
         table(header, rows, id_="arms"),
         paragraph("kept %: the model's figure as a percentage of its run's teacher's. Throughput of the image "
                   "tower, measured with every model of the run in the same interleaved trials.", class_="note"),
     ]
     for run in summarized:
-        facts = _facts(run)
+        facts = _facts(run, keys)
         if facts:
             body += [run_heading(run, runs), tag("ul", facts)]
     return Section("arms", "Arms: teacher, distilled student and baselines", escape(body))
