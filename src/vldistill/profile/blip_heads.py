@@ -17,7 +17,7 @@ def itm_flops(model: Any, pixel_values: torch.Tensor, input_ids: torch.Tensor, a
     tokens (computed once per image in re-ranking, so not counted): the fusion (image-grounded text) encoder
     and the ITM head, what re-ranking pays for every candidate pair."""
     with eval_mode([model]), torch.inference_mode():
-        image_tokens = model.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_tokens = model.image_tokens(pixel_values)
         return count_flops(lambda: model.itm_logits(image_tokens, input_ids, attention_mask)) / len(pixel_values)
 
 
