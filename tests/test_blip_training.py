@@ -3,6 +3,7 @@ student the teacher's ITM negatives, re-based to each micro-batch of an accumula
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import tiny_blip
 
@@ -42,3 +43,20 @@ def test_the_student_scores_the_teachers_itm_pairs_in_every_micro_batch(tokenize
     assert torch.isfinite(loss) and parts["loss/itm_kd"] > 0
     loss.backward()
     assert student.model.itm_head.weight.grad.abs().sum() > 0
+
+
+def test_every_teacher_of_an_ensemble_scores_the_primary_teachers_itm_pairs(tokenizer, make_batch) -> None:
+    first, second = tiny_blip(tokenizer, seed=0), tiny_blip(tokenizer, seed=2)
+    batch = inputs(make_batch(6))
+    outputs = TeacherEnsemble([first, second]).outputs(batch, frozenset({"itm_logits", "itm_negatives"}))
+    own = first(**batch, output_itm=True)
+    torch.testing.assert_close(outputs[0].itm_negatives, own.itm_negatives)
+    # the second teacher's logits are of the first one's pairs, as it scores them when handed those negatives
+    torch.testing.assert_close(outputs[1].itm_logits, second(**batch, output_itm=True, itm_negatives=own.itm_negatives).itm_logits)
+    assert not torch.equal(outputs[1].itm_logits, second(**batch, output_itm=True).itm_logits)  # its own choice differs
+
+
+def test_an_ensemble_member_without_an_itm_head_is_refused_when_itm_is_needed(tokenizer, teacher, make_batch) -> None:
+    ensemble = TeacherEnsemble([tiny_blip(tokenizer, seed=0), teacher])
+    with pytest.raises(ValueError, match=r"teacher 1 of the ensemble \(CLIPDualEncoder\) has no image-text matching head"):
+        ensemble.outputs(inputs(make_batch(4)), frozenset({"itm_logits"}))

@@ -43,6 +43,7 @@ from vldistill.models.signals import (
 )
 
 COMBINE_METHODS = ("fixed", "confidence", "average")
+ITM_LOGITS = "itm_logits"  # the one kind every teacher must compute on the primary teacher's pairs
 TEACHER_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -171,13 +172,29 @@ class TeacherEnsemble(nn.Module):
     @torch.no_grad()
     def outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
         """Each teacher's own signals on its inputs, in float32: those that `needs` names, requested from the
-        primary teacher and, for kinds combined over every teacher, from the others too."""
+        primary teacher and, for kinds combined over every teacher, from the others too. ITM logits are of the
+        pairs the primary teacher chose: the others score the primary's `itm_negatives` (so their logits can
+        be averaged row by row), and a teacher without an ITM head is a ValueError."""
         dtype = TEACHER_PRECISIONS[self.precision]
-        outputs = [
-            teacher(**cast_inputs(inputs_for(batch, key), dtype), **request_flags(needs, primary=k == 0))
-            for k, (teacher, key) in enumerate(zip(self.teachers, self.input_keys))
-        ]
+        outputs: list[Signals] = []
+        for k, (teacher, key) in enumerate(zip(self.teachers, self.input_keys)):
+            chosen = self._primary_choices(k, teacher, outputs, needs)
+            inputs = cast_inputs(inputs_for(batch, key), dtype)
+            outputs.append(teacher(**inputs, **request_flags(needs, primary=k == 0), **chosen))
         return [Signals(**{name: as_float32(value) for name, value in output.items()}) for output in outputs]
+
+    @staticmethod
+    def _primary_choices(k: int, teacher: nn.Module, earlier: list[Signals], needs: frozenset[str]) -> dict[str, torch.Tensor]:
+        """What teacher `k` must be given to score the primary teacher's ITM pairs (nothing for the primary, or
+        when no ITM is needed)."""
+        if k == 0 or ITM_LOGITS not in needs:
+            return {}
+        if not getattr(teacher, "scores_itm", False):
+            raise ValueError(
+                f"teacher {k} of the ensemble ({type(teacher).__name__}) has no image-text matching head, but a loss "
+                "needs the teachers' ITM logits: use teachers that all score ITM, or a single ITM teacher"
+            )
+        return {"itm_negatives": earlier[0].itm_negatives}
 
     @torch.no_grad()
     def gathered_outputs(self, batch: dict[str, torch.Tensor], needs: frozenset[str] = frozenset()) -> list[Signals]:
