@@ -38,6 +38,8 @@ class DataBundle:
     (None: retrieval only).
     quality: counts of skipped bad samples (shared by every source of this bundle).
     grammar: extra words the data may produce (the shapes captions' full vocabulary).
+    labelled_val: labelled images of the zero-shot classes outside the test split (the shapes val split),
+    for choosing prompt templates (eval/template_search.py); None when the data has none.
     """
 
     name: str
@@ -50,6 +52,7 @@ class DataBundle:
     quality: DataQuality
     val: Optional[Dataset] = None
     grammar: tuple[str, ...] = ()
+    labelled_val: Optional[PairSplit] = None
 
     def words(self) -> set[str]:
         """Every word of the captions, prompt templates, class names and grammar: a tokenizer's vocabulary."""
@@ -192,6 +195,7 @@ def _shapes(cfg: DataConfig, progress: bool) -> DataBundle:
         fingerprint=data_fingerprint(cfg),
         quality=DataQuality(threshold=cfg.max_bad_share),
         grammar=tuple(grammar.vocabulary()),
+        labelled_val=splits["val"],
     )
 
 

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vldistill.config import EvalConfig
 from vldistill.data.bundle import DataBundle
+from vldistill.data.templates import expand_templates
 from vldistill.data.tokenizer import make_tokenize
 from vldistill.data.transforms import to_pixel_values
 from vldistill.eval.embed import Tokenize, inference
@@ -89,7 +90,8 @@ def evaluate_model(
     A model with an ITM head (`MatchesPairs`: BLIP retrieval) also has the recalls after re-ranking each
     query's top `cfg.rerank_k` candidates by ITM score plus similarity (`itm_retrieval_metrics`), in the
     retrieval record as `itm_*` with `rerank_k`, and in the summary as ITM_SUMMARY_KEYS (None without one).
-    Zero-shot classification runs on `data.zeroshot` when the data has one (else `acc1` is None);
+    Zero-shot classification runs on `data.zeroshot` when the data has one (else `acc1` is None), with the
+    templates `cfg.templates` names (`expand_templates`; null: the data's);
     acc5 only with more than 5 classes (the record's `note` says when it is left out); the record's `per_class`
     lists each class's samples and top-1 accuracy (`per_class_accuracy`). Images and
     texts are prepared as the model's `input_spec` says. Records are written to
@@ -122,7 +124,8 @@ def evaluate_model(
     if data.zeroshot is not None:
         logits = zero_shot_logits(
             model, tokenize, pixel_batches(data.zeroshot.images, spec, cfg.batch_size), data.classnames,
-            cfg.templates or data.templates, batch_size=cfg.batch_size, progress=progress,
+            expand_templates(cfg.templates) if cfg.templates else data.templates, batch_size=cfg.batch_size,
+            progress=progress,
         )
         labels = torch.as_tensor(data.zeroshot.labels, dtype=torch.long)
         zeroshot = classification_metrics(logits, labels, TOP_K)
