@@ -17,6 +17,7 @@ from vldistill.losses import (  # noqa: F401
     attention, blip, contrastive, cross_attention, features, hidden, logits, relational,
 )
 from vldistill.losses.base import LOSSES, LossContext
+from vldistill.losses.gradients import GRADIENT_KEYS, GradientControl, parse_gradient_options
 from vldistill.models.signals import Signals
 from vldistill.losses.schedules import (
     Schedule,
@@ -31,12 +32,15 @@ from vldistill.losses.schedules import (
 @dataclass
 class LossSpec:
     """One selected loss: its registered name, weight schedule (a constant for a plain number), validated
-    parameters and, when its temperature is a schedule mapping, that schedule."""
+    parameters, when its temperature is a schedule mapping that schedule, and its own gradient control
+    (losses/gradients.py): a gradient scale schedule and a gradient clipping limit, None when not given."""
 
     name: str
     weight: Schedule
     params: Any
     temperature: Optional[Schedule] = None
+    grad_scale: Optional[Schedule] = None
+    grad_clip: Optional[float] = None
 
     @property
     def needs(self) -> frozenset[str]:
@@ -48,7 +52,8 @@ def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "loss
     """Validate a `{name: {weight: w, **params}}` mapping against the registry and each loss's Params.
 
     `weight`, and a `temperature` parameter, may be a number or a schedule mapping (see
-    `vldistill.losses.schedules`); a scheduled temperature's Params hold its start value."""
+    `vldistill.losses.schedules`); a scheduled temperature's Params hold its start value. Every loss also
+    takes `grad_scale` and `grad_clip` (see `vldistill.losses.gradients`)."""
     if not losses:
         raise ValueError(f"{where} is empty; choose at least one of: {', '.join(LOSSES.names())}")
     specs = []
@@ -65,19 +70,20 @@ def parse_loss_specs(losses: Mapping[str, Mapping[str, Any]], where: str = "loss
             raise ValueError(f"{where}.{name}.weight must be a number >= 0 or a schedule mapping, got {weight!r}")
         else:
             weight = Schedule(kind="constant", value=float(weight))
+        grad_scale, grad_clip = parse_gradient_options(options, f"{where}.{name}")
         params_cls = LOSSES.get(name).Params
         allowed = [f.name for f in dataclasses.fields(params_cls)]
         for key in options:
             if key not in allowed:
                 raise ValueError(
-                    f"unknown config key {where}.{name}.{key}; allowed keys: {', '.join(['weight', *allowed])}"
+                    f"unknown config key {where}.{name}.{key}; allowed keys: {', '.join(['weight', *allowed, *GRADIENT_KEYS])}"
                 )
         temperature = None
         if isinstance(options.get("temperature"), Mapping):
             temperature = parse_schedule(options["temperature"], f"{where}.{name}.temperature", positive=True)
             options["temperature"] = temperature.at(0.0)
         params = build_dataclass(params_cls, options, f"{where}.{name}")
-        specs.append(LossSpec(name=name, weight=weight, params=params, temperature=temperature))
+        specs.append(LossSpec(name, weight, params, temperature, grad_scale, grad_clip))
     return specs
 
 
@@ -88,6 +94,7 @@ class DistillationObjective(nn.Module):
     may adapt the weights further: `gap` rebalances the teacher-needing losses' weights (`gap_weights`)
     from their values on a held-out batch (`refresh_gap`); `uncertainty` adds a learnable log-variance
     s_i per loss (`uncertainty_weighted`), trained with the rest of the objective's parameters.
+    A loss's own `grad_scale` and `grad_clip` act on its weighted term through `gradients` (losses/gradients.py).
     """
 
     def __init__(self, specs: list[LossSpec], context: LossContext, weighting: Optional[WeightingConfig] = None) -> None:
@@ -95,6 +102,10 @@ class DistillationObjective(nn.Module):
         self.weighting = weighting or WeightingConfig()
         self.weight_schedules = {spec.name: spec.weight for spec in specs}
         self.temperature_schedules = {spec.name: spec.temperature for spec in specs if spec.temperature is not None}
+        self.gradients = GradientControl(
+            {spec.name: spec.grad_scale for spec in specs if spec.grad_scale is not None},
+            {spec.name: spec.grad_clip for spec in specs if spec.grad_clip is not None},
+        )
         self.losses = nn.ModuleDict({spec.name: LOSSES.get(spec.name)(spec.params, context) for spec in specs})
         self.progress = 0.0
         gap = self.weighting.kind == "gap"
@@ -162,7 +173,9 @@ class DistillationObjective(nn.Module):
     def forward(
         self, student: Signals, teacher: Optional[Signals]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total weighted loss and a flat dict of every loss and its named parts, for logging."""
+        """Total weighted loss and a flat dict of every loss and its named parts, for logging. Each loss's term
+        carries its gradient scale; the terms of losses with `grad_clip` are also recorded in `gradients`, whose
+        `backward` and `finish` the training loop uses to clip them (a plain `backward()` of the total does not)."""
         total = torch.zeros((), device=next(v for v in student.values() if isinstance(v, torch.Tensor)).device)
         parts: dict[str, torch.Tensor] = {}
         weights = self.weights
@@ -171,9 +184,10 @@ class DistillationObjective(nn.Module):
                 raise ValueError(f"loss {name!r} needs a teacher, but none was given")
             value, named = loss_fn(student, teacher)
             if self.weighting.kind == "uncertainty":
-                total = total + uncertainty_weighted(value, self.log_variances[name], weights[name])
+                term = uncertainty_weighted(value, self.log_variances[name], weights[name])
             else:
-                total = total + weights[name] * value
+                term = weights[name] * value
+            total = total + self.gradients.term(name, term, self.progress)
             parts[f"loss/{name}"] = value.detach()
             parts.update({f"part/{k}": v for k, v in named.items()})
         parts["loss/total"] = total.detach()
@@ -182,7 +196,8 @@ class DistillationObjective(nn.Module):
     def settings(self) -> dict[str, float]:
         """The current weighting, for logging: `weight/<loss>` (what multiplies the loss in the total:
         w_i, or w_i exp(-s_i) under uncertainty weighting), `temperature/<loss>` for each loss with one,
-        and `gap_ratio/<loss>` (r_i) or `log_variance/<loss>` (s_i) under those weightings."""
+        `gap_ratio/<loss>` (r_i) or `log_variance/<loss>` (s_i) under those weightings, and `grad_scale/<loss>`
+        for each loss with a gradient scale."""
         values: dict[str, float] = {}
         for name, weight in self.weights.items():
             if self.weighting.kind == "uncertainty":
@@ -193,6 +208,7 @@ class DistillationObjective(nn.Module):
             if self.losses[name].temperature is not None:
                 values[f"temperature/{name}"] = float(self.losses[name].temperature)
         values.update({f"gap_ratio/{name}": ratio for name, ratio in self.gap_ratios.items()})
+        values.update({f"grad_scale/{name}": self.gradients.scale_at(name, self.progress) for name in self.gradients.scales})
         return values
 
 
