@@ -38,6 +38,7 @@ from vldistill.models.adapters import register_adapter
 from vldistill.models.blip_signals import BLIP_RETRIEVAL_SIGNALS
 from vldistill.models.blip_caption import CAPTIONING_ARCHITECTURE, load_blip_captioner, save_blip_folder
 from vldistill.models.blip_student import blip_student_config, inherit_blip_weights, spec_from_blip_config
+from vldistill.models.groups import ParameterGroups, tower_groups
 from vldistill.models.common import (
     eager_attention,
     load_tokenizer_if_present,
@@ -176,6 +177,19 @@ class BlipRetrievalEncoder(nn.Module):
         with cross-attention), so `fusion` is the text encoder's spec."""
         spec = spec_from_blip_config(self.model.config)
         return dataclasses.replace(spec, fusion=spec.text)
+
+    def parameter_groups(self) -> ParameterGroups:
+        """Its parameter groups by name prefix (models/groups.py): the vision tower and the text encoder (also
+        the fusion encoder), each with its ITC projection, each of their layers (vision.layers.N, text.layers.N),
+        and the ITM head (itm_head)."""
+        config = self.model.config
+        return {
+            **tower_groups("vision", ("model.vision_model.", "model.vision_proj."), "model.vision_model.encoder.layers",
+                           config.vision_config.num_hidden_layers),
+            **tower_groups("text", ("model.text_encoder.", "model.text_proj."), "model.text_encoder.encoder.layer",
+                           config.text_config.num_hidden_layers),
+            "itm_head": ("model.itm_head.",),
+        }
 
     def inheritable_clip(self) -> None:
         """None: a CLIP student cannot inherit a BLIP model's weights (a BLIP student can, models/blip_student.py)."""

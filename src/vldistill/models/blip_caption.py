@@ -33,6 +33,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from vldistill.fileio import atomic_directory
 from vldistill.models.blip_caption_student import MODULES, inherit_captioner_weights, student_captioner_config
 from vldistill.models.common import eager_attention, load_tokenizer_if_present, square_image_size, stable_config
+from vldistill.models.groups import ParameterGroups, tower_groups
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
 from vldistill.models.io import write_metadata
 from vldistill.models.locate import require_tokenizer
@@ -237,6 +238,17 @@ class BlipCaptioner(nn.Module):
             projection_dim=config.image_text_hidden_size,
             decoder=decoder,
         )
+
+    def parameter_groups(self) -> ParameterGroups:
+        """Its parameter groups by name prefix (models/groups.py): the vision tower, the decoder (with its LM
+        head) and each of their layers (vision.layers.N, decoder.layers.N)."""
+        config = self.model.config
+        return {
+            **tower_groups("vision", ("model.vision_model.",), "model.vision_model.encoder.layers",
+                           config.vision_config.num_hidden_layers),
+            **tower_groups("decoder", ("model.text_decoder.",), "model.text_decoder.bert.encoder.layer",
+                           config.text_config.num_hidden_layers),
+        }
 
     def build_student(self, spec: DualEncoderSpec, inherit: bool) -> "BlipCaptioner":
         """A fresh captioning student (contract.BuildsStudents) with `spec.vision` and `spec.decoder` (None:

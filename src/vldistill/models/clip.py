@@ -13,6 +13,7 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from vldistill.models.adapters import register_adapter
 from vldistill.models.common import clamp_log_scale_, joint_forward, load_tokenizer_if_present, stable_config
+from vldistill.models.groups import ParameterGroups, tower_groups
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD, InputSpec, image_normalization
 from vldistill.models.io import save_dual_encoder
 from vldistill.models.locate import require_tokenizer
@@ -117,6 +118,17 @@ class CLIPDualEncoder(nn.Module):
     def architecture_spec(self) -> DualEncoderSpec:
         """The tower spec of the CLIP config (what the layer-wise losses map layers with)."""
         return spec_from_clip_config(self.model.config)
+
+    def parameter_groups(self) -> ParameterGroups:
+        """Its parameter groups by name prefix (models/groups.py): each tower with its projection, and each
+        encoder layer (vision.layers.N, text.layers.N); the logit scale is in neither tower."""
+        config = self.model.config
+        return {
+            **tower_groups("vision", ("model.vision_model.", "model.visual_projection."), "model.vision_model.encoder.layers",
+                           config.vision_config.num_hidden_layers),
+            **tower_groups("text", ("model.text_model.", "model.text_projection."), "model.text_model.encoder.layers",
+                           config.text_config.num_hidden_layers),
+        }
 
     def inheritable_clip(self) -> CLIPModel:
         """The CLIPModel itself: a CLIP student may inherit its config and weights."""

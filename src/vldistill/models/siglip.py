@@ -27,6 +27,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from vldistill.fileio import atomic_directory
 from vldistill.models.adapters import register_adapter
+from vldistill.models.groups import ParameterGroups, tower_groups
 from vldistill.models.common import (
     clamp_log_scale_,
     joint_forward,
@@ -170,6 +171,17 @@ class SiglipDualEncoder(nn.Module):
     def architecture_spec(self) -> None:
         """None: the layer-wise losses map layers of CLIP towers only."""
         return None
+
+    def parameter_groups(self) -> ParameterGroups:
+        """Its parameter groups by name prefix (models/groups.py): each tower with its pooling head, and each
+        encoder layer (vision.layers.N, text.layers.N); the logit scale and bias are in neither tower."""
+        config = self.model.config
+        return {
+            **tower_groups("vision", ("model.vision_model.",), "model.vision_model.encoder.layers",
+                           config.vision_config.num_hidden_layers),
+            **tower_groups("text", ("model.text_model.",), "model.text_model.encoder.layers",
+                           config.text_config.num_hidden_layers),
+        }
 
     def inheritable_clip(self) -> None:
         """None: a CLIP student cannot inherit a SigLIP model's weights."""
