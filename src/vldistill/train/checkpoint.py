@@ -35,7 +35,8 @@ class TrainState:
     """A run's state at a step: trainable weights (student and loss parameters), optimizer and
     scheduler states, RNG states and counters. The data position is the step itself: batches are
     drawn in a deterministic order, so resuming skips the first `step` batches. `weighting` is the
-    objective's measured loss-weight state (gap weighting's ratios and references)."""
+    objective's measured loss-weight state (gap weighting's ratios and references); `stage` the training
+    stage the step belongs to (train/stages.Stage.record; None in a checkpoint written before stages existed)."""
 
     step: int
     weights: dict[str, torch.Tensor]
@@ -44,6 +45,7 @@ class TrainState:
     rng: dict[str, Any]
     nonfinite_steps: int = 0
     weighting: dict[str, Any] = field(default_factory=dict)
+    stage: Optional[dict[str, Any]] = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -99,6 +101,7 @@ def _write_checkpoint(target: Path, state: TrainState, fingerprint: str) -> None
             "step": state.step, "nonfinite_steps": state.nonfinite_steps,
             "rng": {"python": state.rng["python"], "numpy": state.rng["numpy"]},
             "weighting": state.weighting,
+            "stage": state.stage,
         }
         (tmp / "trainer.json").write_text(json.dumps(meta) + "\n")
 
@@ -148,6 +151,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> TrainState:
             rng={**meta["rng"], "torch": states["torch_rng"], "cuda": cuda},
             nonfinite_steps=meta["nonfinite_steps"],
             weighting=meta["weighting"],
+            stage=meta.get("stage"),
         )
     except Exception as error:  # a truncated or overwritten file: torch, safetensors and KeyError alike
         raise CheckpointDamagedError(f"{path} is damaged: {type(error).__name__}: {error}") from error

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from vldistill.losses.registry import DistillationObjective
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.train.checkpoint import TrainState
 from vldistill.train.loop import Checkpointer, train
+from vldistill.train.stages import Stage
 from vldistill.train.trackers import Trackers
 from vldistill.trained import TrainResult
 
@@ -47,6 +48,8 @@ class DistillPlan:
     """Where checkpoints go, None when `distill.checkpoint.every` is 0."""
     resume: Optional[TrainState]
     """The checkpoint the run continues from, None for a fresh run."""
+    stages: Sequence[Stage] = ()
+    """The training stages (`distill.stages` resolved against the student, train/stages.py); empty: one stage."""
 
     @property
     def start_step(self) -> int:
@@ -60,5 +63,5 @@ class DistillPlan:
         return train(
             self.student, self.objective, self.batches, self.optim, teacher=self.teachers, desc=desc, log_path=log_path,
             held_out_batch=self.held_out, checkpointer=self.checkpointer, resume=self.resume, progress=progress,
-            trackers=trackers,
+            trackers=trackers, stages=self.stages,
         )

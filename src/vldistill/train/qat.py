@@ -33,7 +33,8 @@ QAT_LR_FACTOR = 0.1  # the fine-tune's learning rate: this share of distill.trai
 def qat_config(cfg: ExperimentConfig, steps: Optional[int] = None, lr: Optional[float] = None) -> ExperimentConfig:
     """`cfg` with the fine-tune's optimizer in `distill.train`: `steps` (default QAT_STEPS) at learning rate
     `lr` (default QAT_LR_FACTOR x distill.train.lr), warm-up at most a tenth of the steps; the rest of
-    `distill.train` (batch size, precision, clipping...) as configured. A short fine-tune writes no checkpoints."""
+    `distill.train` (batch size, precision, clipping...) as configured. A short fine-tune writes no checkpoints and
+    trains every parameter in one stage (the distillation's `distill.stages` do not apply)."""
     optim = cfg.distill.train
     steps = QAT_STEPS if steps is None else steps
     lr = optim.lr * QAT_LR_FACTOR if lr is None else lr
@@ -41,7 +42,7 @@ def qat_config(cfg: ExperimentConfig, steps: Optional[int] = None, lr: Optional[
         raise ValueError(f"QAT needs steps >= 1 and a learning rate > 0, got steps {steps}, lr {lr}")
     train = dataclasses.replace(optim, steps=steps, lr=lr, warmup_steps=min(optim.warmup_steps, steps // 10))
     checkpoint = dataclasses.replace(cfg.distill.checkpoint, every=0)
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, train=train, checkpoint=checkpoint))
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, train=train, checkpoint=checkpoint, stages=[]))
 
 
 def train_qat(
