@@ -41,8 +41,8 @@ def stages_override(*stages: str) -> str:
 
 @pytest.mark.parametrize("overrides, message", [
     ([stages_override("{name: a, steps: 3, trainable: [vision]}", "{name: b, steps: 3, trainable: [student]}")],
-     "distill.stages: the stages' steps sum to 6, but distill.train.steps is 8; they must be equal "
-     "(set distill.train.steps: 6)"),
+     ("distill.stages: the stages' steps sum to 6, but distill.train.steps is 8; they must be equal "
+      "(set distill.train.steps: 6)")),
     ([stages_override("{name: a, steps: 4, trainable: [vision]}", "{name: a, steps: 4, trainable: [student]}")],
      "distill.stages[1].name: 'a' names an earlier stage too"),
     ([stages_override("{name: a, steps: 8, trainable: []}")], "distill.stages[0].trainable must name at least one"),
