@@ -24,7 +24,8 @@ REAL_ADAPTERS = adapters.ADAPTERS
 SUPPORTED = (
     "supported model types: blip (an HF BlipForImageTextRetrieval or BlipForConditionalGeneration), "
     "clip (an HF CLIPModel), clip-int8 (a vldistill int8 CLIP folder: clip_int8.json), "
-    "onnx (a vldistill ONNX export folder: onnx_pair.json), siglip (an HF SiglipModel), "
+    "onnx (a vldistill ONNX export folder: onnx_pair.json), "
+    "prompted (a vldistill CLIP or SigLIP with learnable prompts: prompted.json), siglip (an HF SiglipModel), "
     "two-tower (a vldistill two-tower folder: two_tower.json)"
 )
 
@@ -49,7 +50,7 @@ def other_model(folder, model_type: str):
 
 
 def test_the_registry_lists_clip_siglip_and_two_tower_and_each_folder_loads_with_its_own(tmp_path, tokenizer, bert_dir):
-    assert supported_model_types() == ["blip", "clip", "clip-int8", "onnx", "siglip", "two-tower"]
+    assert supported_model_types() == ["blip", "clip", "clip-int8", "onnx", "prompted", "siglip", "two-tower"]
     save_dual_encoder(build_clip(config_for(teacher_spec(), tokenizer)), tokenizer, tmp_path / "clip")
     SiglipDualEncoder(tiny_siglip(tokenizer), tokenizer=tokenizer).save_pretrained(tmp_path / "siglip")
     tiny_vision().save_pretrained(tmp_path / "vision")
@@ -80,7 +81,7 @@ def test_an_unknown_model_type_is_one_line_naming_the_supported_ones(tmp_path, m
     empty.mkdir()
     with pytest.raises(ModelNotFoundError) as error:
         load_dual_encoder_any(empty)
-    markers = "clip_int8.json nor onnx_pair.json nor two_tower.json"
+    markers = "clip_int8.json nor onnx_pair.json nor prompted.json nor two_tower.json"
     assert str(error.value) == f"{empty} is not a model folder: it has neither {markers} nor config.json"
 
 
@@ -103,7 +104,7 @@ def test_a_registered_toy_family_is_what_the_loader_dispatches_to(registry, tmp_
         calls.append(("marked", name_or_path))
         return toy_model, tokenizer
 
-    assert supported_model_types() == ["blip", "clip", "clip-int8", "onnx", "siglip", "toy", "toy-folder", "two-tower"]
+    assert supported_model_types() == ["blip", "clip", "clip-int8", "onnx", "prompted", "siglip", "toy", "toy-folder", "two-tower"]
     folder = other_model(tmp_path / "toy", "toy")
     assert load_dual_encoder_any(folder, attentions=True, trust_remote_code=True) == (toy_model, tokenizer)
     marked = tmp_path / "marked"

@@ -16,6 +16,7 @@ from vldistill.models.adapters import ADAPTERS
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import DualEncoder
 from vldistill.models.loading import load_dual_encoder_any
+from vldistill.models.prompts import PromptConfig, PromptedDualEncoder
 from vldistill.models.quantized import Int8CLIPDualEncoder
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.student import spec_from_clip_config
@@ -32,6 +33,12 @@ def tiny_int8_clip(tokenizer, fixture):
 
 def tiny_siglip_encoder(tokenizer, fixture):
     return SiglipDualEncoder(tiny_siglip(tokenizer), tokenizer=tokenizer).eval(), tokenizer
+
+
+def tiny_prompted(tokenizer, fixture):
+    base = build_clip(config_for(teacher_spec(), tokenizer))
+    settings = PromptConfig(n_ctx=2, n_vis=2, depth=1, projector_dim=8)
+    return PromptedDualEncoder(base, settings, tokenizer=tokenizer, generator=torch.Generator().manual_seed(0)).eval(), tokenizer
 
 
 def tiny_two_tower(tokenizer, fixture):
@@ -55,7 +62,7 @@ def tiny_onnx(tokenizer, fixture):
 # One tiny builder per registered model type: a new family without one fails the coverage test below. A builder
 # takes the tokenizer and `fixture(name)`, which returns the value of the fixture `name` (a folder built once).
 TINY = {"blip": tiny_blip_encoder, "clip": tiny_clip, "clip-int8": tiny_int8_clip, "onnx": tiny_onnx,
-        "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
+        "prompted": tiny_prompted, "siglip": tiny_siglip_encoder, "two-tower": tiny_two_tower}
 # Families that return embeddings only (an exported pair): asking them for hidden states or attention maps is an error.
 EMBEDDINGS_ONLY = {"onnx"}
 

@@ -91,7 +91,8 @@ def test_eval_of_another_model_type_names_it(tmp_path, capsys):
         f"vldistill: error: {folder} holds a model of type 'bert', which is not a supported dual encoder; supported "
         "model types: blip (an HF BlipForImageTextRetrieval or BlipForConditionalGeneration), clip (an HF "
         "CLIPModel), clip-int8 (a vldistill int8 CLIP folder: clip_int8.json), onnx (a "
-        "vldistill ONNX export folder: onnx_pair.json), siglip (an HF SiglipModel), two-tower (a vldistill two-tower "
+        "vldistill ONNX export folder: onnx_pair.json), prompted (a vldistill CLIP or SigLIP with learnable prompts: "
+        "prompted.json), siglip (an HF SiglipModel), two-tower (a vldistill two-tower "
         "folder: two_tower.json)"
     )
 

@@ -148,7 +148,7 @@ def test_loader_dispatches_clip_and_refuses_other_kinds(tokenizer, tmp_path, ber
     assert type(model) is CLIPDualEncoder
     with pytest.raises(ValueError, match=r"type 'bert', which is not a supported dual encoder; supported model types: blip .*, clip .*, clip-int8 .*, onnx .*, siglip .*, two-tower"):
         load_dual_encoder_any(bert_dir)
-    with pytest.raises(FileNotFoundError, match="neither clip_int8.json nor onnx_pair.json nor two_tower.json nor config.json"):
+    with pytest.raises(FileNotFoundError, match="neither clip_int8.json nor onnx_pair.json nor prompted.json nor two_tower.json nor config.json"):
         load_dual_encoder_any(tmp_path)
 
 

@@ -12,7 +12,7 @@ import os
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # Importing an adapter module registers its family.
-from vldistill.models import adapters, blip, clip, onnx_pair, quantized, siglip, two_tower  # noqa: F401
+from vldistill.models import adapters, blip, clip, onnx_pair, prompted, quantized, siglip, two_tower  # noqa: F401
 from vldistill.models.adapters import Adapter, describe_adapters
 from vldistill.models.contract import DualEncoder
 from vldistill.models.locate import CONFIG_FILE, ModelNotFoundError, NotAModelError, hub_errors, local_folder, model_config
