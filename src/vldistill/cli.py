@@ -258,6 +258,7 @@ def cmd_cascade_eval(args: argparse.Namespace) -> int:
     or `--data` with the config's data.classes); write cascade.json, cascade_summary.json and cascade.png; print
     the table and the cheapest threshold that keeps `--target` of the teacher's acc1."""
     from vldistill.data.bundle import load_data, load_test_data
+    from vldistill.data.templates import expand_templates
     from vldistill.deploy.cascade import ZeroShotModel
     from vldistill.deploy.cascade_eval import check_target, evaluate_cascade
     from vldistill.deploy.report import format_cascade, write_cascade
@@ -282,7 +283,7 @@ def cmd_cascade_eval(args: argparse.Namespace) -> int:
         data = load_data(cfg.data, progress=progress)
     if data.zeroshot is None:
         raise ConfigError(f"{data.name} has no zero-shot classes: set data.classes to a folder of class folders")
-    templates = cfg.eval.templates or data.templates
+    templates = expand_templates(cfg.eval.templates) if cfg.eval.templates else data.templates
     heads = [ZeroShotModel.build(model, tokenizer, data.classnames, templates, cfg.eval.batch_size)
              for model, tokenizer in ((student, student_tokenizer), (teacher, teacher_tokenizer))]
     result = evaluate_cascade(
@@ -396,6 +397,44 @@ def cmd_list(args: argparse.Namespace) -> int:
         "configs": sorted(p.stem for p in packaged_config("demo").parent.glob("*.yaml")),
     }
     print("\n".join(kinds[args.kind]))
+    return 0
+
+
+def cmd_templates_search(args: argparse.Namespace) -> int:
+    """Choose zero-shot prompt templates for a model by greedy search on held-out labelled images of the
+    config's classes (never the test split); write them one per line and print acc1 of the default vs the
+    chosen templates (eval/template_search.py)."""
+    from vldistill.data.bundle import load_data
+    from vldistill.eval.template_search import format_search, search_templates
+    from vldistill.fileio import write_text_atomic
+    from vldistill.models.contract import Captioner
+    from vldistill.models.loading import load_dual_encoder_any
+
+    cfg = load_config(args.config, args.overrides)
+    path = args.model or cfg.teacher.path
+    if path is None:
+        raise ConfigError("give --model: the config has no teacher.path to choose templates for")
+    model, tokenizer = load_dual_encoder_any(path)
+    if isinstance(model, Captioner):
+        raise ValueError(f"{path} is a captioning model: zero-shot templates need a dual encoder")
+    progress = _progress(args)
+    data = load_data(cfg.data, progress=progress)
+    result = search_templates(
+        model, tokenizer, data, cfg.eval, args.domains, args.max_templates, args.share, cfg.data.seed, progress=progress,
+    )
+    write_text_atomic(args.out, "".join(f"{template}\n" for template in result.templates))
+    print(format_search(result))
+    print(f"wrote {args.out}; evaluate with it: --set 'eval.templates=[file:{args.out}]'")
+    return 0
+
+
+def cmd_templates_list(args: argparse.Namespace) -> int:
+    """Print the template library's domains: name, number of templates, description."""
+    from vldistill.data.templates import library_domains, template_library
+
+    library = template_library()
+    for domain, description in library_domains().items():
+        print(f"{domain:<10} {len(library[domain]):>4}  {description}")
     return 0
 
 
@@ -570,6 +609,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--image-size", type=int, default=None, help="decode size (default: the config's data.image_size, else 224)")
     _add_quiet(check)
     check.set_defaults(func=cmd_data_check)
+
+    templates = sub.add_parser("templates", help="the prompt template library; search templates for a model")
+    templates = templates.add_subparsers(dest="templates_command", required=True)
+    search = templates.add_parser(
+        "search", help="greedy template search on held-out labelled images of the classes (never the test split)"
+    )
+    _add_config_args(search, config_positional=True)
+    _add_quiet(search)
+    search.add_argument("--out", required=True, metavar="FILE.txt", help="the chosen templates, one per line")
+    search.add_argument("--model", default=None, help="model folder (or hub id) (default: teacher.path)")
+    search.add_argument("--domains", nargs="+", default=None, metavar="DOMAIN",
+                        help="library domains of the candidates (default: all; see `vldistill templates list`)")
+    search.add_argument("--max-templates", type=int, default=None, help="stop after this many templates (default: no limit)")
+    search.add_argument("--share", type=float, default=0.5,
+                        help="without a labelled val split (shapes has one): the share of each class's images of "
+                        "data.classes searched on, seeded by data.seed (default 0.5)")
+    search.set_defaults(func=cmd_templates_search)
+    template_list = templates.add_parser("list", help="the library's domains and their number of templates")
+    _add_quiet(template_list)
+    template_list.set_defaults(func=cmd_templates_list)
 
     listing = sub.add_parser("list", help="list registered losses, datasets or packaged configs")
     listing.add_argument("kind", choices=["losses", "datasets", "configs"])

@@ -16,10 +16,12 @@ import yaml
 from vldistill.binding import ConfigError, apply_override, build_dataclass, over_defaults
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.caption_json import parse_split
+from vldistill.data.templates import check_template_entries
 from vldistill.losses.base import LossContext
 from vldistill.losses.registry import LossSpec, build_objective, parse_loss_specs, specs_need
 from vldistill.teachers.ensemble import COMBINE_METHODS, TEACHER_PRECISIONS
 from vldistill.models.inherit import check_inheritable
+from vldistill.models.prompts import PromptConfig
 from vldistill.models.spec import DualEncoderSpec, TowerSpec
 from vldistill.models.two_tower import TEXT_POOLINGS, VISION_POOLINGS
 from vldistill.losses.schedules import WeightingConfig
@@ -277,10 +279,12 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """The student's towers and whether it starts from the teacher's weights (TinyCLIP inheritance)."""
+    """The student's towers, whether it starts from the teacher's weights (TinyCLIP inheritance) and its
+    learnable prompts (`prompts`, models/prompts.py: n_ctx, ctx_init, n_vis, depth, projector_dim; null: none)."""
 
     model: DualEncoderSpec = field(default_factory=DualEncoderSpec)
     inherit: bool = True
+    prompts: Optional[PromptConfig] = None
 
 
 def _default_losses() -> dict[str, dict[str, Any]]:
@@ -308,13 +312,48 @@ class CheckpointConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run (`distill.stages`, train/stages.py): `steps` optimizer steps at peak learning
+    rate `lr` (null: distill.train.lr) after `warmup_steps` of linear warmup (null: distill.train.warmup_steps
+    for the first stage, 0 for later ones), then cosine decay to 0 at the stage's end, training only the
+    parameter groups `trainable` names (student, objective, prompts, projector, or a group of the student's:
+    vision, text, vision.layers.N, ...); every other parameter is frozen."""
+
+    name: str = ""
+    steps: int = 0
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    trainable: list[str] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
+        if not self.name.strip():
+            raise ConfigError(f"{where}.name is required (it names the stage in logs and checkpoints)")
+        if self.steps < 1:
+            raise ConfigError(f"{where}.steps must be >= 1, got {self.steps}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be > 0 or null (distill.train.lr), got {self.lr}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"{where}.warmup_steps must be null or in [0, steps={self.steps}], got {self.warmup_steps}")
+        if not self.trainable:
+            raise ConfigError(f"{where}.trainable must name at least one parameter group (e.g. [student])")
+        for index, selector in enumerate(self.trainable):
+            if not selector.strip():
+                raise ConfigError(f"{where}.trainable[{index}] is empty")
+        if len(set(self.trainable)) != len(self.trainable):
+            raise ConfigError(f"{where}.trainable names a group twice: {self.trainable}")
+
+
+@dataclass
 class DistillConfig:
     """The distillation run: optimizer settings, the weighted losses (name -> {weight, params}; weights
     and temperatures may be schedules), how the weights adapt (`weighting`) and how many training pairs
     the student sees (`train_pairs`: the first N of the training data; null: all of it). A teacher
     pretrained here always learns from all of them: the regime where distillation has something to
     transfer (a teacher trained on far more data than the student's). `losses` train a retrieval
-    (dual-encoder) student; `caption_losses` (same form) a captioning student (from a captioning teacher)."""
+    (dual-encoder) student; `caption_losses` (same form) a captioning student (from a captioning teacher). `stages` (empty: one stage
+    training every parameter) split the run into stages that each train some parameter groups at their own
+    learning rate (train/stages.py); their steps sum to `train.steps`."""
 
     train: OptimConfig = field(default_factory=OptimConfig)
     train_pairs: Optional[int] = None
@@ -322,6 +361,7 @@ class DistillConfig:
     caption_losses: dict[str, dict[str, Any]] = field(default_factory=_default_caption_losses)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    stages: list[StageConfig] = field(default_factory=list)
 
     @functools.cached_property
     def loss_specs(self) -> list[LossSpec]:
@@ -347,11 +387,36 @@ class DistillConfig:
             )
         if self.weighting.kind == "gap" and not specs_need(specs):
             raise ConfigError(f"{where}.weighting.kind is gap, but no loss in {where}.losses uses the teacher")
+        self._validate_stages(where)
+
+    def _validate_stages(self, where: str) -> None:
+        """The stages (when any) have distinct names, their steps sum to `train.steps` and the first stage's
+        default warmup (`train.warmup_steps`) fits in it."""
+        if not self.stages:
+            return
+        names = [stage.name for stage in self.stages]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ConfigError(f"{where}.stages[{index}].name: {name!r} names an earlier stage too; stage names must differ")
+        total = sum(stage.steps for stage in self.stages)
+        if total != self.train.steps:
+            raise ConfigError(
+                f"{where}.stages: the stages' steps sum to {total}, but {where}.train.steps is {self.train.steps}; "
+                f"they must be equal (set {where}.train.steps: {total})"
+            )
+        first = self.stages[0]
+        if first.warmup_steps is None and self.train.warmup_steps > first.steps:
+            raise ConfigError(
+                f"{where}.stages[0] has {first.steps} steps, fewer than its warmup ({where}.train.warmup_steps: "
+                f"{self.train.warmup_steps}); set {where}.stages[0].warmup_steps"
+            )
 
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings: batch size, zero-shot templates (null: the dataset's), retrieval matching, and
+    """Evaluation settings: batch size, zero-shot templates (null: the dataset's; each entry a template with `{}`,
+    `library:<domain>[,<domain>...]` for the shipped library's templates or `file:<path>` for a templates file,
+    see data/templates), retrieval matching, and
     `rerank_k`, the contrastive top-k candidates of each query an ITM head re-ranks (models with one: BLIP)."""
 
     batch_size: int = 256
@@ -370,9 +435,10 @@ class EvalConfig:
             raise ConfigError(f"{where}.batch_size and {where}.throughput_batch_size must be >= 1")
         if self.rerank_k < 1:
             raise ConfigError(f"{where}.rerank_k must be >= 1, got {self.rerank_k}")
-        for template in self.templates or []:
-            if "{}" not in template:
-                raise ConfigError(f"{where}.templates: {template!r} has no '{{}}' for the class name")
+        try:
+            check_template_entries(self.templates or [], f"{where}.templates")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass

@@ -30,7 +30,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from vldistill.teachers.cache.cached import CachedTeacher
 from vldistill.config import OptimConfig
-from vldistill.train.checkpoint import TrainState, capture_rng, restore_rng, save_checkpoint
+from vldistill.train.checkpoint import CheckpointError, TrainState, capture_rng, restore_rng, save_checkpoint
+from vldistill.train.stages import Stage, freeze_for, single_stage, stage_after
 from vldistill.train.stop import StopRequests, TrainingStopped
 from vldistill.train.trackers import Trackers
 from vldistill.losses.registry import DistillationObjective
@@ -179,10 +180,13 @@ def train(
     held_out_batch: Optional[dict[str, torch.Tensor]] = None,
     progress: bool = True,
     trackers: Optional[Trackers] = None,
+    stages: Sequence[Stage] = (),
 ) -> TrainResult:
     """Train `student` (and the objective's own parameters) for `optim.steps` optimizer steps, AdamW +
     warmup-cosine, each step over `optim.accumulation_steps` consecutive micro-batches of `batches` (see
-    the module docstring for what accumulation keeps global).
+    the module docstring for what accumulation keeps global). With `stages` (train/stages.py), each stage
+    trains only its parameters with a fresh optimizer and schedule of its own; the log and the progress bar
+    name it, checkpoints record it; the parameters' requires_grad flags are restored at the end.
 
     When the objective needs a teacher (a dual encoder, a `TeacherEnsemble`, or a `CachedTeacher` reading
     stored outputs), it is called on every batch in eval mode without gradients.
@@ -193,21 +197,25 @@ def train(
     A progress bar on the main process when `progress`.
     """
     check_inputs(objective, teacher, held_out_batch)
-    run = _Run.prepare(student, objective, optim, checkpointer, trackers)
+    run = _Run.prepare(student, objective, optim, checkpointer, trackers, list(stages) or [single_stage(optim)], desc)
     if resume is not None:
         run.restore(resume)
+    else:
+        run.begin_stage(run.stages[0])
     run.attach_teacher(teacher, held_out_batch)
     run.module.train()
     run.open_log(log_path, append=resume is not None)
     run.start = time.perf_counter()
     run.bar = tqdm(
-        total=optim.steps, initial=run.step, desc=desc, disable=not (progress and run.accelerator.is_main_process),
+        total=optim.steps, initial=run.step, desc=run.stage.label(desc), disable=not (progress and run.accelerator.is_main_process),
         dynamic_ncols=True,
     )
     stop = StopRequests()
     stop.install()
     try:
         for window in _windows(batches, optim.accumulation_steps):
+            if run.step == run.stage.end:  # the stage before is done
+                run.begin_stage(run.stages[run.stage.index + 1])
             loss, parts = run.backward(window)
             run.update(loss, parts)
             run.log(parts)
@@ -256,10 +264,15 @@ class _Run:
     autocast: Callable[[], ContextManager]
     module: nn.Module
     objective: DistillationObjective
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     optim: OptimConfig
     checkpointer: Optional[Checkpointer]
+    stages: list[Stage]
+    desc: str
+    requires_grad: dict[str, bool]
+    """Each parameter's requires_grad flag before the run (the stages change them; `close` restores them)."""
+    stage: Optional[Stage] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
     teacher: Optional[nn.Module] = None
     held_out_batch: Optional[dict[str, torch.Tensor]] = None
     held_out_teacher: Optional[Signals] = None
@@ -275,10 +288,11 @@ class _Run:
     @classmethod
     def prepare(
         cls, student: CLIPDualEncoder, objective: DistillationObjective, optim: OptimConfig,
-        checkpointer: Optional[Checkpointer], trackers: Optional[Trackers] = None,
+        checkpointer: Optional[Checkpointer], trackers: Optional[Trackers], stages: list[Stage], desc: str,
     ) -> _Run:
-        """The accelerator, the student's autocast, and the student with its objective under AdamW and a
-        warmup-cosine schedule. A bf16 run on the CPU first probes and logs how bf16 compares with fp32 there."""
+        """The accelerator, the student's autocast, and the student with its objective (its optimizer comes
+        with its first stage, `begin_stage`). A bf16 run on the CPU first probes and logs how bf16 compares with
+        fp32 there."""
         accelerator = _accelerator(trackers)
         if trackers is not None:
             trackers.start(accelerator)
@@ -289,21 +303,45 @@ class _Run:
         if bf16 and accelerator.device.type == "cpu" and accelerator.is_main_process:
             report_cpu_bf16(f"bf16 training (precision: {optim.precision})", training=True)
         module = StudentWithObjective(student, objective)
-        optimizer = torch.optim.AdamW(parameter_groups(module, optim.weight_decay), lr=optim.lr)
+        flags = {name: param.requires_grad for name, param in module.named_parameters()}
+        return cls(accelerator, autocast, module, objective, optim, checkpointer, stages, desc, flags, trackers=trackers)
+
+    def begin_stage(self, stage: Stage) -> None:
+        """Start `stage`: only its parameters require a gradient, under a fresh AdamW at its learning rate and
+        a warmup-cosine schedule over its steps (the module is prepared again, so DDP sees the new flags)."""
+        inner = self.accelerator.unwrap_model(self.module)
+        freeze_for(inner, stage)
+        optimizer = torch.optim.AdamW(parameter_groups(inner, self.optim.weight_decay), lr=stage.lr)
         # The scheduler is stepped once per optimizer step by us (not prepared: accelerate would step it
         # once per process).
-        scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.steps)
-        module, optimizer = accelerator.prepare(module, optimizer)
-        return cls(accelerator, autocast, module, objective, optimizer, scheduler, optim, checkpointer, trackers=trackers)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, stage.warmup_steps, stage.steps)
+        self.module, self.optimizer = self.accelerator.prepare(inner, optimizer)
+        self.stage = stage
+        if self.bar is not None:
+            self.bar.set_description(stage.label(self.desc))
 
     def restore(self, resume: TrainState) -> None:
-        """Continue from a checkpoint: weights, gap weighting, optimizer, scheduler, random state, step, count."""
+        """Continue from a checkpoint: weights, gap weighting, step, count, the stage (its optimizer and
+        scheduler; a fresh one when the checkpoint ended the stage before), random state."""
         self.accelerator.unwrap_model(self.module).load_state_dict(resume.weights)
         self.objective.load_weighting_state(resume.weighting)
-        self.optimizer.load_state_dict(resume.optimizer)
-        self.scheduler.load_state_dict(resume.scheduler)
-        restore_rng(resume.rng)
         self.step, self.nonfinite = resume.step, resume.nonfinite_steps
+        stage = stage_after(self.stages, self.step)
+        written = resume.stage or single_stage(self.optim).record()  # a checkpoint from before stages: one
+        recorded = next((s for s in self.stages if s.record() == written), None)
+        ended_before = recorded is not None and recorded.index == stage.index - 1 and self.step == recorded.end
+        if not (recorded is stage or ended_before):
+            raise CheckpointError(
+                f"the checkpoint at step {self.step} was written in stage {written['index']} ({written['name'] or 'unnamed'}, "
+                f"steps {written['start'] + 1}-{written['start'] + written['steps']}), but this run's step {self.step + 1} "
+                f"is in stage {stage.index} ({stage.name or 'unnamed'}, steps {stage.start + 1}-{stage.end}): resume "
+                "with the stages it was written with"
+            )
+        self.begin_stage(stage)
+        if recorded is stage:
+            self.optimizer.load_state_dict(resume.optimizer)
+            self.scheduler.load_state_dict(resume.scheduler)
+        restore_rng(resume.rng)
 
     def attach_teacher(self, teacher: Optional[nn.Module], held_out_batch: Optional[dict[str, torch.Tensor]]) -> None:
         """Put the teacher (a lone model wrapped as an fp32 ensemble of one) on the device in eval mode when the
@@ -373,12 +411,14 @@ class _Run:
         """Every `optim.log_every` steps and at the last one: a record of the step's losses, weights and
         temperatures, the learning rate and the seconds so far, to the history, the progress bar, the log and
         the trackers."""
-        if self.step % self.optim.log_every and self.step != self.optim.steps:
+        if self.step % self.optim.log_every and self.step != self.stage.end:
             return
         record = {
             "step": self.step, "seconds": round(time.perf_counter() - self.start, 3),
             "lr": self.scheduler.get_last_lr()[0], **{k: float(v) for k, v in parts.items()},
         }
+        if self.stage.name is not None:
+            record["stage"] = self.stage.name
         self.history.append(record)
         self.bar.set_postfix(loss=f"{record['loss/total']:.3f}")
         if self.log_file is not None:
@@ -411,11 +451,14 @@ class _Run:
             state = TrainState(
                 self.step, self.accelerator.unwrap_model(self.module).state_dict(), self.optimizer.state_dict(),
                 self.scheduler.state_dict(), capture_rng(), self.nonfinite, self.objective.weighting_state(),
+                self.stage.record(),
             )
             save_checkpoint(self.checkpointer.folder, state, self.checkpointer.fingerprint, self.checkpointer.keep)
 
     def close(self) -> None:
-        """Close the progress bar, the log file and the trackers' run."""
+        """Restore the parameters' requires_grad flags; close the progress bar, the log file and the trackers' run."""
+        for name, param in self.accelerator.unwrap_model(self.module).named_parameters():
+            param.requires_grad_(self.requires_grad[name])
         if self.bar is not None:
             self.bar.close()
         if self.log_file is not None:
@@ -465,8 +508,11 @@ def backward_window(
     """Accumulate the gradient of the window's loss (see the module docstring) and return the loss and its
     parts; the loss is None when it was NaN or infinite on any rank (then nothing was backpropagated).
     Forward passes run under `autocast`; DDP synchronizes gradients only on the window's last backward pass.
-    A window of one micro-batch is a plain step: nothing cached, one pass."""
+    A window of one micro-batch is a plain step: nothing cached, one pass. Losses with their own `grad_clip`
+    are backpropagated apart and added clipped at the end (losses/gradients.py); their norms join the parts."""
     inner = accelerator.unwrap_model(module)
+    control = inner.objective.gradients
+    trainable = [param for param in inner.parameters() if param.requires_grad]
     starts = [sum(batch_rows(batch) for batch in window[:k]) for k in range(len(window))]
     cached = []
     if len(window) > 1:
@@ -482,9 +528,10 @@ def backward_window(
                 loss, parts = module(batch, teacher_output, cached, position, starts[position])
             if position == 0 and not on_every_rank(bool(torch.isfinite(loss)), loss.device):
                 return None, parts
-            accelerator.backward(loss)
-    if cached:
-        for param in inner.loss_side_parameters():  # each pass gave them the whole window's gradient
-            if param.grad is not None:
-                param.grad.div_(len(window))
-    return loss, parts
+            control.backward(loss, trainable, accelerator.backward)
+    loss_side = inner.loss_side_parameters() if cached else []
+    for param in loss_side:  # each pass gave them the whole window's gradient
+        if param.grad is not None:
+            param.grad.div_(len(window))
+    norms = control.finish(trainable, loss_side, len(window), functools.partial(accelerator.reduce, reduction="mean"))
+    return loss, {**parts, **norms}

@@ -34,6 +34,7 @@ from vldistill.losses.registry import LossSpec, parse_loss_specs, specs_need
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import BuildsStudents, Captioner, DualEncoder
 from vldistill.models.inherit import inherit_weights
+from vldistill.models.prompts import with_prompts
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.io import read_metadata
 from vldistill.profile.throughput import count_parameters
@@ -47,6 +48,7 @@ from vldistill.train.blip_pretrain import (
 )
 from vldistill.train.loop import Checkpointer, train
 from vldistill.train.plan import DistillPlan
+from vldistill.train.stages import plan_stages
 from vldistill.train.trackers import TRACKERS_DIR, Trackers, trackers_for
 from vldistill.teachers.assemble import check_teacher_fits_data, ensemble_members, load_teacher, teacher_ensemble, teacher_weights
 from vldistill.trained import TrainedModel
@@ -289,6 +291,15 @@ def cached_teacher(cfg: ExperimentConfig, data: DataBundle, primary: TrainedMode
 
 
 def build_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> DualEncoder | Captioner:
+    """The configured student (`build_plain_student`), wrapped in learnable prompts when `student.prompts` is set
+    (models/prompts.py; a projector_dim of "teacher" maps to the primary teacher's embedding size)."""
+    student = build_plain_student(cfg, primary, inherit)
+    if cfg.student.prompts is None:
+        return student
+    return with_prompts(student, cfg.student.prompts, primary.tokenizer, primary.model.embed_dim)
+
+
+def build_plain_student(cfg: ExperimentConfig, primary: TrainedModel, inherit: bool) -> DualEncoder | Captioner:
     """The configured student for the primary teacher's tokenizer and images, optionally inheriting its
     weights: the teacher's own kind from a teacher that builds its students (contract.BuildsStudents, e.g.
     a BLIP retrieval model or a BLIP captioner), else a CLIP (inheriting from a teacher that offers a
@@ -391,8 +402,8 @@ def plan_student_run(
     `cfg.student.inherit`), the teachers' source (the cache at `cache.path` when it can serve every loss, see
     cache.teacher.serve_from_cache; else the online ensemble when a loss needs a teacher; else none), the
     student (`student` when given, e.g. a saved student to fine-tune; else built from the config, seeded with
-    `cfg.seed`), the objective, the checkpoints beside `out_dir` and the state `resume`
-    names, the batches from that state's step on and gap weighting's held-out batch."""
+    `cfg.seed`), the objective, the training stages (`distill.stages`, train/stages.py), the checkpoints beside
+    `out_dir` and the state `resume` names, the batches from that state's step on and gap weighting's held-out batch."""
     captioning = isinstance(teacher.model, Captioner)  # a captioner's student trains with distill.caption_losses
     where = "distill.caption_losses" if captioning else "distill.losses"
     if losses is None:
@@ -420,6 +431,7 @@ def plan_student_run(
     if from_cache and "itm_logits" in specs_need(specs):  # each batch carries the inputs of the cached ITM negatives
         attach = ITMNegativeInputs.from_cache(teachers, data.train, preprocess, cfg.data.augment, cfg.seed)
     optim = cfg.distill.train
+    stages = plan_stages(cfg.distill.stages, optim, student, objective)
     views = cfg.cache.views if from_cache else None
     fingerprint = run_fingerprint(cfg, losses, inherit, teacher.path)
     folder = Path(out_dir).with_name(f"{Path(out_dir).name}-checkpoints")
@@ -434,7 +446,7 @@ def plan_student_run(
     return DistillPlan(
         losses=losses, inherit=inherit, from_cache=from_cache, student=student, teachers=teachers, objective=objective,
         data=data, batches=batches, optim=optim, held_out=held_out,
-        checkpointer=checkpointer if checkpointer.every else None, resume=state,
+        checkpointer=checkpointer if checkpointer.every else None, resume=state, stages=stages,
     )
 
 
