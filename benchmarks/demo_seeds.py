@@ -3,8 +3,8 @@ distillation beats the same student without a teacher by more than the seed-to-s
 time of each demo run. Each seed is a whole `vldistill demo` (teacher pretraining included), run one after
 another in this process; prints one JSON line with the keys
 
-    {"benchmark", "config", "overrides", "seeds", "arms", "student_minus_baseline", "student_minus_scratch",
-     "image_speedup", "wall_seconds", "train_seconds", "teacher_train_pairs", "student_train_pairs",
+    {"benchmark", "config", "family", "overrides", "seeds", "arms", "student_minus_baseline", "student_minus_scratch",
+     "image_speedup", "caption_speedup", "wall_seconds", "train_seconds", "teacher_train_pairs", "student_train_pairs",
      "retrieval_match"}
 
     python benchmarks/demo_seeds.py                       # configs/demo.yaml, seeds 0 1 2
@@ -12,7 +12,7 @@ another in this process; prints one JSON line with the keys
     python benchmarks/demo_seeds.py --family blip         # configs/demo_blip.yaml (`vldistill demo --family blip`)
 
 With --family blip the figures also hold ITM re-ranked R@1, BLEU-4, CIDEr-D and captions per second, and the
-result the captioning speed-up ("caption_speedup").
+result the captioning speed-up ("caption_speedup", null for CLIP).
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def main() -> None:
         "seeds": args.seeds,
         **summarize(summaries, KEYS[args.family], SPEEDS[args.family]),
         "image_speedup": mean_and_spread(speedups),
-        **({"caption_speedup": mean_and_spread([s["caption_speedup"]["median"] for s in summaries])}
-           if args.family == "blip" else {}),
+        "caption_speedup": (
+            mean_and_spread([s["caption_speedup"]["median"] for s in summaries]) if args.family == "blip" else None
+        ),
         "wall_seconds": [s["wall_seconds"] for s in summaries],
         "train_seconds": [s["train_seconds"] for s in summaries],
         "teacher_train_pairs": summaries[0]["teacher_train_pairs"],
