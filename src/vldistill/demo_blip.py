@@ -24,11 +24,13 @@ from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import load_data
 from vldistill.data.tokenizer import make_tokenize
 from vldistill.demo import difference, retention, train_arms
-from vldistill.eval.caption_suite import CAPTION_SUMMARY_KEYS, caption_length, evaluate_captioner
+from vldistill.eval.caption_suite import (
+    CAPTION_SUMMARY_KEYS, caption_length, compare_caption_speed, evaluate_captioner, speed_images,
+)
 from vldistill.eval.suite import ITM_SUMMARY_KEYS, SUMMARY_KEYS, evaluate_model, pixel_batches
 from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
-from vldistill.profile.blip_heads import caption_flops, compare_caption_throughput, itm_flops
+from vldistill.profile.blip_heads import caption_flops, itm_flops
 from vldistill.profile.environment import environment
 from vldistill.profile.stats import ProfileSettings, format_profile, profile_targets, target_from_model
 from vldistill.profile.throughput import count_parameters, speedup
@@ -39,8 +41,6 @@ from vldistill.trained import TrainedModel
 
 BLIP_KEYS = (*SUMMARY_KEYS, *ITM_SUMMARY_KEYS, *CAPTION_SUMMARY_KEYS)
 CAPTIONER_DIR = "captioner"  # the captioning arms' folders and logs, beside the retrieval arms'
-SPEED_IMAGES = 32  # test images captioned per timed round
-SPEED_TRIALS = 7
 
 
 def _distinct(arms: dict[str, TrainedModel], inherit: bool) -> dict[str, TrainedModel]:
@@ -48,14 +48,11 @@ def _distinct(arms: dict[str, TrainedModel], inherit: bool) -> dict[str, Trained
     return {name: trained for name, trained in arms.items() if name != "scratch" or inherit}
 
 
-def _caption_costs(cfg: ExperimentConfig, data, captioners: dict[str, TrainedModel], progress: bool) -> dict[str, Any]:
+def _caption_costs(data, captioners: dict[str, TrainedModel], progress: bool) -> dict[str, Any]:
     """Per captioner: FLOPs per caption and captions per second (interleaved), on the first test images."""
     any_model = next(iter(captioners.values())).model
-    pixels = next(pixel_batches(data.test.images[:SPEED_IMAGES], any_model.input_spec, SPEED_IMAGES))
-    length = caption_length(any_model)
-    speed = compare_caption_throughput(
-        {name: trained.model for name, trained in captioners.items()}, pixels, length, SPEED_TRIALS, progress=progress
-    )
+    pixels, length = speed_images(any_model, data), caption_length(any_model)
+    speed = compare_caption_speed({name: trained.model for name, trained in captioners.items()}, data, progress)
     return {
         name: {"flops_per_caption": caption_flops(trained.model, pixels[:4], length), "speed": speed[name]}
         for name, trained in captioners.items()
@@ -102,7 +99,7 @@ def run_blip_demo(cfg: ExperimentConfig, out_dir: Path, progress: bool = True, m
         ProfileSettings(batch_size=cfg.eval.throughput_batch_size, memory=measure_memory),
         progress,
     )
-    costs = _caption_costs(cfg, data, caption_arms, progress)
+    costs = _caption_costs(data, caption_arms, progress)
     for name, trained in caption_arms.items():
         captioning = evaluate_captioner(trained.model, data, cfg.eval, f"{CAPTIONER_DIR}-{name}", results, progress)
         figures = models[name]

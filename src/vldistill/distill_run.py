@@ -12,18 +12,16 @@ from typing import Any, Sized
 from vldistill.config import ExperimentConfig
 from vldistill.data.bundle import DataBundle
 from vldistill.demo import retention
-from vldistill.eval.caption_suite import CAPTION_SUMMARY_KEYS, caption_length, evaluate_captioner
-from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model, pixel_batches
+from vldistill.eval.caption_suite import CAPTION_SUMMARY_KEYS, compare_caption_speed, evaluate_captioner
+from vldistill.eval.suite import SUMMARY_KEYS, evaluate_model
 from vldistill.export import write_card
 from vldistill.fileio import write_text_atomic
 from vldistill.models.contract import Captioner
-from vldistill.profile.blip_heads import compare_caption_throughput
 from vldistill.profile.throughput import compare_image_throughput, count_parameters, speedup
 from vldistill.trained import TrainedModel
 
 SUMMARY_FILE = "summary.json"
 RESULTS_DIR = "results"
-SPEED_IMAGES = 32  # test images each captioner captions per timed round
 
 
 def training_facts(cfg: ExperimentConfig, data: DataBundle, teacher: TrainedModel, student: TrainedModel) -> dict[str, Any]:
@@ -89,10 +87,7 @@ def _captioning_figures(
         name: evaluate_captioner(trained.model, data, cfg.eval, name, out_dir / RESULTS_DIR, progress)["summary"]
         for name, trained in arms.items()
     }
-    pixels = next(pixel_batches(data.test.images[:SPEED_IMAGES], student.model.input_spec, SPEED_IMAGES))
-    measured = compare_caption_throughput(
-        {name: trained.model for name, trained in arms.items()}, pixels, caption_length(student.model), progress=progress
-    )
+    measured = compare_caption_speed({name: trained.model for name, trained in arms.items()}, data, progress)
     for name, throughput in measured.items():
         models[name].update(throughput.as_dict("captions"))
     write_card(student.path, {key: models["student"][key] for key in CAPTION_SUMMARY_KEYS}, data.name)

@@ -5,7 +5,9 @@ as a CLIP_benchmark-style record."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
+
+import torch
 
 from tqdm import tqdm
 
@@ -16,11 +18,13 @@ from vldistill.eval.embed import inference
 from vldistill.eval.results import CAPTIONING, make_result, write_result
 from vldistill.eval.suite import pixel_batches
 from vldistill.models.contract import Captioner
-from vldistill.profile.throughput import count_parameters
+from vldistill.profile.blip_heads import compare_caption_throughput
+from vldistill.profile.throughput import Throughput, count_parameters
 
 CAPTION_SUMMARY_KEYS = ("bleu4", "cider")
 EXAMPLES = 5  # images whose generated caption and references the record shows
 NUM_BEAMS = 1  # greedy decoding
+SPEED_IMAGES = 32  # test images each captioner captions per timed round
 
 
 def generate_all(captioner: Captioner, data: DataBundle, cfg: EvalConfig, max_length: int, progress: bool) -> list[str]:
@@ -50,6 +54,21 @@ def caption_length(captioner: Captioner, model_name: str = "the captioner") -> i
     if max_length < 1:
         raise ValueError(f"{model_name} takes texts of {max_length + 1} token(s): no room for a caption after its BOS")
     return max_length
+
+
+def speed_images(captioner: Captioner, data: DataBundle) -> torch.Tensor:
+    """The first SPEED_IMAGES test images as `captioner`'s pixel values: what caption speed and FLOPs are measured on
+    (real images, so that every model writes captions of the length it really writes)."""
+    return next(pixel_batches(data.test.images[:SPEED_IMAGES], captioner.input_spec, SPEED_IMAGES))
+
+
+def compare_caption_speed(
+    captioners: Mapping[str, Captioner], data: DataBundle, progress: bool = False
+) -> dict[str, Throughput]:
+    """Captions per second of each captioner (all of one input spec and text length) on `speed_images`, timed
+    together in interleaved rounds (profile.blip_heads.compare_caption_throughput)."""
+    first = next(iter(captioners.values()))
+    return compare_caption_throughput(captioners, speed_images(first, data), caption_length(first), progress=progress)
 
 
 def evaluate_captioner(
