@@ -181,12 +181,15 @@ def train(
     progress: bool = True,
     trackers: Optional[Trackers] = None,
     stages: Sequence[Stage] = (),
+    penalty: Optional[Callable[[nn.Module], torch.Tensor]] = None,
 ) -> TrainResult:
     """Train `student` (and the objective's own parameters) for `optim.steps` optimizer steps, AdamW +
     warmup-cosine, each step over `optim.accumulation_steps` consecutive micro-batches of `batches` (see
     the module docstring for what accumulation keeps global). With `stages` (train/stages.py), each stage
     trains only its parameters with a fresh optimizer and schedule of its own; the log and the progress bar
     name it, checkpoints record it; the parameters' requires_grad flags are restored at the end.
+    A `penalty` (e.g. train/ewc.EWCPenalty) is a term of the student's parameters added to every step's loss
+    once (not per micro-batch), its gradient to the trainable parameters' (`add_penalty`), logged as `loss/ewc`.
 
     When the objective needs a teacher (a dual encoder, a `TeacherEnsemble`, or a `CachedTeacher` reading
     stored outputs), it is called on every batch in eval mode without gradients.
@@ -198,6 +201,7 @@ def train(
     """
     check_inputs(objective, teacher, held_out_batch)
     run = _Run.prepare(student, objective, optim, checkpointer, trackers, list(stages) or [single_stage(optim)], desc)
+    run.penalty = penalty
     if resume is not None:
         run.restore(resume)
     else:
@@ -284,6 +288,7 @@ class _Run:
     start: float = 0.0
     bar: Optional[tqdm] = None
     trackers: Optional[Trackers] = None
+    penalty: Optional[Callable[[nn.Module], torch.Tensor]] = None
 
     @classmethod
     def prepare(
@@ -377,7 +382,11 @@ class _Run:
         window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
         # The teachers run in their own precision (teacher.precision), not under the student's autocast.
         teacher_output = teacher_output_over(self.teacher, window, objective.needs) if objective.needs else None
-        return backward_window(accelerator, self.module, window, teacher_output, self.autocast)
+        loss, parts = backward_window(accelerator, self.module, window, teacher_output, self.autocast)
+        if self.penalty is not None and loss is not None:
+            value = add_penalty(accelerator.unwrap_model(self.module).student, self.penalty)
+            loss, parts = loss + value, {**parts, "loss/total": parts["loss/total"] + value, "loss/ewc": value}
+        return loss, parts
 
     def update(self, loss: Optional[torch.Tensor], parts: dict[str, torch.Tensor]) -> None:
         """Finish the step: the optimizer update (clipped, logit scale clamped), or for a non-finite loss none,
@@ -496,6 +505,18 @@ def check_equal_batches(window: list[dict[str, torch.Tensor]], device: torch.dev
     if any(rank_sizes != sizes[0] for rank_sizes in sizes):
         shown = "; ".join(f"rank {rank}: {rank_sizes}" for rank, rank_sizes in enumerate(sizes))
         raise ValueError(f"the processes' batches differ in size (pairs per micro-batch, {shown}); every process needs equal batches")
+
+
+def add_penalty(student: nn.Module, penalty: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    """Add the gradient of `penalty(student)` to the student's trainable parameters' gradients (after a step's
+    backward passes; the same on every process, so after DDP's averaging) and return its value, detached."""
+    params = [param for param in student.parameters() if param.requires_grad]
+    value = penalty(student)
+    if value.requires_grad:
+        grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+    return value.detach()
 
 
 def backward_window(

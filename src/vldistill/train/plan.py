@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ class DistillPlan:
     """The checkpoint the run continues from, None for a fresh run."""
     stages: Sequence[Stage] = ()
     """The training stages (`distill.stages` resolved against the student, train/stages.py); empty: one stage."""
+    penalty: Optional[Callable[[nn.Module], torch.Tensor]] = None
+    """A term of the student's parameters added to every step's loss (continual re-distillation's EWC penalty)."""
 
     @property
     def start_step(self) -> int:
@@ -63,5 +65,5 @@ class DistillPlan:
         return train(
             self.student, self.objective, self.batches, self.optim, teacher=self.teachers, desc=desc, log_path=log_path,
             held_out_batch=self.held_out, checkpointer=self.checkpointer, resume=self.resume, progress=progress,
-            trackers=trackers, stages=self.stages,
+            trackers=trackers, stages=self.stages, penalty=self.penalty,
         )
