@@ -18,6 +18,7 @@ from vldistill.binding import plain_digest
 from vldistill.config import DataConfig
 from vldistill.data import grammar, synthetic
 from vldistill.data.classes import ImageFolderClasses, load_templates
+from vldistill.data.domains import domain_classnames, filter_split
 from vldistill.data.pairs import InMemoryPairs, PairSplit
 from vldistill.data.quality import DataQuality
 from vldistill.data.sources import open_pairs
@@ -183,6 +184,8 @@ def _shapes(cfg: DataConfig, progress: bool) -> DataBundle:
         split: synthetic.make_split(split, sizes[split], seed=cfg.seed, image_size=cfg.image_size)
         for split in tqdm(sizes, desc="generate data", disable=not progress)
     }
+    if cfg.shapes_filter:  # one domain of the shapes (data/domains.py)
+        splits = {name: filter_split(split, cfg.shapes_filter, f"{name} split") for name, split in splits.items()}
     in_memory = {name: s.as_pairs() for name, s in splits.items()}
     return DataBundle(
         name="shapes",
@@ -190,7 +193,7 @@ def _shapes(cfg: DataConfig, progress: bool) -> DataBundle:
         val=in_memory["val"],
         test=splits["test"],
         zeroshot=splits["test"],
-        classnames=grammar.class_names(),
+        classnames=domain_classnames(cfg.shapes_filter) if cfg.shapes_filter else grammar.class_names(),
         templates=list(grammar.ZERO_SHOT_TEMPLATES),
         fingerprint=data_fingerprint(cfg),
         quality=DataQuality(threshold=cfg.max_bad_share),
