@@ -142,7 +142,9 @@ class EWCPenalty(nn.Module):
         total = torch.zeros((), device=device)
         for name in self.names:
             param = params[name]
-            fisher, anchor = self.fisher[name].to(param.device), self.anchor[name].to(param.device)
+            if self.fisher[name].device != param.device:  # moved once, kept where the model is
+                self.fisher[name], self.anchor[name] = self.fisher[name].to(param.device), self.anchor[name].to(param.device)
+            fisher, anchor = self.fisher[name], self.anchor[name]
             total = total + (fisher * (param.float() - anchor) ** 2).sum()
         return 0.5 * self.strength * total
 
