@@ -50,6 +50,7 @@ def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_gr
     labels = torch.randint(9, (B, TOKENS["text"])).masked_fill(out.text_attention_mask == 0, -100)
     labels[:, 0] = -100
     return out.replace(
+        projected_image_embeds=torch.randn(B, TEACHER_DIM).requires_grad_(requires_grad),  # a prompted student's projector
         itm_logits=torch.randn(3 * B, 2).requires_grad_(requires_grad),
         itm_negatives=torch.stack([torch.arange(1, B + 1) % B, torch.arange(2, B + 2) % B]),
         token_logits=torch.randn(B, TOKENS["text"], 9).requires_grad_(requires_grad),
@@ -64,6 +65,8 @@ def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_gr
 def student_tensors_read(needs: frozenset[str], student: Signals) -> list[torch.Tensor]:
     """Student tensors a loss with these `needs` (and student needs) must send gradients to (the last layer is
     always mapped)."""
+    if "projected_image_embeds" in needs:
+        return [student.projected_image_embeds]
     blip = [name for name in ("itm_logits", "token_logits") if name in needs]
     if blip:
         return [student[name] for name in blip]
@@ -122,7 +125,10 @@ def cosine_by_hand(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_every_registered_loss_gives_finite_scalar_and_student_gradients(name: str) -> None:
-    context = LossContext(STUDENT_DIM, TEACHER_DIM, student_spec=STUDENT_SPEC, teacher_spec=TEACHER_SPEC)
+    classes = torch.nn.functional.normalize(torch.randn(7, TEACHER_DIM), dim=-1)  # class_kd's stored class names
+    context = LossContext(
+        STUDENT_DIM, TEACHER_DIM, student_spec=STUDENT_SPEC, teacher_spec=TEACHER_SPEC, class_embeddings=classes
+    )
     objective = build_objective({name: {}}, context)
     student = layered_output(STUDENT_DIM, 10.0, STUDENT_SPEC, requires_grad=True)
     teacher = layered_output(TEACHER_DIM, 20.0, TEACHER_SPEC, requires_grad=True)  # must still receive no gradient

@@ -25,6 +25,8 @@ class LossContext:
     student_spec / teacher_spec: the towers' depths, widths and heads, needed by the layer-wise
     losses (`hidden`, `attention`) to map layers and size their projections.
     config_key: where the losses' options live in the config, for error messages.
+    class_embeddings: the teacher's (C, D) normalized text embeddings of the class names, computed once and
+    stored (prompt distillation, `class_kd`); None for a run on captioned pairs.
     """
 
     student_embed_dim: int
@@ -32,6 +34,7 @@ class LossContext:
     student_spec: Optional[DualEncoderSpec] = None
     teacher_spec: Optional[DualEncoderSpec] = None
     config_key: str = "losses"
+    class_embeddings: Optional[torch.Tensor] = None
 
 
 @dataclass

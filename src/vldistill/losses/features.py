@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from torch import nn
 from vldistill.losses.base import LOSSES, EMBEDDINGS, DistillLoss, LossContext
 
 FEATURE_DISTANCES = ("cosine", "mse")
+FEATURE_TOWERS = ("image", "text")
 
 
 def feature_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
@@ -41,18 +42,28 @@ class FeatureDistillation(DistillLoss):
 
     @dataclass
     class Params:
-        """This loss's options: the YAML keys beside `weight`."""
+        """This loss's options: the YAML keys beside `weight`. `towers`: the embeddings pulled (image, text or
+        both; image alone for training on images without captions, as prompt distillation does)."""
         distance: str = "cosine"
+        towers: list[str] = field(default_factory=lambda: list(FEATURE_TOWERS))
 
         def validate(self, where: str) -> None:
             """Raise an error naming `where`.<field> when a value is impossible."""
             if self.distance not in FEATURE_DISTANCES:
                 raise ValueError(f"{where}.distance must be one of {', '.join(FEATURE_DISTANCES)}, got {self.distance!r}")
+            unknown = [tower for tower in self.towers if tower not in FEATURE_TOWERS]
+            if not self.towers or unknown or len(set(self.towers)) != len(self.towers):
+                raise ValueError(f"{where}.towers must list distinct towers of {', '.join(FEATURE_TOWERS)}, got {self.towers!r}")
+
+    @classmethod
+    def needs_for(cls, params: "FeatureDistillation.Params") -> frozenset[str]:
+        """The embeddings of the selected towers (and the logit scale, as every embedding loss lists it)."""
+        return frozenset({*(f"{tower}_embeds" for tower in params.towers), "logit_scale"})
 
     def __init__(self, params: "FeatureDistillation.Params", context: LossContext) -> None:
         super().__init__(params, context)
-        self.image_projection = student_to_teacher_projection(context)
-        self.text_projection = student_to_teacher_projection(context)
+        for tower in params.towers:  # image_projection / text_projection: the names checkpoints hold
+            setattr(self, f"{tower}_projection", student_to_teacher_projection(context))
 
     def _distance(self, projection: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         projected = F.normalize(projection(student), dim=-1)
@@ -60,9 +71,12 @@ class FeatureDistillation(DistillLoss):
 
     def forward(self, student, teacher):
         """The loss on one batch and its named parts (what is computed: see the class docstring)."""
-        image = self._distance(self.image_projection, student.image_embeds, teacher.image_embeds)
-        text = self._distance(self.text_projection, student.text_embeds, teacher.text_embeds)
-        return (image + text) / 2, {"feature_image": image.detach(), "feature_text": text.detach()}
+        parts = {
+            f"feature_{tower}": self._distance(projection, student[f"{tower}_embeds"], teacher[f"{tower}_embeds"])
+            for tower, projection in ((tower, getattr(self, f"{tower}_projection")) for tower in self.params.towers)
+        }
+        loss = torch.stack(list(parts.values())).mean()
+        return loss, {name: value.detach() for name, value in parts.items()}
 
 
 def diagonal_infonce(logits: torch.Tensor) -> torch.Tensor:
