@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -19,3 +20,8 @@ def print_figures(args: argparse.Namespace, run: Callable[[argparse.Namespace, P
         with contextlib.redirect_stdout(sys.stderr):
             figures = run(args, work)
     print(json.dumps(figures))
+
+
+def mean_and_spread(values: list[float]) -> dict[str, float]:
+    """Mean, min, max and spread (max - min) of one figure over seeds."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "spread": max(values) - min(values)}

@@ -21,7 +21,6 @@ plain fine-tuning forgot nothing); `aim_met`: of_means >= 0.5. Everything else g
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path

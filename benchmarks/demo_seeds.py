@@ -23,6 +23,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from _harness import mean_and_spread
+
 from vldistill.config import load_config, packaged_config
 from vldistill.demo import ARMS, run_demo
 from vldistill.demo_blip import BLIP_KEYS, run_blip_demo
@@ -32,11 +34,6 @@ CONFIGS = {"clip": ("demo", "tiny"), "blip": ("demo_blip", "tiny_blip")}
 RUNS = {"clip": run_demo, "blip": run_blip_demo}
 KEYS = {"clip": SUMMARY_KEYS, "blip": BLIP_KEYS}
 SPEEDS = {"clip": ("images_per_second",), "blip": ("images_per_second", "captions_per_second")}
-
-
-def mean_and_spread(values: list[float]) -> dict[str, float]:
-    """Mean, min, max and spread (max - min) of one figure over seeds."""
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "spread": max(values) - min(values)}
 
 
 def summarize(summaries: list[dict], keys=SUMMARY_KEYS, speeds=("images_per_second",)) -> dict:

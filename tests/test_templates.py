@@ -4,7 +4,6 @@ search (eval/template_search.py, `vldistill templates search`)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

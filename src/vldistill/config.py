@@ -16,6 +16,7 @@ import yaml
 from vldistill.binding import ConfigError, apply_override, build_dataclass, over_defaults
 from vldistill.data.augment import AugmentConfig
 from vldistill.data.caption_json import parse_split
+from vldistill.data.domains import check_shapes_filter
 from vldistill.data.templates import check_template_entries
 from vldistill.losses.base import LossContext
 from vldistill.losses.registry import LossSpec, build_objective, parse_loss_specs, specs_need
@@ -91,6 +92,8 @@ class DataConfig:
     max_bad_share: float = 0.01
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shapes_filter: dict[str, Any] = field(default_factory=dict)
+    """One domain of the shapes data: attribute -> the values kept, e.g. {shape: [circle, square]} (data/domains.py)."""
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""
@@ -115,6 +118,12 @@ class DataConfig:
         for name in ("train_size", "val_size", "test_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shapes_filter and self.dataset != "shapes":
+            raise ConfigError(f"{where}.shapes_filter selects a domain of the shapes data, but {where}.dataset is {self.dataset}")
+        try:
+            check_shapes_filter(self.shapes_filter, f"{where}.shapes_filter")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass
@@ -555,6 +564,101 @@ class LogConfig:
             raise ConfigError(f"{where}.dir must be a folder or null, got an empty string")
 
 
+def _default_prompt_losses() -> dict[str, dict[str, Any]]:
+    return {"class_kd": {"weight": 1.0, "temperature": 1.0}, "feature": {"weight": 1.0, "towers": ["image"]}}
+
+
+@dataclass
+class PromptDistillConfig:
+    """`vldistill prompt-distill` (PromptKD, Li et al., 2024): a student learns prompts and a projector on
+    unlabeled images of the target domain to match the teacher's class logits over stored class-name embeddings.
+
+    student: a saved dual encoder to prompt (the "student without prompts"); null: the configured student trained
+    on the data's captioned pairs without a teacher first (`distill.train`, the demo's baseline).
+    images: a folder of class folders whose images are trained on (their labels only choose the base classes);
+    null: the data's own training images (shapes: the train split).
+    base_share / split_seed: the share of the classes that are base classes (trained on) and the seed of the split;
+    the others are novel, never seen in training.
+    low_resource: the share of the base images a second, low-resource run trains on (null: no such run).
+    templates: prompt templates for the teacher's class-name embeddings (a file, one per line; null: eval.templates,
+    else the data's).
+    train / losses / stages: the training run, as in `distill` (losses read image signals only); without stages,
+    only the prompts and the projector train (the student's weights stay frozen)."""
+
+    student: Optional[str] = None
+    images: Optional[str] = None
+    base_share: float = 0.5
+    split_seed: int = 0
+    low_resource: Optional[float] = 0.1
+    templates: Optional[str] = None
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=300, lr=5e-3, warmup_steps=30, weight_decay=0.0))
+    losses: dict[str, dict[str, Any]] = field(default_factory=_default_prompt_losses)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    @functools.cached_property
+    def loss_specs(self) -> list[LossSpec]:
+        """`losses` parsed once into typed specs."""
+        return parse_loss_specs(self.losses, "prompt_distill.losses")
+
+    def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
+        for name in ("student", "images", "templates"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).exists():
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} does not exist")
+        if not 0 < self.base_share < 1:
+            raise ConfigError(f"{where}.base_share must be in (0, 1), got {self.base_share}")
+        if self.low_resource is not None and not 0 < self.low_resource < 1:
+            raise ConfigError(f"{where}.low_resource must be in (0, 1) or null, got {self.low_resource}")
+        try:
+            specs = self.loss_specs
+        except (KeyError, ValueError) as error:
+            raise ConfigError(str(error).strip("'\"")) from None
+        text = sorted({need for spec in specs for need in spec.needs if need.startswith("text")})
+        if text:
+            raise ConfigError(
+                f"{where}.losses read the teacher's {', '.join(text)}, but prompt distillation trains on images "
+                "without captions: use image-side losses (class_kd, feature with towers: [image], attention/hidden "
+                "with towers: [vision])"
+            )
+        if self.stages:
+            DistillConfig(train=self.train, losses=self.losses, stages=self.stages)._validate_stages(where)
+
+
+@dataclass
+class ContinualConfig:
+    """Continual re-distillation (`vldistill continual`, vldistill/continual.py): the student of the run folder
+    `previous` (its config.yaml and student/, e.g. from `vldistill distill` on an old domain) distilled further on
+    this config's data, the new domain `domain`, with an EWC penalty of strength `ewc_lambda` (0: none) whose
+    diagonal Fisher information is estimated on `fisher_batches` batches of the previous run's data and losses,
+    and (a prompted student, `prompt_memory`) its earlier domains' prompts kept by name (`previous_domain` names
+    the previous run's domain)."""
+
+    previous: Optional[str] = None
+    previous_domain: str = "previous"
+    domain: str = "new"
+    ewc_lambda: float = 0.0
+    fisher_batches: int = 8
+    prompt_memory: bool = True
+
+    def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
+        if self.previous is not None:
+            folder = Path(self.previous)
+            for part in ("config.yaml", "student"):
+                if not (folder / part).exists():
+                    raise ConfigError(f"{where}.previous: {self.previous!r} is no run folder (it has no {part})")
+        if not (isinstance(self.ewc_lambda, (int, float)) and 0 <= self.ewc_lambda < float("inf")):
+            raise ConfigError(f"{where}.ewc_lambda must be a finite number >= 0, got {self.ewc_lambda!r}")
+        if self.fisher_batches < 1:
+            raise ConfigError(f"{where}.fisher_batches must be >= 1, got {self.fisher_batches}")
+        for name in ("previous_domain", "domain"):
+            value = getattr(self, name)
+            if not value or "/" in value:
+                raise ConfigError(f"{where}.{name} must be a non-empty name without '/', got {value!r}")
+        if self.domain == self.previous_domain:
+            raise ConfigError(f"{where}.domain and {where}.previous_domain must differ, both are {self.domain!r}")
+
+
 @dataclass
 class ExperimentConfig:
     """One experiment: data, teacher, student, distillation (optionally from a teacher cache), evaluation and
@@ -569,6 +673,8 @@ class ExperimentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    prompt_distill: PromptDistillConfig = field(default_factory=PromptDistillConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""

@@ -397,12 +397,13 @@ def plan_student_run(
     inherit: Optional[bool] = None,
     resume: Optional[str] = None,
     student: Optional[DualEncoder] = None,
+    class_embeddings: Optional[torch.Tensor] = None,
 ) -> DistillPlan:
     """Resolve a student run once: the losses (default `cfg.distill.losses`) and inheritance (default
     `cfg.student.inherit`), the teachers' source (the cache at `cache.path` when it can serve every loss, see
     cache.teacher.serve_from_cache; else the online ensemble when a loss needs a teacher; else none), the
     student (`student` when given, e.g. a saved student to fine-tune; else built from the config, seeded with
-    `cfg.seed`), the objective, the training stages (`distill.stages`, train/stages.py), the checkpoints beside
+    `cfg.seed`), the objective (given the teacher's stored `class_embeddings` under prompt distillation), the training stages (`distill.stages`, train/stages.py), the checkpoints beside
     `out_dir` and the state `resume` names, the batches from that state's step on and gap weighting's held-out batch."""
     captioning = isinstance(teacher.model, Captioner)  # a captioner's student trains with distill.caption_losses
     where = "distill.caption_losses" if captioning else "distill.losses"
@@ -423,9 +424,8 @@ def plan_student_run(
         teachers.require(specs_need(specs))
     else:
         teachers, extra = teacher_ensemble(cfg, teacher, student.input_spec) if specs_need(specs) else (None, {})
-    objective = build_objective(
-        specs, _loss_context(student, teachers, teacher.model), where=where, weighting=cfg.distill.weighting
-    )
+    context = dataclasses.replace(_loss_context(student, teachers, teacher.model), class_embeddings=class_embeddings)
+    objective = build_objective(specs, context, where=where, weighting=cfg.distill.weighting)
     preprocess = BatchPreprocessor.for_model(teacher.tokenizer, student.input_spec)
     attach = None
     if from_cache and "itm_logits" in specs_need(specs):  # each batch carries the inputs of the cached ITM negatives
@@ -462,12 +462,16 @@ def train_student(
     log_path: Optional[Path] = None,
     resume: Optional[str] = None,
     progress: bool = True,
+    student: Optional[DualEncoder] = None,
+    penalty: Optional[Callable[[nn.Module], torch.Tensor]] = None,
 ) -> TrainedModel:
-    """Build the configured student for the (primary) teacher, train it with `losses` (default:
-    `cfg.distill.losses`) and save it. The teachers are used only if a loss needs them: read from the
+    """Build the configured student for the (primary) teacher (or take `student`, e.g. a saved one to distill
+    further), train it with `losses` (default: `cfg.distill.losses`) plus `penalty` (train/ewc.py) and save it.
+    The teachers are used only if a loss needs them: read from the
     teacher cache at `cache.path` when it can serve every loss (see cache.teacher.serve_from_cache),
     else run online. A progress bar when `progress`."""
-    plan = plan_student_run(cfg, data, teacher, out_dir, losses=losses, inherit=inherit, resume=resume)
+    plan = plan_student_run(cfg, data, teacher, out_dir, losses=losses, inherit=inherit, resume=resume, student=student)
+    plan.penalty = penalty
     student, data = plan.student, plan.data
     metadata = {
         "role": "student",
