@@ -125,6 +125,28 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prompt_distill(args: argparse.Namespace) -> int:
+    """Prompt distillation (PromptKD) with base-to-novel evaluation: print its table, write summary.json."""
+    from vldistill.prompt_distill import format_prompt_summary, run_prompt_distill
+
+    cfg = _config(args)
+    summary = run_prompt_distill(cfg, Path(args.out), progress=_progress(args))
+    print(format_prompt_summary(summary))
+    print(f"summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    """Continual re-distillation: the student of continual.previous distilled further on this config's data (a new
+    domain) with EWC and prompt memory; print and write continual.json."""
+    from vldistill.continual import CONTINUAL_SUMMARY, run_continual
+
+    summary = run_continual(_config(args), Path(args.out), progress=_progress(args))
+    print(json.dumps(summary, indent=2))
+    print(f"summary: {Path(args.out) / CONTINUAL_SUMMARY}")
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distill the config's student from `teacher.path`, evaluate it beside the teacher and write summary.json
     and report.html."""
@@ -516,6 +538,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", nargs="?", const="latest", default=None, metavar="PATH",
         help="continue from the newest checkpoint in OUT/student-checkpoints, or from PATH; 'auto': from the "
         "newest if there is one, else start (for commands a scheduler may restart)",
+    )
+    command(
+        "prompt-distill", cmd_prompt_distill,
+        "prompt distillation (PromptKD) on unlabeled images of the base classes; base-to-novel evaluation",
+    )
+    command(
+        "continual", cmd_continual,
+        "re-distill continual.previous's student on a new domain (EWC penalty, prompt memory); old/new-domain accuracy",
     )
     evaluate = command("eval", cmd_eval, "zero-shot, retrieval or captioning evaluation of a saved model", False, "results")
     evaluate.add_argument("model", help="model folder (or hub id)")
