@@ -168,3 +168,23 @@ def test_prompt_distill_command_trains_on_base_images_and_reports_base_to_novel(
     base_state, start_state = model.base.state_dict(), start.state_dict()
     assert all(torch.equal(base_state[name], start_state[name]) for name in start_state)
     assert math.isfinite(summary["wall_seconds"])
+
+
+@pytest.mark.slow
+def test_staged_prompt_distillation_trains_the_vision_tower_but_never_the_text_tower(tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "prompt-distill", str(packaged_config("tiny")), "--out", str(out), "-q",
+        "--set", "prompt_distill.train.steps=4", "--set", "prompt_distill.train.batch_size=32",
+        "--set", "prompt_distill.train.warmup_steps=1", "--set", "prompt_distill.low_resource=null",
+        "--set", "prompt_distill.stages=[{name: prompts, steps: 2, trainable: [prompts, projector]}, "
+        "{name: joint, steps: 2, lr: 0.01, trainable: [student, objective]}]",
+    ]
+    assert main(args) == 0
+    model, _ = load_dual_encoder_any(out / "prompted")
+    start, _ = load_dual_encoder_any(out / "student")
+    tuned, original = model.base.model, start.model
+    assert all(torch.equal(p, q) for p, q in zip(tuned.text_model.parameters(), original.text_model.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(tuned.vision_model.parameters(), original.vision_model.parameters()))
+    stages = [json.loads(line)["stage"] for line in (out / "logs" / "prompted.jsonl").read_text().splitlines()]
+    assert "joint" in str(stages[-1])

@@ -21,7 +21,8 @@ from vldistill.models.prompts import PROMPTED_FILE, PROMPTS_FILE, PromptConfig, 
 from vldistill.models.quantized import Int8CLIPDualEncoder
 from vldistill.models.siglip import SiglipDualEncoder
 from vldistill.models.signals import request_flags
-from vldistill.train.runs import build_student
+from vldistill.data import bundle
+from vldistill.train.runs import build_student, plan_student_run
 from vldistill.train.stages import selected_names
 from vldistill.trained import TrainedModel
 
@@ -303,3 +304,23 @@ def test_staged_training_selects_the_prompts_projector_and_the_base_groups(token
     assert selected_names("prompts", model, objective, "stage") == {"student.prompts.text", "student.prompts.vision"}
     assert selected_names("projector", model, objective, "stage") == {"student.projector.weight", "student.projector.bias"}
     assert selected_names("vision.layers.1", model, objective, "stage") == {f"student.{name}" for name in layer}
+
+
+def test_a_projector_no_loss_reads_is_frozen_and_left_out_of_every_stage(tokenizer, tmp_path, caplog):
+    teacher = TrainedModel(build_clip(config_for(teacher_spec(), tokenizer)), tokenizer, tmp_path)
+    settings = [
+        "student.prompts={n_ctx: 2, projector_dim: teacher}", "distill.train.steps=4",
+        "distill.stages=[{name: a, steps: 2, trainable: [prompts, projector]}, {name: b, steps: 2, trainable: [student]}]",
+        "distill.train.warmup_steps=1",
+    ]
+    cfg = load_config(packaged_config("tiny"), settings)
+    data = bundle.load_data(cfg.data, progress=False)
+    plan = plan_student_run(cfg, data, teacher, tmp_path / "student", losses={"clip": {}, "kd": {}})
+    projector = {"student.projector.weight", "student.projector.bias"}
+    assert all(not (stage.trainable & projector) for stage in plan.stages)
+    assert "student.prompts.text" in plan.stages[0].trainable
+    assert not any(p.requires_grad for p in plan.student.projector.parameters())
+    assert "no selected loss reads the projected embeddings" in caplog.text
+    before = plan.student.projector.weight.detach().clone()
+    plan.train("t", progress=False)
+    assert torch.equal(plan.student.projector.weight, before)

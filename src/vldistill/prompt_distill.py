@@ -51,7 +51,8 @@ from vldistill.fileio import write_text_atomic
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.prompts import PromptConfig, PromptedDualEncoder, with_prompts
 from vldistill.profile.throughput import count_parameters
-from vldistill.train.runs import obtain_teacher, plan_student_run, train_student
+from vldistill.train.runs import obtain_teacher, plan_student_run, train_student, without_parameters
+from vldistill.train.stages import selected_names
 from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,8 @@ def prompt_distill_student(
     """`start` (a dual encoder, loaded afresh from its folder so runs do not share weights) wrapped in learnable
     prompts (`student.prompts`, default `default_prompts`) and trained on `images` alone with prompt_distill's
     losses and the teacher's stored `class_embeddings`; only the prompts and the projector train unless
-    prompt_distill.stages say otherwise. Saved (base folder + prompts) to `out_dir`."""
+    prompt_distill.stages say otherwise, and the student's text tower never does (no loss reads it: under DDP an
+    unused trainable parameter is an error). Saved (base folder + prompts) to `out_dir`."""
     run_cfg = prompt_run_config(cfg)
     base, _ = load_dual_encoder_any(start.path)
     torch.manual_seed(cfg.seed)
@@ -187,6 +189,8 @@ def prompt_distill_student(
     plan = plan_student_run(
         run_cfg, bundle, teacher, out_dir, student=student, losses=run_cfg.distill.losses, class_embeddings=class_embeddings,
     )
+    text = selected_names("text", student, plan.objective, "prompt_distill")  # no loss reads it: it never trains
+    plan.stages = without_parameters(plan.stages, student, text)
     result = plan.train(desc, log_path, progress)
     metadata = {
         "role": "prompt-distilled student", "teacher": str(teacher.path), "student": str(start.path),

@@ -34,7 +34,7 @@ from vldistill.losses.registry import LossSpec, parse_loss_specs, specs_need
 from vldistill.models.clip import CLIPDualEncoder
 from vldistill.models.contract import BuildsStudents, Captioner, DualEncoder
 from vldistill.models.inherit import inherit_weights
-from vldistill.models.prompts import with_prompts
+from vldistill.models.prompts import PROJECTED_IMAGE_EMBEDS, with_prompts
 from vldistill.models.two_tower import TwoTowerDualEncoder
 from vldistill.models.io import read_metadata
 from vldistill.profile.throughput import count_parameters
@@ -48,7 +48,7 @@ from vldistill.train.blip_pretrain import (
 )
 from vldistill.train.loop import Checkpointer, train
 from vldistill.train.plan import DistillPlan
-from vldistill.train.stages import plan_stages
+from vldistill.train.stages import Stage, plan_stages
 from vldistill.train.trackers import TRACKERS_DIR, Trackers, trackers_for
 from vldistill.teachers.assemble import check_teacher_fits_data, ensemble_members, load_teacher, teacher_ensemble, teacher_weights
 from vldistill.trained import TrainedModel
@@ -387,6 +387,29 @@ def first_pairs(data: DataBundle, count: Optional[int]) -> DataBundle:
     return dataclasses.replace(data, train=Subset(data.train, range(count)))
 
 
+def unread_projector(student: nn.Module, objective: nn.Module) -> frozenset[str]:
+    """The names (in loop.StudentWithObjective) of a prompted student's projector parameters when no selected loss
+    reads its projected embeddings (they would get no gradient, which DDP refuses), saying so; else none."""
+    projector = getattr(student, "projector", None)
+    if projector is None or PROJECTED_IMAGE_EMBEDS.name in objective.needs | objective.student_needs:
+        return frozenset()
+    logger.warning(
+        "student.prompts.projector_dim is set, but no selected loss reads the projected embeddings: the projector "
+        "stays as initialized (select class_kd with student: projected, or set projector_dim: null)"
+    )
+    return frozenset(f"student.projector.{name}" for name, _ in projector.named_parameters())
+
+
+def without_parameters(stages: Sequence[Stage], student: nn.Module, names: frozenset[str]) -> list[Stage]:
+    """`stages` none of which trains the parameters `names` (frozen now, and left out of every stage's selection)."""
+    if not names:
+        return list(stages)
+    for name, param in student.named_parameters():
+        if f"student.{name}" in names:
+            param.requires_grad_(False)
+    return [stage if stage.trainable is None else dataclasses.replace(stage, trainable=stage.trainable - names) for stage in stages]
+
+
 def plan_student_run(
     cfg: ExperimentConfig,
     data: DataBundle,
@@ -431,7 +454,7 @@ def plan_student_run(
     if from_cache and "itm_logits" in specs_need(specs):  # each batch carries the inputs of the cached ITM negatives
         attach = ITMNegativeInputs.from_cache(teachers, data.train, preprocess, cfg.data.augment, cfg.seed)
     optim = cfg.distill.train
-    stages = plan_stages(cfg.distill.stages, optim, student, objective)
+    stages = without_parameters(plan_stages(cfg.distill.stages, optim, student, objective), student, unread_projector(student, objective))
     views = cfg.cache.views if from_cache else None
     fingerprint = run_fingerprint(cfg, losses, inherit, teacher.path)
     folder = Path(out_dir).with_name(f"{Path(out_dir).name}-checkpoints")
