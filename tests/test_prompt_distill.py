@@ -100,6 +100,11 @@ def test_feature_alignment_on_images_alone_reads_no_text():
     assert set(parts) == {"part/feature_image", "loss/feature", "loss/total"}
     with pytest.raises(ValueError, match="towers"):
         build_objective({"feature": {"towers": ["audio"]}}, LossContext(4, 6))
+    same = build_objective({"feature": {"towers": ["image"]}}, LossContext(6, 6))
+    assert list(same.parameters()) == []  # equal sizes: the identity, nothing to learn
+    adapted = build_objective({"feature": {"towers": ["image"], "adapter": True}}, LossContext(6, 6))
+    (matrix,) = adapted.parameters()
+    assert torch.equal(matrix, torch.eye(6)) and matrix.requires_grad
 
 
 def test_prompt_distill_config_refuses_text_losses_and_bad_shares():

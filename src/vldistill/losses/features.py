@@ -23,11 +23,18 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str
     raise ValueError(f"unknown feature distance {distance!r}; known: {', '.join(FEATURE_DISTANCES)}")
 
 
-def student_to_teacher_projection(context: LossContext) -> nn.Module:
-    """Identity when the embedding sizes agree, else a learnable bias-free linear map student -> teacher."""
+def student_to_teacher_projection(context: LossContext, adapter: bool = False) -> nn.Module:
+    """Identity when the embedding sizes agree (unless `adapter`), else a learnable bias-free linear map
+    student -> teacher; with `adapter` and equal sizes, a learnable map that starts as the identity."""
     student_dim = context.student_embed_dim
     teacher_dim = context.teacher_embed_dim or student_dim
-    return nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
+    if student_dim != teacher_dim:
+        return nn.Linear(student_dim, teacher_dim, bias=False)
+    if not adapter:
+        return nn.Identity()
+    projection = nn.Linear(student_dim, teacher_dim, bias=False)
+    nn.init.eye_(projection.weight)
+    return projection
 
 
 @LOSSES.register("feature")
@@ -43,9 +50,11 @@ class FeatureDistillation(DistillLoss):
     @dataclass
     class Params:
         """This loss's options: the YAML keys beside `weight`. `towers`: the embeddings pulled (image, text or
-        both; image alone for training on images without captions, as prompt distillation does)."""
+        both; image alone for training on images without captions, as prompt distillation does). `adapter`: a
+        learnable matrix even when the embedding sizes agree (PromptKD's feature alignment; starts as the identity)."""
         distance: str = "cosine"
         towers: list[str] = field(default_factory=lambda: list(FEATURE_TOWERS))
+        adapter: bool = False
 
         def validate(self, where: str) -> None:
             """Raise an error naming `where`.<field> when a value is impossible."""
@@ -63,7 +72,7 @@ class FeatureDistillation(DistillLoss):
     def __init__(self, params: "FeatureDistillation.Params", context: LossContext) -> None:
         super().__init__(params, context)
         for tower in params.towers:  # image_projection / text_projection: the names checkpoints hold
-            setattr(self, f"{tower}_projection", student_to_teacher_projection(context))
+            setattr(self, f"{tower}_projection", student_to_teacher_projection(context, params.adapter))
 
     def _distance(self, projection: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         projected = F.normalize(projection(student), dim=-1)
