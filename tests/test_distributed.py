@@ -268,3 +268,18 @@ def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, pre
     rows = np.arange(one.total_rows)
     for field in one.fields:
         assert np.allclose(two.rows(field, rows), one.rows(field, rows), atol=2e-3), field  # fp16, other threads
+
+
+def test_torchrun_two_processes_prompt_distill_with_a_frozen_text_tower(tmp_path, pretrained_teacher):
+    """Two processes train the prompts, the projector and (stage 2) the vision tower while the text tower, which no
+    loss reads, stays frozen (DDP refuses trainable parameters without a gradient); the first process evaluates."""
+    stages = ("prompt_distill.stages=[{name: prompts, steps: 2, trainable: [prompts, projector]}, "
+              "{name: joint, steps: 2, trainable: [student, objective]}]")
+    args = ["prompt-distill", TINY, "-q", "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=2",
+            "--set", "prompt_distill.train.steps=4", "--set", "prompt_distill.train.batch_size=16",
+            "--set", "prompt_distill.train.warmup_steps=1", "--set", "prompt_distill.low_resource=null", "--set", stages]
+    torchrun(*args, "--out", str(tmp_path / "two"))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert set(summary["models"]) == {"teacher", "student", "prompted"}
+    logged = [json.loads(line) for line in (tmp_path / "two" / "logs" / "prompted.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 4

@@ -131,6 +131,8 @@ def cmd_prompt_distill(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     summary = run_prompt_distill(cfg, Path(args.out), progress=_progress(args))
+    if not summary:
+        return 0  # not the first process: it trained; the first evaluates and prints
     print(format_prompt_summary(summary))
     print(f"summary: {Path(args.out) / 'summary.json'}")
     return 0

@@ -20,6 +20,7 @@ The run folder holds `summary.json`, the class embeddings, the students (`studen
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -42,6 +43,7 @@ from vldistill.data.classes import ImageFolderClasses, load_templates
 from vldistill.data.grammar import class_label
 from vldistill.data.pairs import InMemoryPairs, PairSplit
 from vldistill.data.tokenizer import make_tokenize
+from vldistill.distributed import process_rank
 from vldistill.eval.base_novel import ClassSplit, base_novel_accuracy, images_of, split_classes
 from vldistill.eval.embed import embed_images
 from vldistill.eval.suite import pixel_batches
@@ -137,10 +139,11 @@ def stored_class_embeddings(
     spec = teacher.model.input_spec
     tokenize = make_tokenize(teacher.tokenizer, spec.max_text_length, spec.text_padding)
     embeddings = zero_shot_classifier(teacher.model, tokenize, classnames, templates, batch_size, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"class_embeddings": embeddings.contiguous()}, str(tmp), metadata={"record": json.dumps(record)})
-    tmp.replace(path)
+    if process_rank()[0] == 0:  # every process computes them alike; one writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"class_embeddings": embeddings.contiguous()}, str(tmp), metadata={"record": json.dumps(record)})
+        tmp.replace(path)
     return embeddings
 
 
@@ -159,6 +162,15 @@ def prompt_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, distill=distill, cache=dataclasses.replace(cfg.cache, path=None))
 
 
+def unread_student_parameters(student: PromptedDualEncoder, objective: torch.nn.Module) -> frozenset[str]:
+    """The names (in loop.StudentWithObjective) of the student parameters no image-only loss reads: its text tower
+    and its logit scale and bias (the class logits use the teacher's scale). They never train: under DDP a
+    trainable parameter without a gradient is an error."""
+    names = selected_names("text", student, objective, "prompt_distill")
+    scales = {f"student.{name}" for name, _ in student.named_parameters() if "logit_scale" in name or "logit_bias" in name}
+    return names | frozenset(scales)
+
+
 def prompt_distill_student(
     cfg: ExperimentConfig,
     data: DataBundle,
@@ -172,13 +184,13 @@ def prompt_distill_student(
     log_path: Optional[Path] = None,
     progress: bool = True,
 ) -> TrainedModel:
-    """`start` (a dual encoder, loaded afresh from its folder so runs do not share weights) wrapped in learnable
+    """A copy of `start` (a dual encoder; the runs do not share weights) wrapped in learnable
     prompts (`student.prompts`, default `default_prompts`) and trained on `images` alone with prompt_distill's
     losses and the teacher's stored `class_embeddings`; only the prompts and the projector train unless
-    prompt_distill.stages say otherwise, and the student's text tower never does (no loss reads it: under DDP an
-    unused trainable parameter is an error). Saved (base folder + prompts) to `out_dir`."""
+    prompt_distill.stages say otherwise, and what no loss reads never does (`unread_student_parameters`). Saved
+    (base folder + prompts) to `out_dir`."""
     run_cfg = prompt_run_config(cfg)
-    base, _ = load_dual_encoder_any(start.path)
+    base = copy.deepcopy(start.model)
     torch.manual_seed(cfg.seed)
     prompts = cfg.student.prompts or default_prompts(base)
     student = with_prompts(base, prompts, start.tokenizer, teacher.model.embed_dim)
@@ -189,15 +201,15 @@ def prompt_distill_student(
     plan = plan_student_run(
         run_cfg, bundle, teacher, out_dir, student=student, losses=run_cfg.distill.losses, class_embeddings=class_embeddings,
     )
-    text = selected_names("text", student, plan.objective, "prompt_distill")  # no loss reads it: it never trains
-    plan.stages = without_parameters(plan.stages, student, text)
+    plan.stages = without_parameters(plan.stages, student, unread_student_parameters(student, plan.objective))
     result = plan.train(desc, log_path, progress)
     metadata = {
         "role": "prompt-distilled student", "teacher": str(teacher.path), "student": str(start.path),
         "losses": run_cfg.distill.losses, "train_images": len(images), "steps": result.steps, "seed": cfg.seed,
         "vldistill": __version__,
     }
-    student.save_pretrained(out_dir, metadata, tokenizer=start.tokenizer)
+    if process_rank()[0] == 0:  # one writer when several processes train together
+        student.save_pretrained(out_dir, metadata, tokenizer=start.tokenizer)
     return TrainedModel(student, start.tokenizer, Path(out_dir), result)
 
 
@@ -254,7 +266,8 @@ def obtain_unprompted_student(
 
 
 def run_prompt_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """The whole prompt-distillation run (see the module docstring); writes and returns `summary.json`."""
+    """The whole prompt-distillation run (see the module docstring); writes and returns `summary.json` (several
+    processes, under torchrun or accelerate launch: all train, the first evaluates and writes; the others return {})."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     logs = out_dir / "logs"
@@ -272,6 +285,15 @@ def run_prompt_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
     )
     labelled = labelled_training_images(cfg, data, progress)
     runs = {"prompted": None, **({"prompted-low-resource": pd.low_resource} if pd.low_resource is not None else {})}
+    trained = {
+        name: prompt_distill_student(
+            cfg, data, teacher, start, base_training_images(labelled, split, share, cfg.seed), classes, out_dir / name,
+            desc=name, log_path=logs / f"{name}.jsonl", progress=progress,
+        )
+        for name, share in runs.items()
+    }
+    if process_rank()[0] != 0:
+        return {}  # the first process evaluates and writes the summary
     batch = cfg.eval.batch_size
     models: dict[str, dict[str, Any]] = {
         "teacher": base_novel_figures(teacher_logits(teacher, test.images, classes, batch), test.labels, split),
@@ -280,15 +302,12 @@ def run_prompt_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
     models["teacher"]["params"] = count_parameters(teacher.model)
     models["student"]["params"] = count_parameters(start.model)
     for name, share in runs.items():
-        images = base_training_images(labelled, split, share, cfg.seed)
-        trained = prompt_distill_student(
-            cfg, data, teacher, start, images, classes, out_dir / name, desc=name, log_path=logs / f"{name}.jsonl",
-            progress=progress,
-        )
-        figures = base_novel_figures(projected_logits(trained.model, test.images, classes, batch), test.labels, split)
+        model = trained[name]
+        figures = base_novel_figures(projected_logits(model.model, test.images, classes, batch), test.labels, split)
         models[name] = {
-            **figures, "params": count_parameters(trained.model), "train_images": len(images),
-            "train_seconds": trained.result.seconds,
+            **figures, "params": count_parameters(model.model),
+            "train_images": len(base_training_images(labelled, split, share, cfg.seed)),
+            "train_seconds": model.result.seconds,
         }
     summary = {
         "command": "prompt-distill", "seed": cfg.seed, "dataset": data.name, "teacher": str(teacher.path),
