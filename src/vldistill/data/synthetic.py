@@ -48,7 +48,7 @@ def reference_captions(attrs: dict[str, str]) -> list[str]:
     return [caption_for(wording, attrs) for wording in REFERENCE_WORDINGS]
 
 
-def _shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+def shape_mask(shape: str, rows: np.ndarray, cols: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
     """Boolean mask of `shape` centred at (cy, cx) with half-extent r on the pixel grid."""
     dy, dx = rows - cy, cols - cx
     if shape == "circle":
@@ -76,7 +76,7 @@ def render(shape: str, colour: str, size: str, position: str, image_size: int, r
     background = rng.uniform(0, 60) + rng.normal(0, 8, size=(image_size, image_size, 1))
     image = np.repeat(background, 3, axis=2)
     tint = np.array(COLOURS[colour], dtype=np.float32) + rng.normal(0, 12, size=3)
-    image[_shape_mask(shape, rows, cols, cy, cx, r)] = tint
+    image[shape_mask(shape, rows, cols, cy, cx, r)] = tint
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
