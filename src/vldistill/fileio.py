@@ -7,7 +7,11 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 
 def _umask() -> int:
@@ -38,6 +42,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically, as `write_bytes_atomic` does."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_safetensors_atomic(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None
+) -> Path:
+    """Write `tensors` (and string `metadata`) as a safetensors file at `path` atomically, as `write_bytes_atomic`."""
+    return write_bytes_atomic(path, save(tensors, metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata (empty when it has none), read in one pass; OSError or
+    safetensors' SafetensorError for a missing or unreadable file."""
+    with safe_open(str(path), "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
 
 
 @contextmanager

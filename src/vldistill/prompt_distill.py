@@ -33,8 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from vldistill import __version__
 from vldistill.config import ExperimentConfig, PromptDistillConfig
@@ -49,7 +48,7 @@ from vldistill.eval.embed import embed_images
 from vldistill.eval.suite import pixel_batches
 from vldistill.eval.template_search import stratified_split
 from vldistill.eval.zeroshot import classification_metrics, zero_shot_classifier, zero_shot_logits
-from vldistill.fileio import write_text_atomic
+from vldistill.fileio import read_safetensors, write_safetensors_atomic, write_text_atomic
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.prompts import PromptConfig, PromptedDualEncoder, with_prompts
 from vldistill.profile.throughput import count_parameters
@@ -127,9 +126,8 @@ def stored_class_embeddings(
     record = {"classnames": classnames, "templates": templates, "teacher": model_digest(teacher.model)}
     if path.is_file():
         try:
-            stored = load_file(str(path))["class_embeddings"]
-            with safe_open(str(path), "pt") as handle:
-                meta = json.loads(handle.metadata()["record"])
+            tensors, metadata = read_safetensors(path)
+            stored, meta = tensors["class_embeddings"], json.loads(metadata["record"])
         except (SafetensorError, KeyError, ValueError, OSError) as error:
             raise ValueError(f"{path}: not a readable class-embedding file ({error}); delete it to recompute") from None
         if meta == record:
@@ -140,10 +138,7 @@ def stored_class_embeddings(
     tokenize = make_tokenize(teacher.tokenizer, spec.max_text_length, spec.text_padding)
     embeddings = zero_shot_classifier(teacher.model, tokenize, classnames, templates, batch_size, progress)
     if process_rank()[0] == 0:  # every process computes them alike; one writes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"class_embeddings": embeddings.contiguous()}, str(tmp), metadata={"record": json.dumps(record)})
-        tmp.replace(path)
+        write_safetensors_atomic(path, {"class_embeddings": embeddings.contiguous()}, {"record": json.dumps(record)})
     return embeddings
 
 

@@ -11,10 +11,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
 
-from vldistill.fileio import write_bytes_atomic
+from vldistill.fileio import read_safetensors, write_safetensors_atomic
 from vldistill.models.prompts import PromptedDualEncoder
 
 PROMPT_MEMORY_FILE = "prompt_memory.safetensors"
@@ -29,9 +28,8 @@ def read_prompt_memory(folder: str | os.PathLike) -> PromptMemory:
     if not path.exists():
         return {}
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            domains = json.loads((handle.metadata() or {})["domains"])
+        tensors, metadata = read_safetensors(path)
+        domains = json.loads(metadata["domains"])
     except (OSError, SafetensorError, KeyError, ValueError) as error:
         raise ValueError(f"{path}: not a readable prompt memory ({error})") from None
     memory: PromptMemory = {domain: {} for domain in domains}
@@ -49,7 +47,7 @@ def write_prompt_memory(folder: str | os.PathLike, memory: PromptMemory) -> Path
         if not domain or "/" in domain:
             raise ValueError(f"a prompt memory's domain name must be non-empty without '/', got {domain!r}")
     tensors = {f"{domain}/{name}": t.contiguous() for domain, state in memory.items() for name, t in state.items()}
-    return write_bytes_atomic(Path(folder) / PROMPT_MEMORY_FILE, save(tensors, metadata={"domains": json.dumps(list(memory))}))
+    return write_safetensors_atomic(Path(folder) / PROMPT_MEMORY_FILE, tensors, {"domains": json.dumps(list(memory))})
 
 
 def remember(memory: PromptMemory, domain: str, model: PromptedDualEncoder) -> PromptMemory:

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
 from torch import nn
 
-from vldistill.fileio import write_bytes_atomic
+from vldistill.fileio import read_safetensors, write_safetensors_atomic
 from vldistill.losses.registry import DistillationObjective
 from vldistill.teachers.cache.cached import CachedTeacher
 from vldistill.teachers.ensemble import TeacherEnsemble, teacher_output_over
@@ -154,16 +153,14 @@ def save_fisher(path: str | os.PathLike, info: FisherInformation) -> Path:
     tensors = {f"fisher.{n}": t.contiguous() for n, t in info.fisher.items()}
     tensors.update({f"anchor.{n}": t.contiguous() for n, t in info.anchor.items()})
     metadata = {"format": FISHER_FORMAT, "batches": str(info.batches), "names": json.dumps(sorted(info.fisher))}
-    return write_bytes_atomic(path, save(tensors, metadata=metadata))
+    return write_safetensors_atomic(path, tensors, metadata)
 
 
 def load_fisher(path: str | os.PathLike, model: Optional[nn.Module] = None, same_weights: bool = False) -> FisherInformation:
     """Read a Fisher information `save_fisher` wrote; with `model`, check it belongs to it (`check_matches`)."""
     path = Path(path)
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
+        tensors, metadata = read_safetensors(path)
     except (OSError, SafetensorError) as error:
         raise ValueError(f"{path}: not a readable Fisher information file ({error})") from None
     if metadata.get("format") != FISHER_FORMAT:
