@@ -22,7 +22,6 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -32,7 +31,7 @@ from vldistill.config import EvalConfig, ExperimentConfig, load_config
 from vldistill.data.bundle import DataBundle, load_data
 from vldistill.data.tokenizer import make_tokenize
 from vldistill.eval.suite import pixel_batches
-from vldistill.eval.zeroshot import classification_metrics, zero_shot_logits
+from vldistill.eval.zeroshot import evaluate_zero_shot
 from vldistill.fileio import write_text_atomic
 from vldistill.models.io import read_metadata
 from vldistill.models.loading import load_dual_encoder_any
@@ -59,14 +58,10 @@ def domain_accuracy(
         raise ValueError(f"the data {data.name!r} has no labelled images for zero-shot accuracy")
     spec = model.input_spec
     tokenize = make_tokenize(tokenizer, spec.max_text_length, spec.text_padding)
-    was_training = model.training
-    model.eval()
-    logits = zero_shot_logits(
-        model, tokenize, pixel_batches(data.zeroshot.images, spec, cfg.batch_size), data.classnames, data.templates,
-        batch_size=cfg.batch_size, progress=progress,
-    )
-    model.train(was_training)
-    return classification_metrics(logits, torch.as_tensor(data.zeroshot.labels, dtype=torch.long), (1,))["acc1"]
+    images = pixel_batches(data.zeroshot.images, spec, cfg.batch_size)
+    return evaluate_zero_shot(  # embedding runs in eval mode and restores the model's training flags
+        model, tokenize, images, data.zeroshot.labels, data.classnames, data.templates, cfg.batch_size, progress, ks=(1,)
+    )["acc1"]
 
 
 def previous_fisher(
