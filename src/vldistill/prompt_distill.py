@@ -279,13 +279,14 @@ def run_prompt_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
         teacher, data.classnames, templates, out_dir / CLASS_EMBEDDINGS_FILE, cfg.eval.batch_size, progress
     )
     labelled = labelled_training_images(cfg, data, progress)
-    runs = {"prompted": None, **({"prompted-low-resource": pd.low_resource} if pd.low_resource is not None else {})}
+    shares = {"prompted": None, **({"prompted-low-resource": pd.low_resource} if pd.low_resource is not None else {})}
+    images = {name: base_training_images(labelled, split, share, cfg.seed) for name, share in shares.items()}
     trained = {
         name: prompt_distill_student(
-            cfg, data, teacher, start, base_training_images(labelled, split, share, cfg.seed), classes, out_dir / name,
-            desc=name, log_path=logs / f"{name}.jsonl", progress=progress,
+            cfg, data, teacher, start, images[name], classes, out_dir / name, desc=name,
+            log_path=logs / f"{name}.jsonl", progress=progress,
         )
-        for name, share in runs.items()
+        for name in shares
     }
     if process_rank()[0] != 0:
         return {}  # the first process evaluates and writes the summary
@@ -296,12 +297,10 @@ def run_prompt_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
     }
     models["teacher"]["params"] = count_parameters(teacher.model)
     models["student"]["params"] = count_parameters(start.model)
-    for name, share in runs.items():
-        model = trained[name]
+    for name, model in trained.items():
         figures = base_novel_figures(projected_logits(model.model, test.images, classes, batch), test.labels, split)
         models[name] = {
-            **figures, "params": count_parameters(model.model),
-            "train_images": len(base_training_images(labelled, split, share, cfg.seed)),
+            **figures, "params": count_parameters(model.model), "train_images": len(images[name]),
             "train_seconds": model.result.seconds,
         }
     summary = {

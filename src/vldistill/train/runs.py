@@ -426,8 +426,10 @@ def plan_student_run(
     `cfg.student.inherit`), the teachers' source (the cache at `cache.path` when it can serve every loss, see
     cache.teacher.serve_from_cache; else the online ensemble when a loss needs a teacher; else none), the
     student (`student` when given, e.g. a saved student to fine-tune; else built from the config, seeded with
-    `cfg.seed`), the objective (given the teacher's stored `class_embeddings` under prompt distillation), the training stages (`distill.stages`, train/stages.py), the checkpoints beside
-    `out_dir` and the state `resume` names, the batches from that state's step on and gap weighting's held-out batch."""
+    `cfg.seed`), the objective (given the teacher's stored `class_embeddings` under prompt distillation), the
+    training stages (`distill.stages`, train/stages.py; a projector no loss reads is frozen, `unread_projector`),
+    the checkpoints beside `out_dir` and the state `resume` names, the batches from that state's step on and gap
+    weighting's held-out batch."""
     captioning = isinstance(teacher.model, Captioner)  # a captioner's student trains with distill.caption_losses
     where = "distill.caption_losses" if captioning else "distill.losses"
     if losses is None:
