@@ -353,6 +353,29 @@ class StageConfig:
             raise ConfigError(f"{where}.trainable names a group twice: {self.trainable}")
 
 
+def validate_stages(stages: list[StageConfig], train: OptimConfig, where: str) -> None:
+    """Raise ConfigError naming `where` unless the `stages` (when any) have distinct names, their steps sum to
+    `train.steps` and the first stage's default warmup (`train.warmup_steps`) fits in it."""
+    if not stages:
+        return
+    names = [stage.name for stage in stages]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(f"{where}.stages[{index}].name: {name!r} names an earlier stage too; stage names must differ")
+    total = sum(stage.steps for stage in stages)
+    if total != train.steps:
+        raise ConfigError(
+            f"{where}.stages: the stages' steps sum to {total}, but {where}.train.steps is {train.steps}; "
+            f"they must be equal (set {where}.train.steps: {total})"
+        )
+    first = stages[0]
+    if first.warmup_steps is None and train.warmup_steps > first.steps:
+        raise ConfigError(
+            f"{where}.stages[0] has {first.steps} steps, fewer than its warmup ({where}.train.warmup_steps: "
+            f"{train.warmup_steps}); set {where}.stages[0].warmup_steps"
+        )
+
+
 @dataclass
 class DistillConfig:
     """The distillation run: optimizer settings, the weighted losses (name -> {weight, params}; weights
@@ -396,29 +419,7 @@ class DistillConfig:
             )
         if self.weighting.kind == "gap" and not specs_need(specs):
             raise ConfigError(f"{where}.weighting.kind is gap, but no loss in {where}.losses uses the teacher")
-        self._validate_stages(where)
-
-    def _validate_stages(self, where: str) -> None:
-        """The stages (when any) have distinct names, their steps sum to `train.steps` and the first stage's
-        default warmup (`train.warmup_steps`) fits in it."""
-        if not self.stages:
-            return
-        names = [stage.name for stage in self.stages]
-        for index, name in enumerate(names):
-            if name in names[:index]:
-                raise ConfigError(f"{where}.stages[{index}].name: {name!r} names an earlier stage too; stage names must differ")
-        total = sum(stage.steps for stage in self.stages)
-        if total != self.train.steps:
-            raise ConfigError(
-                f"{where}.stages: the stages' steps sum to {total}, but {where}.train.steps is {self.train.steps}; "
-                f"they must be equal (set {where}.train.steps: {total})"
-            )
-        first = self.stages[0]
-        if first.warmup_steps is None and self.train.warmup_steps > first.steps:
-            raise ConfigError(
-                f"{where}.stages[0] has {first.steps} steps, fewer than its warmup ({where}.train.warmup_steps: "
-                f"{self.train.warmup_steps}); set {where}.stages[0].warmup_steps"
-            )
+        validate_stages(self.stages, self.train, where)
 
 
 @dataclass
@@ -620,8 +621,7 @@ class PromptDistillConfig:
                 "without captions: use image-side losses (class_kd, feature with towers: [image], attention/hidden "
                 "with towers: [vision])"
             )
-        if self.stages:
-            DistillConfig(train=self.train, losses=self.losses, stages=self.stages)._validate_stages(where)
+        validate_stages(self.stages, self.train, where)
 
 
 @dataclass
