@@ -23,7 +23,7 @@ from vldistill.losses import LOSSES, LossContext, build_objective
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.prompts import PromptedDualEncoder
 from vldistill.models.signals import Signals
-from vldistill.prompt_distill import CLASS_EMBEDDINGS_FILE, projected_logits, stored_class_embeddings
+from vldistill.prompt_distill import CLASS_EMBEDDINGS_FILE, labelled_training_images, projected_logits, stored_class_embeddings
 from vldistill.trained import TrainedModel
 
 
@@ -193,3 +193,12 @@ def test_staged_prompt_distillation_trains_the_vision_tower_but_never_the_text_t
     assert not all(torch.equal(p, q) for p, q in zip(tuned.vision_model.parameters(), original.vision_model.parameters()))
     stages = [json.loads(line)["stage"] for line in (out / "logs" / "prompted.jsonl").read_text().splitlines()]
     assert "joint" in str(stages[-1])
+
+
+def test_shapes_training_labels_index_the_datas_classes_also_within_a_domain():
+    cfg = load_config(packaged_config("tiny"), ["data.shapes_filter={shape: [cross, diamond]}"])
+    data = load_data(cfg.data, progress=False)
+    labelled = labelled_training_images(cfg, data, progress=False)
+    assert len(data.classnames) == 48 and len(labelled) == len(data.train)
+    for label, attrs in zip(labelled.labels, data.train.attributes):
+        assert data.classnames[label] == f"{attrs['size']} {attrs['colour']} {attrs['shape']}"

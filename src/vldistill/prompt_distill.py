@@ -39,7 +39,6 @@ from vldistill import __version__
 from vldistill.config import ExperimentConfig, PromptDistillConfig
 from vldistill.data.bundle import DataBundle, decode_classes, load_data
 from vldistill.data.classes import ImageFolderClasses, load_templates
-from vldistill.data.grammar import class_label
 from vldistill.data.pairs import InMemoryPairs, PairSplit
 from vldistill.data.tokenizer import make_tokenize
 from vldistill.distributed import process_rank
@@ -90,8 +89,10 @@ def labelled_training_images(cfg: ExperimentConfig, data: DataBundle, progress: 
             f"{data.name} has no labelled training images for a base-to-novel split: set prompt_distill.images to a "
             "folder of class folders (its labels choose the base classes; training reads the images only)"
         )
-    # the shapes data repeats nothing: one training image per caption
-    labels = np.array([class_label(a["size"], a["colour"], a["shape"]) for a in attributes], dtype=np.int64)
+    # the shapes data repeats nothing: one training image per caption; labels index the data's class names (a
+    # domain's under data.shapes_filter, data/domains.py)
+    label = {name: index for index, name in enumerate(data.classnames)}
+    labels = np.array([label[f"{a['size']} {a['colour']} {a['shape']}"] for a in attributes], dtype=np.int64)
     images = data.train.images.numpy()
     return PairSplit(images, [""] * len(images), labels)
 
