@@ -54,7 +54,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_all_losses_are_registered_and_listed(capsys) -> None:
-    expected = ["affinity", "attention", "class_kd", "clip", "crd", "cross_attention", "feature", "hidden", "icl", "itm", "itm_kd", "kd", "lm", "lm_kd", "siglip"]
+    expected = ["affinity", "attention", "class_kd", "clip", "crd", "cross_attention", "feature", "hidden", "icl", "itm", "itm_kd", "kd", "lm", "lm_kd", "region_image", "region_text", "siglip"]
     assert LOSSES.names() == expected
     assert cli_main(["list", "losses"]) == 0
     assert capsys.readouterr().out.split() == expected

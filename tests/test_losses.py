@@ -59,6 +59,11 @@ def layered_output(dim: int, scale: float, spec: DualEncoderSpec, *, requires_gr
             torch.softmax(torch.randn(B, spec.fusion.heads, TOKENS["text"], TOKENS["image"]), dim=-1).requires_grad_(requires_grad)
             for _ in range(spec.fusion.layers)
         ),
+        # region signals (models/regions.py): 6 regions labelled among 7 base classes, 7 = background, -1 = none
+        region_embeds=torch.nn.functional.normalize(torch.randn(6, TEACHER_DIM), dim=-1).requires_grad_(requires_grad),
+        region_labels=torch.tensor([0, 3, 6, 7, 7, -1]),
+        region_background=torch.nn.functional.normalize(torch.randn(TEACHER_DIM), dim=0).requires_grad_(requires_grad),
+        region_crop_embeds=torch.nn.functional.normalize(torch.randn(6, TEACHER_DIM), dim=-1).requires_grad_(requires_grad),
     )
 
 
@@ -67,6 +72,8 @@ def student_tensors_read(needs: frozenset[str], student: Signals) -> list[torch.
     always mapped)."""
     if "projected_image_embeds" in needs:
         return [student.projected_image_embeds]
+    if "region_embeds" in needs:
+        return [student.region_embeds, *([student.region_background] if "region_background" in needs else [])]
     blip = [name for name in ("itm_logits", "token_logits") if name in needs]
     if blip:
         return [student[name] for name in blip]
@@ -84,6 +91,7 @@ def all_tensors(out: Signals) -> list[torch.Tensor]:
         out.image_embeds, out.text_embeds, out.logit_scale,
         *out.image_hidden_states, *out.text_hidden_states, *out.image_attentions, *out.text_attentions,
         out.itm_logits, out.token_logits, *out.fusion_cross_attentions,
+        out.region_embeds, out.region_background, out.region_crop_embeds,
     ]
 
 

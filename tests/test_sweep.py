@@ -17,8 +17,9 @@ def test_default_sweep_covers_every_loss_a_clip_student_can_train_with():
     assert runs["kd"] == {"clip": {"weight": 1.0}, "kd": {"weight": 1.0}}
     blip_only = {"itm", "lm", "itm_kd", "lm_kd", "cross_attention"}  # they read ITM / captioning / fusion signals a CLIP student lacks
     prompted_only = {"class_kd"}  # reads a prompted student's projected embeddings (vldistill prompt-distill)
-    assert blip_only | prompted_only <= set(LOSSES.names())
-    assert set(runs) == set(LOSSES.names()) - blip_only - prompted_only
+    region_only = {"region_image", "region_text"}  # read a region student's box embeddings (vldistill region-distill)
+    assert blip_only | prompted_only | region_only <= set(LOSSES.names())
+    assert set(runs) == set(LOSSES.names()) - blip_only - prompted_only - region_only
 
 
 def test_demo_sweep_has_named_combinations_and_params():

@@ -14,7 +14,7 @@ from vldistill.binding import build_dataclass
 
 # Importing the families registers their losses.
 from vldistill.losses import (  # noqa: F401
-    attention, blip, classes, contrastive, cross_attention, features, hidden, logits, relational,
+    attention, blip, classes, contrastive, cross_attention, features, hidden, logits, regions, relational,
 )
 from vldistill.losses.base import LOSSES, LossContext
 from vldistill.losses.gradients import GRADIENT_KEYS, GradientControl, parse_gradient_options

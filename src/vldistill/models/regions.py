@@ -3,12 +3,17 @@
 `roi_align` is RoIAlign (He et al., 2017, "Mask R-CNN") with `aligned=True` and one sample per bin: each box, in
 image pixels, is mapped onto the (H, W) feature grid by `spatial_scale` (1 / patch size for a ViT), split into
 k x k bins, and each bin takes the bilinear interpolation of the grid at its centre (grid cell centres at
-index + 0.5, as torchvision's aligned RoIAlign places them), computed with `grid_sample`."""
+index + 0.5, as torchvision's aligned RoIAlign places them), computed with `grid_sample`.
+
+It also registers the signals region training passes around (models/signals.py): the student's `region_embeds`,
+`region_labels` and `region_background`, and the teacher's `region_crop_embeds`."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from vldistill.models.signals import SignalKind, cat_rows, first, primary, register_signal
 
 
 def roi_align(
@@ -43,3 +48,41 @@ def token_grid(hidden_state: torch.Tensor, image_size: int, patch_size: int, pre
     if tokens.shape[1] != side * side:
         raise ValueError(f"{tokens.shape[1]} patch tokens do not form a {side} x {side} grid ({image_size} px, patch {patch_size})")
     return tokens.transpose(1, 2).reshape(hidden_state.shape[0], -1, side, side)
+
+
+# --- what region training passes between the region student, the teacher's crops and the losses --------------
+
+NO_TEACHER_SIDE = "which only the region student computes, never a teacher"
+
+REGION_EMBEDS = register_signal(SignalKind(
+    name="region_embeds",
+    description="(R, D) L2-normalized embeddings of a batch's regions (the region student's RoI-pooled tokens, projected)",
+    concat=cat_rows,
+    combine=primary,
+    primary_only=True,
+    cache_refusal=NO_TEACHER_SIDE,
+))
+REGION_LABELS = register_signal(SignalKind(
+    name="region_labels",
+    description="(R,) each region's class among the run's training classes, that count for background, -1 for none",
+    concat=cat_rows,
+    combine=primary,
+    primary_only=True,
+    cache_refusal=NO_TEACHER_SIDE,
+))
+REGION_BACKGROUND = register_signal(SignalKind(
+    name="region_background",
+    description="(D,) the region student's learned background embedding, L2-normalized",
+    concat=first,
+    combine=primary,
+    primary_only=True,
+    cache_refusal=NO_TEACHER_SIDE,
+))
+REGION_CROP_EMBEDS = register_signal(SignalKind(
+    name="region_crop_embeds",
+    description="(R, D) the teacher's L2-normalized image embeddings of the batch's regions cropped and resized (ViLD-image)",
+    concat=cat_rows,
+    combine=primary,
+    primary_only=True,
+    cache_refusal="which the region crop cache (teachers/cache/regions.py) holds, one row per region rather than per sample",
+))
