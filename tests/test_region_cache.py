@@ -4,12 +4,14 @@ the tiny CLIP teacher against its embeddings computed directly, reuse, resume an
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vldistill.teachers.cache import regions
 from vldistill.teachers.cache.regions import (
     REGION_FIELD,
     build_region_cache,
@@ -199,3 +201,25 @@ def test_bad_regions_are_refused_naming_the_row(teacher, tmp_path):
     with pytest.raises(ValueError, match="region 2: image_index 3 is not one of the 3 images"):
         build_region_cache(teacher, images, boxes, wrong, tmp_path / "b", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_other_processes_wait_for_the_first_to_finish(teacher, tmp_path, monkeypatch):
+    """A process of rank > 0 never runs the teacher or writes: it waits until the first process has finished the
+    cache (here the first process builds it during the other's first wait), then reads the same rows."""
+    images, boxes, image_index = scene()
+    root = tmp_path / "regions"
+    rank, waits = [1], []
+
+    def first_process_builds(seconds):
+        assert not root.exists()  # the waiting process wrote nothing
+        waits.append(seconds)
+        rank[0] = 0
+        build_region_cache(teacher, images, boxes, image_index, root, batch_size=4, progress=False)
+        rank[0] = 1
+
+    monkeypatch.setattr(regions, "process_rank", lambda: (rank[0], 2))
+    monkeypatch.setattr(regions, "time", SimpleNamespace(sleep=first_process_builds))
+    reader = build_region_cache(teacher, images, boxes, image_index, root, batch_size=4, progress=False)
+    assert waits == [regions.WAIT_SECONDS]
+    expected = direct_embeddings(teacher, images, boxes, image_index, 1.5)
+    torch.testing.assert_close(region_embeddings(reader, np.arange(10)), expected, atol=1e-5, rtol=1e-5)
