@@ -30,7 +30,7 @@ on the machine.
 
     python benchmarks/bf16_step.py --teacher ~/models/teacher --student ~/models/student
     python benchmarks/bf16_step.py --sizes issue --teacher-steps 200 --distill-steps 100
-    python benchmarks/bf16_step.py --tiny       # the tiny config, 2 trials, 4 distill steps: does it run? (CI)
+    python benchmarks/bf16_step.py --tiny       # the tiny config, 1 trial, 2 teacher and 2 distill steps: does it run? (CI)
 """
 
 from __future__ import annotations
@@ -80,18 +80,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sizes", choices=("config", "issue"), default="config", help="issue: 22M teacher, 7M student")
     parser.add_argument("--tiny", action="store_true", help="the tiny config, few trials and steps: checks the script runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--trials", type=int, default=None, help="interleaved timing trials (default 7; tiny 2)")
+    parser.add_argument("--trials", type=int, default=None, help="interleaved timing trials (default 7; tiny 1)")
     parser.add_argument("--steps-per-trial", type=int, default=None, help="training steps per trial (default 3; tiny 1)")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher pretraining steps (default: the config's)")
-    parser.add_argument("--distill-steps", type=int, default=None, help="steps of the accuracy runs (default: the config's; 0 skips)")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher pretraining steps (default: the config's; tiny 2)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="steps of the accuracy runs (default: the config's; tiny 2; 0 skips)")
     parser.add_argument("--work-dir", default=None, help="folder for the teacher and students (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.config is None:
         args.config = str(packaged_config("tiny" if args.tiny else "demo"))
-    args.trials = args.trials or (2 if args.tiny else 7)
+    args.trials = args.trials or (1 if args.tiny else 7)
     args.steps_per_trial = args.steps_per_trial or (1 if args.tiny else 3)
+    if args.tiny and args.teacher_steps is None:
+        args.teacher_steps = 2
     if args.tiny and args.distill_steps is None:
-        args.distill_steps = 4
+        args.distill_steps = 2
     return args
 
 

@@ -8,7 +8,7 @@ another in this process; prints one JSON line with the keys
      "retrieval_match"}
 
     python benchmarks/demo_seeds.py                       # configs/demo.yaml, seeds 0 1 2
-    python benchmarks/demo_seeds.py --tiny                # configs/tiny.yaml: a check that it runs
+    python benchmarks/demo_seeds.py --tiny                # configs/tiny.yaml, seeds 0 1: a check that it runs
     python benchmarks/demo_seeds.py --family blip         # configs/demo_blip.yaml (`vldistill demo --family blip`)
 
 With --family blip the figures also hold ITM re-ranked R@1, BLEU-4, CIDEr-D and captions per second, and the
@@ -60,10 +60,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny config: checks that the benchmark runs")
     parser.add_argument("--family", choices=sorted(CONFIGS), default="clip", help="the demo's model family")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (0 1 with --tiny)")
     parser.add_argument("--work-dir", default=None, help="keep the demo runs here (default: a temporary folder, deleted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    args.seeds = args.seeds or ([0, 1] if args.tiny else [0, 1, 2])
     config = packaged_config(CONFIGS[args.family][1 if args.tiny else 0])
     with tempfile.TemporaryDirectory(prefix="demo-seeds-") as scratch:
         work = Path(args.work_dir or scratch)
