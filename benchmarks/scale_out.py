@@ -24,7 +24,7 @@ time is up is killed (with its process group: torchrun and its workers) and the 
 
     python benchmarks/scale_out.py                  # 100 steps
     python benchmarks/scale_out.py --steps 20 --teacher-steps 20
-    python benchmarks/scale_out.py --tiny           # the tiny config, 4 steps, 240 s deadline: does it run? (CI)
+    python benchmarks/scale_out.py --tiny           # the tiny config, 4 steps, the runs at once, 240 s deadline: does it run? (CI)
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -158,17 +159,25 @@ def measure(args: argparse.Namespace, config: str, work: Path, deadline: Deadlin
     def arm(name: str, steps: int, launcher: list[str], env: dict[str, str], *sets: str) -> dict:
         return distill(work / name, config, teacher, steps, launcher, env, deadline, *sets)
 
-    base = arm("one", args.steps, single, {})
-    two = arm("two", args.steps, torchrun, one_thread)
-    accumulated = arm("accumulate", args.steps, single, {}, "distill.train.accumulation_steps=2")
-    two_accumulated = arm("two-accumulate", args.steps, torchrun, one_thread, "distill.train.accumulation_steps=2")
-    checkpointed = arm("checkpointed", args.steps, single, {}, f"distill.checkpoint.every={args.checkpoint_every}")
-    checkpoint = next((work / "checkpointed" / "student-checkpoints").iterdir())
-    memory = {
-        k: arm(f"memory-{k}", 3, single, {}, f"distill.train.batch_size={args.memory_batch}",
-               f"distill.train.accumulation_steps={k}", "distill.train_pairs=null")["peak_mb"]
-        for k in (1, 8)
+    arms = {  # name: steps, launcher, environment, config overrides
+        "one": (args.steps, single, {}),
+        "two": (args.steps, torchrun, one_thread),
+        "accumulate": (args.steps, single, {}, "distill.train.accumulation_steps=2"),
+        "two-accumulate": (args.steps, torchrun, one_thread, "distill.train.accumulation_steps=2"),
+        "checkpointed": (args.steps, single, {}, f"distill.checkpoint.every={args.checkpoint_every}"),
+        **{f"memory-{k}": (3, single, {}, f"distill.train.batch_size={args.memory_batch}",
+                           f"distill.train.accumulation_steps={k}", "distill.train_pairs=null") for k in (1, 8)},
     }
+    if args.tiny:  # every arm at once: a tiny run checks that the benchmark works, its times are no figures
+        with ThreadPoolExecutor(len(arms)) as pool:
+            runs = dict(zip(arms, pool.map(lambda name: arm(name, *arms[name]), arms)))
+    else:  # one after another, each alone on the machine
+        runs = {name: arm(name, *spec) for name, spec in arms.items()}
+    base, two, accumulated, two_accumulated, checkpointed = (
+        runs[name] for name in ("one", "two", "accumulate", "two-accumulate", "checkpointed")
+    )
+    checkpoint = next((work / "checkpointed" / "student-checkpoints").iterdir())
+    memory = {k: runs[f"memory-{k}"]["peak_mb"] for k in (1, 8)}
     return {
         "steps": args.steps,
         "global_batch": load_config(config).distill.train.batch_size,
