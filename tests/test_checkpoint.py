@@ -30,6 +30,22 @@ def teacher(pretrained_teacher):
     return pretrained_teacher
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, pretrained_teacher):
+    """straight(*extra): the folder of an uninterrupted `distill_args` run with `extra` arguments, run once per
+    `extra` in this module (tests must not change it)."""
+    runs = {}
+
+    def run(*extra):
+        if extra not in runs:
+            out = tmp_path_factory.mktemp("straight")
+            assert main(distill_args(out, pretrained_teacher, *extra)) == 0
+            runs[extra] = out
+        return runs[extra]
+
+    return run
+
+
 def test_checkpoints_keep_the_newest_and_refuse_other_runs(tmp_path):
     for step in (2, 4, 6):
         gap = {"gap_ratios": {"kd": 0.5 * step}, "gap_reference": {"kd": 2.0}}
@@ -73,8 +89,8 @@ GAP_AND_ACCUMULATION = [  # gap ratios measured at step 3 must come back from th
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], GAP_AND_ACCUMULATION], ids=["plain", "gap-accumulation"])
-def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, teacher, extra):
-    assert main(distill_args(tmp_path / "straight", teacher, *extra)) == 0
+def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, teacher, extra, straight):
+    reference = straight(*extra)
     script = textwrap.dedent(f"""
         import os, signal, sys
         import vldistill.train.loop as loop
@@ -96,14 +112,14 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
     assert mark_log(tmp_path / "killed") == [1, 2, 3, 4]
     assert main([*distill_args(tmp_path / "killed", teacher, *extra), "--resume"]) == 0
     assert steps_after_mark(tmp_path / "killed") == [5, 6, 7, 8]
-    assert_same_student(tmp_path / "killed", tmp_path / "straight", atol=1e-6)
+    assert_same_student(tmp_path / "killed", reference, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterrupted_run(tmp_path, teacher):
+def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterrupted_run(tmp_path, teacher, straight):
     """SIGTERM (a scheduler's preemption) during step 3: the step completes, checkpoint 3 is written although
     checkpoints are due every 2 steps, the run exits with 143, and --resume ends where a straight run does."""
-    assert main(distill_args(tmp_path / "straight", teacher)) == 0
+    reference = straight()
     script = textwrap.dedent(f"""
         import os, signal, sys
         import vldistill.train.loop as loop
@@ -125,7 +141,7 @@ def test_sigterm_finishes_the_step_checkpoints_it_and_resume_matches_an_uninterr
     assert mark_log(tmp_path / "stopped") == [1, 2, 3]
     assert main([*distill_args(tmp_path / "stopped", teacher), "--resume"]) == 0
     assert steps_after_mark(tmp_path / "stopped") == [4, 5, 6, 7, 8]
-    assert_same_student(tmp_path / "stopped", tmp_path / "straight", atol=1e-6)
+    assert_same_student(tmp_path / "stopped", reference, atol=1e-6)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, teacher, capsys):
@@ -150,10 +166,10 @@ def test_resume_auto_starts_or_continues_and_a_fresh_run_refuses_old_checkpoints
     assert all(torch.equal(first[key], again[key]) for key in first)
 
 
-def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, teacher, capsys):
+def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, teacher, capsys, straight):
     """The newest checkpoint's weights were truncated on disk (a crash of the storage): --resume warns and
     continues from the one before, ending with the uninterrupted run's student."""
-    assert main(distill_args(tmp_path / "straight", teacher)) == 0
+    reference = straight()
     args = distill_args(tmp_path / "run", teacher, "--set", "distill.checkpoint.keep=3")
     assert main(args) == 0
     folder = tmp_path / "run" / "student-checkpoints"
@@ -165,4 +181,4 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, teacher, capsy
     assert main([*args, "--resume"]) == 0
     assert "checkpoint-00000008 is damaged" in capsys.readouterr().err
     assert steps_after_mark(tmp_path / "run") == [7, 8]  # from checkpoint 6
-    assert_same_student(tmp_path / "run", tmp_path / "straight", atol=1e-6)
+    assert_same_student(tmp_path / "run", reference, atol=1e-6)

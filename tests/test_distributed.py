@@ -132,28 +132,51 @@ def torchrun(*args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(tmp_path, pretrained_teacher):
-    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=4"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    two = [*args, "--set", "distill.train.accumulation_steps=2", "--set", "distill.checkpoint.every=2",
-           "--set", "distill.train.log_every=1"]
-    torchrun(*two, "--out", str(tmp_path / "two"))
-    assert_same_student(tmp_path / "two", tmp_path / "one", atol=1e-4, key_biases=False)
-    halfway = tmp_path / "two" / "student-checkpoints" / "checkpoint-00000002"
-    torchrun(*two, "--out", str(tmp_path / "resumed"), "--resume", str(halfway))  # both processes resume
-    assert logged_steps(tmp_path / "resumed") == [3, 4]  # only the steps after the checkpoint ran
-    assert_same_student(tmp_path / "resumed", tmp_path / "two", atol=1e-6)
+def distill_args(teacher: Path) -> list[str]:
+    """`vldistill distill` of configs/tiny.yaml for 4 steps from `teacher`, without evaluation."""
+    return ["distill", TINY, "--no-eval", "--set", f"teacher.path={teacher}", "--set", "distill.train.steps=4"]
 
 
-def test_accelerate_launch_two_processes_train_the_student_one_process_trains(tmp_path, pretrained_teacher):
-    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=4"]
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+def two_process_args(teacher: Path) -> list[str]:
+    """`distill_args` as 2 processes x 2 accumulated micro-batches, a checkpoint every 2 steps, a log line per step."""
+    return [*distill_args(teacher), "--set", "distill.train.accumulation_steps=2", "--set", "distill.checkpoint.every=2",
+            "--set", "distill.train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, pretrained_teacher) -> Path:
+    """The run folder of `distill_args` in this process (built once; tests must not change it)."""
+    out = tmp_path_factory.mktemp("one-process")
+    assert main([*distill_args(pretrained_teacher), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, pretrained_teacher) -> Path:
+    """The run folder of `two_process_args` under torchrun (built once; tests must not change it)."""
+    out = tmp_path_factory.mktemp("two-processes")
+    torchrun(*two_process_args(pretrained_teacher), "--out", str(out))
+    return out
+
+
+def test_torchrun_two_processes_train_the_student_one_process_trains_and_resume(
+    tmp_path, pretrained_teacher, one_process_run, two_process_run,
+):
+    assert_same_student(two_process_run, one_process_run, atol=1e-4, key_biases=False)
+    halfway = two_process_run / "student-checkpoints" / "checkpoint-00000002"
+    resumed = tmp_path / "resumed"
+    torchrun(*two_process_args(pretrained_teacher), "--out", str(resumed), "--resume", str(halfway))  # both resume
+    assert logged_steps(resumed) == [3, 4]  # only the steps after the checkpoint ran
+    assert_same_student(resumed, two_process_run, atol=1e-6)
+
+
+def test_accelerate_launch_two_processes_train_the_student_one_process_trains(tmp_path, pretrained_teacher, one_process_run):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vldistill"]
-    done = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run([*launch, *distill_args(pretrained_teacher), "--out", str(tmp_path / "two")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_student(tmp_path / "two", tmp_path / "one", atol=1e-4, key_biases=False)
+    assert_same_student(tmp_path / "two", one_process_run, atol=1e-4, key_biases=False)
 
 
 def write_manifest(folder: Path, split: str, count: int) -> Path:
@@ -226,14 +249,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_path, pretrained_teacher):
-    """A process dies in step 3. Without restarts torchrun fails, and the same command again (a scheduler's
-    requeue) continues from checkpoint 2 with `--resume auto`; with `--max-restarts 1` torchrun restarts both
-    processes, which do the same. Both run only steps 3 and 4 again and end with the student of an
-    uninterrupted run."""
-    args = ["distill", TINY, "--no-eval", "--set", f"teacher.path={pretrained_teacher}", "--set", "distill.train.steps=4",
-            "--set", "distill.checkpoint.every=2", "--set", "distill.train.log_every=1", "--resume", "auto"]
-    torchrun(*args, "--out", str(tmp_path / "straight"))
+def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_path, pretrained_teacher, two_process_run):
+    """A process dies in step 3 (2 processes x 2 micro-batches). Without restarts torchrun fails, and the same
+    command again (a scheduler's requeue) continues from checkpoint 2 with `--resume auto`; with `--max-restarts 1`
+    torchrun restarts both processes, which do the same. Both run only steps 3 and 4 again and end with the
+    student of an uninterrupted run."""
+    args = [*two_process_args(pretrained_teacher), "--resume", "auto"]
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
 
@@ -248,14 +269,14 @@ def test_a_crashed_two_process_run_recovers_by_rerun_or_torchrun_restart(tmp_pat
     assert mark_log(tmp_path / "requeued") == [1, 2]
     torchrun(*args, "--out", str(tmp_path / "requeued"))
     assert steps_after_mark(tmp_path / "requeued") == [3, 4]
-    assert_same_student(tmp_path / "requeued", tmp_path / "straight", atol=1e-6)
+    assert_same_student(tmp_path / "requeued", two_process_run, atol=1e-6)
     restarted = crashing_run("restarted", "--max-restarts", "1")
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "failed (exitcode: 1) local_rank: 1" in restarted.stderr  # the first attempt did crash
     started = Counter((tmp_path / "restarted-steps.txt").read_text().split("\n")[:-1])
     # rank 1 of attempt 0 began steps 1-3 (and died in step 3); each process of the restart ran steps 3 and 4 only
     assert (started["0 1"], started["1 0"], started["1 1"]) == (3, 2, 2)
-    assert_same_student(tmp_path / "restarted", tmp_path / "straight", atol=1e-6)
+    assert_same_student(tmp_path / "restarted", two_process_run, atol=1e-6)
 
 
 def test_torchrun_two_processes_build_the_cache_one_process_builds(tmp_path, pretrained_teacher):
