@@ -23,7 +23,8 @@ from vldistill.losses import LOSSES, LossContext, build_objective
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.prompts import PromptedDualEncoder
 from vldistill.models.signals import Signals
-from vldistill.prompt_distill import CLASS_EMBEDDINGS_FILE, labelled_training_images, projected_logits, stored_class_embeddings
+from vldistill.prompt_distill import CLASS_EMBEDDINGS_FILE, labelled_training_images, projected_logits
+from vldistill.teachers.class_embeddings import stored_class_embeddings
 from vldistill.trained import TrainedModel
 
 

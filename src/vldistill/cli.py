@@ -125,6 +125,17 @@ def cmd_pretrain_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_region_distill(args: argparse.Namespace) -> int:
+    """Open-vocabulary region distillation (ViLD): print the table of the teacher and the region students."""
+    from vldistill.region_distill import format_region_summary, run_region_distill
+
+    cfg = _config(args)
+    summary = run_region_distill(cfg, Path(args.out), progress=_progress(args))
+    print(format_region_summary(summary))
+    print(f"summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def cmd_prompt_distill(args: argparse.Namespace) -> int:
     """Prompt distillation (PromptKD) with base-to-novel evaluation: print its table, write summary.json."""
     from vldistill.prompt_distill import format_prompt_summary, run_prompt_distill
@@ -544,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "prompt-distill", cmd_prompt_distill,
         "prompt distillation (PromptKD) on unlabeled images of the base classes; base-to-novel evaluation",
+    )
+    command(
+        "region-distill", cmd_region_distill,
+        "open-vocabulary region distillation (ViLD-text / ViLD-image) on boxes; base/novel accuracy and AP50",
     )
     command(
         "continual", cmd_continual,

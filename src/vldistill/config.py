@@ -659,6 +659,92 @@ class ContinualConfig:
             raise ConfigError(f"{where}.domain and {where}.previous_domain must differ, both are {self.domain!r}")
 
 
+def _default_region_losses() -> dict[str, dict[str, Any]]:
+    return {"region_text": {"weight": 1.0, "temperature": 0.01}, "region_image": {"weight": 1.0, "distance": "l1"}}
+
+
+REGION_ARMS = {"text": ("region_text",), "image": ("region_image",), "both": ("region_text", "region_image")}
+UNLABELLED_OBJECTS = ("background", "ignore")
+
+
+@dataclass
+class RegionDistillConfig:
+    """`vldistill region-distill` (ViLD, Gu et al., 2022): a region student (the student's image tower, RoIAlign over
+    its token grid, a projection and a background embedding) learns from the teacher's embeddings of cropped regions
+    (`region_image`) and of the base class names (`region_text`); novel classes are recognized by name alone.
+
+    detections / test_detections: COCO-style detection files to train and evaluate on (images under
+    image_root / test_image_root, default each file's folder); null: the embedded scenes (`train_scenes` /
+    `test_scenes` of up to `max_objects` shapes, 40 "colour shape" classes).
+    image_size: the side the region student sees images at (its position embeddings are interpolated to it).
+    base_share / split_seed: the share of the classes whose labels training may read (base), and the split's seed.
+    background_boxes / test_background_boxes: random boxes per image clear of its objects (IoU < 0.3): background
+    regions in training; in evaluation, the false positives AP50 counts.
+    unlabelled_objects: what ViLD-text makes of the boxes of novel-class objects in training images, which carry no
+    label a user could give: `background` (as a detector labels proposals matching no base annotation) or `ignore`.
+    crop_context: how much the teacher's crops enlarge each box (ViLD: 1.5). pool_size: RoIAlign's k x k bins.
+    templates: prompt templates for the class-name embeddings (a file; null: eval.templates, else the data's).
+    arms: which region students to train, each with its losses from `losses`: text (region_text), image
+    (region_image), both. train: each arm's training run."""
+
+    detections: Optional[str] = None
+    test_detections: Optional[str] = None
+    image_root: Optional[str] = None
+    test_image_root: Optional[str] = None
+    image_size: int = 64
+    train_scenes: int = 4000
+    test_scenes: int = 500
+    max_objects: int = 3
+    base_share: float = 0.5
+    split_seed: int = 0
+    background_boxes: int = 2
+    test_background_boxes: int = 2
+    unlabelled_objects: str = "background"
+    crop_context: float = 1.5
+    pool_size: int = 2
+    templates: Optional[str] = None
+    arms: list[str] = field(default_factory=lambda: list(REGION_ARMS))
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600, batch_size=64, lr=1e-3, warmup_steps=50))
+    losses: dict[str, dict[str, Any]] = field(default_factory=_default_region_losses)
+
+    def arm_losses(self, arm: str) -> dict[str, dict[str, Any]]:
+        """The losses arm `arm` trains with: its entries of `losses`."""
+        return {name: self.losses[name] for name in REGION_ARMS[arm]}
+
+    def validate(self, where: str) -> None:
+        """Raise an error naming `where`.<field> when a value is impossible."""
+        for name in ("detections", "test_detections", "image_root", "test_image_root", "templates"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).exists():
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)!r} does not exist")
+        if (self.detections is None) != (self.test_detections is None):
+            raise ConfigError(f"{where}: give both detections and test_detections (user data) or neither (the embedded scenes)")
+        for name in ("image_size", "train_scenes", "test_scenes", "max_objects", "pool_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("background_boxes", "test_background_boxes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.base_share < 1:
+            raise ConfigError(f"{where}.base_share must be in (0, 1), got {self.base_share}")
+        if self.unlabelled_objects not in UNLABELLED_OBJECTS:
+            raise ConfigError(f"{where}.unlabelled_objects must be one of {', '.join(UNLABELLED_OBJECTS)}, got {self.unlabelled_objects!r}")
+        if self.crop_context < 1:
+            raise ConfigError(f"{where}.crop_context must be >= 1 (1: the box itself), got {self.crop_context}")
+        if not self.arms or any(arm not in REGION_ARMS for arm in self.arms):
+            raise ConfigError(f"{where}.arms must list some of {', '.join(REGION_ARMS)}, got {self.arms}")
+        unknown = sorted(set(self.losses) - set(_default_region_losses()))
+        if unknown:
+            raise ConfigError(f"{where}.losses: {', '.join(unknown)} is no region loss; region distillation trains with region_text and region_image")
+        for arm in self.arms:
+            missing = [name for name in REGION_ARMS[arm] if name not in self.losses]
+            if missing:
+                raise ConfigError(f"{where}.arms: arm {arm!r} trains with {', '.join(missing)}, which {where}.losses does not set")
+        try:
+            parse_loss_specs(self.losses, f"{where}.losses")
+        except (KeyError, ValueError) as error:
+            raise ConfigError(str(error).strip("'\"")) from None
+
+
 @dataclass
 class ExperimentConfig:
     """One experiment: data, teacher, student, distillation (optionally from a teacher cache), evaluation and
@@ -675,6 +761,7 @@ class ExperimentConfig:
     log: LogConfig = field(default_factory=LogConfig)
     prompt_distill: PromptDistillConfig = field(default_factory=PromptDistillConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    region_distill: RegionDistillConfig = field(default_factory=RegionDistillConfig)
 
     def validate(self, where: str) -> None:
         """Raise an error naming `where`.<field> when a value is impossible."""

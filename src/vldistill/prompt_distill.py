@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -33,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError
 
 from vldistill import __version__
 from vldistill.config import ExperimentConfig, PromptDistillConfig
@@ -46,13 +44,14 @@ from vldistill.eval.base_novel import ClassSplit, base_novel_accuracy, images_of
 from vldistill.eval.embed import embed_images
 from vldistill.eval.suite import pixel_batches
 from vldistill.eval.template_search import stratified_split
-from vldistill.eval.zeroshot import classification_metrics, zero_shot_classifier, zero_shot_logits
-from vldistill.fileio import read_safetensors, write_safetensors_atomic, write_text_atomic
+from vldistill.eval.zeroshot import classification_metrics, zero_shot_logits
+from vldistill.fileio import write_text_atomic
 from vldistill.models.loading import load_dual_encoder_any
 from vldistill.models.prompts import PromptConfig, PromptedDualEncoder, with_prompts
 from vldistill.profile.throughput import count_parameters
 from vldistill.train.runs import obtain_teacher, plan_student_run, train_student, without_parameters
 from vldistill.train.stages import selected_names
+from vldistill.teachers.class_embeddings import stored_class_embeddings
 from vldistill.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
@@ -106,41 +105,6 @@ def base_training_images(images: PairSplit, split: ClassSplit, share: Optional[f
     if len(rows) == 0:
         raise ValueError("no training image belongs to a base class")
     return images.images[rows]
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """sha256 of a model's parameters and buffers (names, shapes and bytes): what stored embeddings came from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def stored_class_embeddings(
-    teacher: TrainedModel, classnames: list[str], templates: list[str], path: Path, batch_size: int = 256,
-    progress: bool = True,
-) -> torch.Tensor:
-    """(C, D) normalized, prompt-ensembled class-name embeddings of the teacher: read from `path` when it holds
-    them for this teacher (same weights), class names and templates, else computed and written there atomically
-    (a file written for other ones is replaced, with a warning)."""
-    record = {"classnames": classnames, "templates": templates, "teacher": model_digest(teacher.model)}
-    if path.is_file():
-        try:
-            tensors, metadata = read_safetensors(path)
-            stored, meta = tensors["class_embeddings"], json.loads(metadata["record"])
-        except (SafetensorError, KeyError, ValueError, OSError) as error:
-            raise ValueError(f"{path}: not a readable class-embedding file ({error}); delete it to recompute") from None
-        if meta == record:
-            logger.info("reusing the teacher's class embeddings in %s", path)
-            return stored
-        logger.warning("%s holds class embeddings of another teacher, class list or templates: recomputing", path)
-    spec = teacher.model.input_spec
-    tokenize = make_tokenize(teacher.tokenizer, spec.max_text_length, spec.text_padding)
-    embeddings = zero_shot_classifier(teacher.model, tokenize, classnames, templates, batch_size, progress)
-    if process_rank()[0] == 0:  # every process computes them alike; one writes
-        write_safetensors_atomic(path, {"class_embeddings": embeddings.contiguous()}, {"record": json.dumps(record)})
-    return embeddings
 
 
 def class_templates(cfg: ExperimentConfig, data: DataBundle) -> list[str]:

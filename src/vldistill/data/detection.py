@@ -8,18 +8,24 @@
   category the file does not list).
 - `make_scenes`: the embedded generator's scenes, several shapes per image with their boxes; the class of an
   object is its colour and shape ("red circle": 40 classes), as `scene_class_names` lists them.
+- `RegionSet` (images of one size with their objects) from either (`scene_regions`, `detection_regions`), and
+  `region_proposals`: every object box plus random background boxes, the boxes a region model embeds.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vldistill.data.grammar import COLOURS, SHAPES
+from vldistill.data.images import decode_counted
+from vldistill.data.quality import DataQuality, DataQualityError
 from vldistill.data.synthetic import shape_mask
 
 PathLike = Union[str, Path]
@@ -175,3 +181,138 @@ def make_scenes(split: str, size: int, seed: int = 0, image_size: int = 64, max_
     rng = np.random.default_rng(seed + SCENE_OFFSETS[split])
     scenes = [make_scene(rng, image_size, max_objects) for _ in range(size)]
     return np.stack([image for image, _ in scenes]), [objects for _, objects in scenes]
+
+
+def check_boxes(boxes: np.ndarray, name: str) -> np.ndarray:
+    """`boxes` as a float64 (N, 4) array; ValueError naming `name` for any other shape."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must be (N, 4) boxes (x0, y0, x1, y1), got shape {boxes.shape}")
+    return boxes
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) intersection over union (float64) of boxes `a` (N, 4) and `b` (M, 4), each (x0, y0, x1, y1); a box
+    with x1 < x0 or y1 < y0 has zero area, and a pair whose union has zero area gets IoU 0."""
+    a, b = check_boxes(a, "a"), check_boxes(b, "b")
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = width * height
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+@dataclass
+class RegionSet:
+    """Images of one size (N, S, S, 3) uint8 with each image's objects (boxes in those pixels), the class names
+    their labels index, and what was skipped reading them (bad images in `quality`, bad boxes in `problems`)."""
+
+    images: np.ndarray
+    objects: list[RegionImage]
+    classnames: list[str]
+    quality: DataQuality = field(default_factory=DataQuality)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images."""
+        return int(self.images.shape[1])
+
+    def problem_counts(self) -> dict[str, int]:
+        """How many boxes were skipped, by kind."""
+        return dict(Counter(kind for kind, _ in self.problems))
+
+
+def scene_regions(split: str, size: int, seed: int = 0, image_size: int = 64, max_objects: int = 3) -> RegionSet:
+    """The embedded scenes (`make_scenes`) as a RegionSet over `scene_class_names`."""
+    images, objects = make_scenes(split, size, seed, image_size, max_objects)
+    return RegionSet(images, objects, scene_class_names())
+
+
+def fitted_boxes(boxes: np.ndarray, width: int, height: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of a width x height image moved the way `transforms.fit_image` moves its pixels (shorter side resized to
+    `image_size`, centre crop), clipped to the crop: the boxes that keep some area (M, 4) and which ones they are (M,)."""
+    scale = image_size / min(width, height)
+    resized_w, resized_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    left, top = (resized_w - image_size) // 2, (resized_h - image_size) // 2
+    fitted = boxes * np.array([resized_w / width, resized_h / height] * 2, dtype=np.float32) - np.array([left, top] * 2, dtype=np.float32)
+    fitted = np.clip(fitted, 0, image_size)
+    kept = np.flatnonzero((fitted[:, 2] > fitted[:, 0]) & (fitted[:, 3] > fitted[:, 1]))
+    return fitted[kept].astype(np.float32), kept
+
+
+def detection_regions(path: PathLike, image_size: int, image_root: Optional[PathLike] = None, progress: bool = True) -> RegionSet:
+    """A COCO-style detection file's images decoded at `image_size` (resized and centre-cropped as every image in
+    vldistill) with their boxes moved alike. Bad images are skipped and counted in `quality` (DataQualityError when
+    too many are bad); bad boxes, and boxes the centre crop cuts away ("box_cropped"), in `problems`."""
+    read = read_coco_detection(path, image_root)
+    result = RegionSet(np.zeros((0, image_size, image_size, 3), np.uint8), [], read.classnames, problems=list(read.problems))
+    images = []
+    rows = zip(read.images, read.sizes, read.objects)
+    for image_path, (width, height), objects in tqdm(rows, total=len(read.images), desc="detection images", disable=not progress):
+        image = decode_counted(image_path, image_size, result.quality, True, str(image_path))
+        if image is None:
+            continue
+        boxes, kept = fitted_boxes(objects.boxes, width, height, image_size)
+        result.problems += [("box_cropped", f"{image_path.name}: box {objects.boxes[i].tolist()} lies outside the centre crop")
+                            for i in sorted(set(range(len(objects.boxes))) - set(kept.tolist()))]
+        images.append(image.numpy())
+        result.objects.append(RegionImage(boxes, objects.labels[kept]))
+    if result.quality.over_threshold():
+        raise DataQualityError(f"{path}: too many bad images\n{result.quality.report()}")
+    if not images:
+        raise ValueError(f"{path}: no readable image")
+    result.images = np.stack(images)
+    return result
+
+
+def background_boxes(
+    rng: np.random.Generator, objects: np.ndarray, image_size: int, count: int, max_iou: float = 0.3,
+    sizes: tuple[float, float] = (0.15, 0.45),
+) -> np.ndarray:
+    """`count` random boxes (count, 4) in an image_size image, each side a uniform share `sizes` of the image and
+    overlapping every box of `objects` (K, 4) by IoU < `max_iou` (fewer when 100 tries find no such place)."""
+    found: list[np.ndarray] = []
+    for _ in range(100 * count):
+        if len(found) == count:
+            break
+        w, h = rng.uniform(*sizes, size=2) * image_size
+        x0, y0 = rng.uniform(0, image_size - w), rng.uniform(0, image_size - h)
+        box = np.array([[x0, y0, x0 + w, y0 + h]], dtype=np.float32)
+        if len(objects) == 0 or box_iou(box, objects).max() < max_iou:
+            found.append(box[0])
+    return np.asarray(found, dtype=np.float32).reshape(-1, 4)
+
+
+@dataclass
+class Proposals:
+    """The boxes a region model embeds, over a RegionSet's images: boxes (R, 4), the image of each (R,), its class
+    (R,; -1 for a background box) and whether it is an object box (R,)."""
+
+    boxes: np.ndarray
+    image_index: np.ndarray
+    classes: np.ndarray
+
+    @property
+    def is_object(self) -> np.ndarray:
+        """(R,) True for the boxes of objects, False for background boxes."""
+        return self.classes >= 0
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def region_proposals(regions: RegionSet, background: int, seed: int, max_iou: float = 0.3) -> Proposals:
+    """Every object box of every image plus `background` random boxes per image clear of its objects
+    (`background_boxes`, seeded): the class-agnostic proposals ViLD embeds, as a perfect proposal network would
+    find the objects."""
+    rng = np.random.default_rng(seed)
+    boxes, index, classes = [], [], []
+    for row, objects in enumerate(regions.objects):
+        extra = background_boxes(rng, objects.boxes, regions.image_size, background, max_iou)
+        boxes += [objects.boxes, extra]
+        index.append(np.full(len(objects.boxes) + len(extra), row, dtype=np.int64))
+        classes += [objects.labels, np.full(len(extra), -1, dtype=np.int64)]
+    return Proposals(np.concatenate(boxes).astype(np.float32), np.concatenate(index), np.concatenate(classes))

@@ -21,34 +21,19 @@ Two protocols, both without a learned box proposer, so they measure recognition 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
+from vldistill.data.detection import Proposals, RegionSet, box_iou, check_boxes
+from vldistill.data.preprocess import model_pixel_values
 from vldistill.eval.base_novel import ClassSplit, images_of
+from vldistill.eval.embed import inference
 from vldistill.eval.zeroshot import classification_metrics
+from vldistill.models.region_student import RegionStudent
 
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCO's recall points 0, 0.01, ..., 1
-
-
-def _check_boxes(boxes: np.ndarray, name: str) -> np.ndarray:
-    boxes = np.asarray(boxes, dtype=np.float64)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{name} must be (N, 4) boxes (x0, y0, x1, y1), got shape {boxes.shape}")
-    return boxes
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) intersection over union (float64) of boxes `a` (N, 4) and `b` (M, 4), each (x0, y0, x1, y1); a box
-    with x1 < x0 or y1 < y0 has zero area, and a pair whose union has zero area gets IoU 0."""
-    a, b = _check_boxes(a, "a"), _check_boxes(b, "b")
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = width * height
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _figures_within(logits: torch.Tensor, labels: np.ndarray, classes: Sequence[int], side: str) -> tuple[float, float]:
@@ -125,7 +110,7 @@ def ap50_per_class(
     ground truth `gt_boxes` (G, 4) of classes `gt_labels` (G,) in images `gt_image` (G,). See the module
     docstring for the matching."""
     scores = np.asarray(scores, dtype=np.float64)
-    boxes, gt_boxes = _check_boxes(boxes, "boxes"), _check_boxes(gt_boxes, "gt_boxes")
+    boxes, gt_boxes = check_boxes(boxes, "boxes"), check_boxes(gt_boxes, "gt_boxes")
     image_index, gt_labels, gt_image = np.asarray(image_index), np.asarray(gt_labels), np.asarray(gt_image)
     n_proposals, n_truths = len(boxes), len(gt_boxes)
     if scores.ndim != 2 or scores.shape[0] != n_proposals or image_index.shape != (n_proposals,):
@@ -170,3 +155,28 @@ def detection_figures(
             raise ValueError(f"no ground-truth box belongs to the {side} classes: AP50 on that side is undefined")
         figures[f"ap50_{side}"] = float(np.mean(values))
     return figures
+
+
+def embed_proposals(student: RegionStudent, regions: RegionSet, proposals: Proposals, batch_size: int = 256) -> torch.Tensor:
+    """(R, D) the region student's embeddings of every proposal, in proposal order, `batch_size` images at a time
+    (eval mode, no gradients; the student's training flag restored)."""
+    out = torch.empty(len(proposals), student.embed_dim)
+    with inference(student):
+        for begin in range(0, len(regions.images), batch_size):
+            rows = np.flatnonzero((proposals.image_index >= begin) & (proposals.image_index < begin + batch_size))
+            if len(rows) == 0:
+                continue
+            images = torch.as_tensor(regions.images[begin : begin + batch_size])
+            pixels = model_pixel_values(images, None, student.image_mean, student.image_std)
+            out[rows] = student.embed_regions(
+                pixels, torch.as_tensor(proposals.boxes[rows]), torch.as_tensor(proposals.image_index[rows] - begin)
+            ).float()
+    return out
+
+
+def proposal_scores(logits: torch.Tensor, scale: float, background: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(R, C) per-class detection scores of R proposals from their (R, C) class cosine similarities: softmax of
+    `scale` x similarity over the classes and, when given, the (R,) similarities to a background embedding (whose
+    column is then dropped, so a proposal that looks like background scores low for every class)."""
+    columns = logits if background is None else torch.cat([logits, background[:, None]], dim=1)
+    return torch.softmax(scale * columns.float(), dim=1)[:, : logits.shape[1]]

@@ -16,14 +16,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModel
 
-from vldistill.data.transforms import to_pixel_values
 from vldistill.fileio import atomic_directory
 from vldistill.models.inputs import CLIP_MEAN, CLIP_STD
 from vldistill.models.regions import roi_align, token_grid
@@ -99,13 +97,6 @@ class RegionStudent(nn.Module):
     def patch_size(self) -> int:
         """Side of a patch in pixels: one token of the grid the boxes are pooled on."""
         return int(self.vision.config.patch_size)
-
-    def pixel_values(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images (B, H, W, 3) of the tower's size as its normalized float input (B, 3, H, W)."""
-        pixels = to_pixel_values(images, self.image_mean, self.image_std)
-        if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
-            raise ValueError(f"region images must be {self.image_size} x {self.image_size}, got {tuple(pixels.shape[-2:])}")
-        return pixels
 
     def embed_regions(self, pixel_values: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         """(R, D) L2-normalized embeddings of the boxes (R, 4) (pixels) on the images `batch_index` (R,) names."""
