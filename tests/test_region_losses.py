@@ -95,10 +95,11 @@ def test_region_student_embeds_boxes_by_pooling_the_token_grid_and_round_trips_i
     boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 32.0, 24.0]])
     index = torch.tensor([1, 0])
     out = student(pixels, boxes, index, torch.tensor([2, -1]))
-    with torch.no_grad():  # the same computation written out: tokens -> grid -> RoIAlign -> mean -> LN -> projection
+    with torch.no_grad():  # the same computation written out: tokens -> grid -> RoIAlign -> LN per bin -> head
         hidden = student.vision(pixel_values=pixels).last_hidden_state
-        pooled = roi_align(token_grid(hidden, 32, 8), boxes, index, 1 / 8, 2).mean(dim=(2, 3))
-        expected = F.normalize(student.projection(student.vision.post_layernorm(pooled)), dim=-1)
+        pooled = roi_align(token_grid(hidden, 32, 8), boxes, index, 1 / 8, 2)  # (2, 16, 2, 2)
+        bins = [student.vision.post_layernorm(pooled[:, :, i, j]) for i in range(2) for j in range(2)]  # row-major bins
+        expected = F.normalize(student.head(torch.cat(bins, dim=1)), dim=-1)
     assert torch.allclose(out.region_embeds, expected, atol=1e-6)
     assert out.region_labels.tolist() == [2, -1]
     assert out.region_background.norm().item() == pytest.approx(1.0)

@@ -1,12 +1,12 @@
 """The region student of open-vocabulary region distillation (ViLD, Gu et al., 2022, "Open-vocabulary Object
 Detection via Vision and Language Knowledge Distillation"): a ViT image tower whose last patch tokens are pooled per
-box (RoIAlign over the token grid, models/regions.py), layer-normed, projected into the teacher's embedding space
-and L2-normalized, plus a learned background embedding in that space. Regions are classified by cosine similarity
+box (RoIAlign over the token grid into k x k bins, models/regions.py), each bin layer-normed, the bins mapped by a
+two-layer head (Fast R-CNN's "2fc" box head) into the teacher's embedding space and L2-normalized, plus a learned background embedding in that space. Regions are classified by cosine similarity
 against the teacher's text embeddings of class names (and the background embedding), so classes never seen
 labelled are recognized through their names.
 
 Saved as a folder: `vision/` (a plain transformers `CLIPVisionModel`, safetensors), `region_head.safetensors`
-(projection and background) and `region.json` (embedding size, pooling, image normalization)."""
+(head and background) and `region.json` (embedding size, pooling, image normalization)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ class RegionStudent(nn.Module):
         pool_size: int = 2,
         image_mean: tuple[float, ...] = CLIP_MEAN,
         image_std: tuple[float, ...] = CLIP_STD,
+        head_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
         if pool_size < 1:
@@ -78,13 +79,16 @@ class RegionStudent(nn.Module):
         self.vision = vision
         self.embed_dim, self.pool_size = int(embed_dim), int(pool_size)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        self.projection = nn.Linear(vision.config.hidden_size, self.embed_dim)
+        self.head_dim = int(head_dim or 2 * self.embed_dim)
+        self.head = nn.Sequential(  # Fast R-CNN's two-layer box head over the k x k bins, into the embedding space
+            nn.Linear(vision.config.hidden_size * self.pool_size**2, self.head_dim), nn.GELU(), nn.Linear(self.head_dim, self.embed_dim),
+        )
         self.background = nn.Parameter(F.normalize(torch.randn(self.embed_dim), dim=0))
 
     @classmethod
     def from_dual_encoder(cls, model: nn.Module, embed_dim: int, image_size: int, pool_size: int = 2) -> "RegionStudent":
         """A region student on a copy of a CLIP dual encoder's image tower, resized to `image_size` images, with a
-        new projection to `embed_dim` (the teacher's embedding size) and background embedding (from the global RNG)."""
+        new head into `embed_dim` (the teacher's embedding size) and background embedding (from the global RNG)."""
         vision = vision_at_size(image_tower_of(model), image_size)
         return cls(vision, embed_dim, pool_size, getattr(model, "image_mean", CLIP_MEAN), getattr(model, "image_std", CLIP_STD))
 
@@ -102,9 +106,9 @@ class RegionStudent(nn.Module):
         """(R, D) L2-normalized embeddings of the boxes (R, 4) (pixels) on the images `batch_index` (R,) names."""
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state
         grid = token_grid(hidden, self.image_size, self.patch_size)
-        pooled = roi_align(grid, boxes, batch_index, 1.0 / self.patch_size, self.pool_size).mean(dim=(2, 3))
-        pooled = self.vision.post_layernorm(pooled)
-        return F.normalize(self.projection(pooled), dim=-1)
+        pooled = roi_align(grid, boxes, batch_index, 1.0 / self.patch_size, self.pool_size)  # (R, W, k, k)
+        bins = self.vision.post_layernorm(pooled.flatten(2).transpose(1, 2))  # (R, k*k, W), each bin layer-normed
+        return F.normalize(self.head(bins.flatten(1)), dim=-1)
 
     def background_embedding(self) -> torch.Tensor:
         """(D,) the learned background embedding, L2-normalized."""
@@ -128,7 +132,7 @@ class RegionStudent(nn.Module):
     def region_record(self) -> dict[str, Any]:
         """What `region.json` holds: the format, embedding size, pooling and image normalization."""
         return {
-            "format": FORMAT, "embed_dim": self.embed_dim, "pool_size": self.pool_size,
+            "format": FORMAT, "embed_dim": self.embed_dim, "pool_size": self.pool_size, "head_dim": self.head_dim,
             "image_mean": list(self.image_mean), "image_std": list(self.image_std),
         }
 
@@ -136,7 +140,7 @@ class RegionStudent(nn.Module):
         """Write the folder (see the module docstring; `metadata` into region.json under "metadata") atomically."""
         with atomic_directory(out_dir) as tmp:
             self.vision.save_pretrained(tmp / VISION_FOLDER)
-            head = {"projection.weight": self.projection.weight, "projection.bias": self.projection.bias, "background": self.background}
+            head = {**{f"head.{name}": tensor for name, tensor in self.head.state_dict().items()}, "background": self.background}
             save_file({name: tensor.detach().contiguous().cpu() for name, tensor in head.items()}, str(tmp / HEAD_FILE))
             record = {**self.region_record(), **({"metadata": metadata} if metadata else {})}
             (tmp / REGION_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -154,11 +158,10 @@ class RegionStudent(nn.Module):
             raise ValueError(f"{record_path}: format {record.get('format')!r} is not {FORMAT!r}")
         student = cls(
             CLIPVisionModel.from_pretrained(folder / VISION_FOLDER), record["embed_dim"], record["pool_size"],
-            tuple(record["image_mean"]), tuple(record["image_std"]),
+            tuple(record["image_mean"]), tuple(record["image_std"]), record["head_dim"],
         )
         head = load_file(str(folder / HEAD_FILE))
+        student.head.load_state_dict({name.removeprefix("head."): tensor for name, tensor in head.items() if name.startswith("head.")})
         with torch.no_grad():
-            student.projection.weight.copy_(head["projection.weight"])
-            student.projection.bias.copy_(head["projection.bias"])
             student.background.copy_(head["background"])
         return student
