@@ -17,33 +17,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from _harness import mean_and_spread, print_figures
+from _harness import mean_and_spread, print_figures, seed_args, seed_difference
 
 from vldistill.config import load_config, packaged_config
 from vldistill.prompt_distill import BASE_NOVEL_KEYS, run_prompt_distill
 
 TINY = ["prompt_distill.train.steps=4", "prompt_distill.train.batch_size=32", "prompt_distill.train.warmup_steps=1"]
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="configs/tiny.yaml with a few steps: checks that it runs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temporary folder, deleted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return parser.parse_args()
-
-
-def gain(summaries: list[dict], arm: str, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per figure: the mean over seeds of `arm` minus the unprompted student, each seed's gain, and whether the
-    mean gain exceeds both arms' seed spreads."""
-    result = {}
-    for key in BASE_NOVEL_KEYS:
-        per_seed = [s["models"][arm][key] - s["models"]["student"][key] for s in summaries]
-        noise = max(models[arm][key]["spread"], models["student"][key]["spread"])
-        mean = sum(per_seed) / len(per_seed)
-        result[key] = {"mean": mean, "per_seed": per_seed, "beyond_spread": len(per_seed) > 1 and mean > noise}
-    return result
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -66,8 +45,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "overrides": args.overrides,
         "seeds": seeds,
         "models": models,
-        "prompted_minus_student": gain(summaries, "prompted", models),
-        "low_resource_minus_student": gain(summaries, low, models) if low in names else None,
+        "prompted_minus_student": seed_difference(summaries, "prompted", "student", models, BASE_NOVEL_KEYS),
+        "low_resource_minus_student": seed_difference(summaries, low, "student", models, BASE_NOVEL_KEYS) if low in names else None,
         "train_images": {name: summaries[0]["models"][name].get("train_images") for name in names},
         "wall_seconds": [s["wall_seconds"] for s in summaries],
         "classes": {side: len(names_) for side, names_ in summaries[0]["classes"].items()},
@@ -75,4 +54,4 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print_figures(parse_args(), run)
+    print_figures(seed_args(__doc__), run)

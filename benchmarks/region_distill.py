@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from _harness import mean_and_spread, print_figures
+from _harness import mean_and_spread, print_figures, seed_args, seed_difference
 
 from vldistill.config import load_config, packaged_config
 from vldistill.region_distill import run_region_distill
@@ -28,27 +28,6 @@ TINY = [
     "region_distill.train.steps=3", "region_distill.train.batch_size=8", "region_distill.train.warmup_steps=1",
 ]
 KEYS = ("base_acc1", "novel_acc1", "all_acc1", "base_recall", "novel_recall", "all_recall", "ap50_base", "ap50_novel", "ap50_all")
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="configs/tiny.yaml with a few steps: checks that it runs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temporary folder, deleted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return parser.parse_args()
-
-
-def difference(summaries: list[dict], arm: str, reference: str, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per figure: the mean over seeds of `arm` minus `reference`, each seed's difference, and whether the mean's
-    size exceeds both arms' seed spreads."""
-    result = {}
-    for key in KEYS:
-        per_seed = [s["models"][arm][key] - s["models"][reference][key] for s in summaries]
-        noise = max(models[arm][key]["spread"], models[reference][key]["spread"])
-        mean = sum(per_seed) / len(per_seed)
-        result[key] = {"mean": mean, "per_seed": per_seed, "beyond_spread": len(per_seed) > 1 and abs(mean) > noise}
-    return result
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -69,8 +48,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "overrides": args.overrides,
         "seeds": seeds,
         "models": models,
-        "image_adds": difference(summaries, "student-both", "student-text", models) if {"student-both", "student-text"} <= has else None,
-        "text_adds": difference(summaries, "student-both", "student-image", models) if {"student-both", "student-image"} <= has else None,
+        "image_adds": seed_difference(summaries, "student-both", "student-text", models, KEYS) if {"student-both", "student-text"} <= has else None,
+        "text_adds": seed_difference(summaries, "student-both", "student-image", models, KEYS) if {"student-both", "student-image"} <= has else None,
         "train_regions": summaries[0]["train_regions"],
         "wall_seconds": [s["wall_seconds"] for s in summaries],
         "classes": {side: len(names_) for side, names_ in summaries[0]["classes"].items()},
@@ -78,4 +57,4 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print_figures(parse_args(), run)
+    print_figures(seed_args(__doc__), run)

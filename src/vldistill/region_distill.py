@@ -45,14 +45,15 @@ from vldistill.eval.base_novel import ClassSplit, split_classes
 from vldistill.eval.regions import classification_figures, detection_figures, embed_proposals, proposal_scores
 from vldistill.fileio import write_text_atomic
 from vldistill.losses.base import LossContext
-from vldistill.losses.registry import build_objective
+from vldistill.losses.registry import DistillationObjective, build_objective
 from vldistill.models.region_student import RegionStudent
 from vldistill.profile.throughput import count_parameters
+from vldistill.teachers.cache import CacheReader
 from vldistill.teachers.cache.regions import build_region_cache, region_embeddings
 from vldistill.teachers.class_embeddings import stored_class_embeddings
 from vldistill.train.region_loop import region_batches, train_regions
 from vldistill.train.runs import build_plain_student, obtain_teacher
-from vldistill.trained import TrainedModel
+from vldistill.trained import TrainedModel, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,10 @@ def initial_student(cfg: ExperimentConfig, teacher: TrainedModel) -> RegionStude
 
 def train_arm(
     cfg: ExperimentConfig, arm: str, start: RegionStudent, regions: RegionSet, proposals: Proposals, labels: np.ndarray,
-    base_embeddings: torch.Tensor, crops, out_dir: Path, log_path: Path, progress: bool,
-) -> tuple[RegionStudent, Any]:
+    base_embeddings: torch.Tensor, crops: Optional[CacheReader], out_dir: Path, log_path: Path, progress: bool,
+) -> tuple[RegionStudent, DistillationObjective, TrainResult]:
     """A copy of `start` trained with arm `arm`'s losses on the training regions (same batches for every arm) and
-    saved to `out_dir`; the student and its TrainResult."""
+    saved to `out_dir`; the student, its objective and its TrainResult."""
     rd: RegionDistillConfig = cfg.region_distill
     student = copy.deepcopy(start)
     set_seed(cfg.seed)
@@ -127,12 +128,10 @@ def train_arm(
         "role": f"region student, {ARM_TITLES[arm]}", "losses": rd.arm_losses(arm), "steps": result.steps,
         "seed": cfg.seed, "vldistill": __version__,
     })
-    return student, result
+    return student, objective, result
 
 
-def region_figures(
-    scores: torch.Tensor, logits: torch.Tensor, test: RegionSet, proposals: Proposals, split: ClassSplit
-) -> dict[str, float]:
+def region_figures(scores: torch.Tensor, logits: torch.Tensor, proposals: Proposals, split: ClassSplit) -> dict[str, float]:
     """Classification figures of the object proposals (their class `logits`) and AP50 of all proposals (`scores`)."""
     objects = proposals.is_object
     figures = classification_figures(logits[torch.as_tensor(objects)], proposals.classes[objects], split)
@@ -164,11 +163,13 @@ def run_region_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
     )
     train_proposals = region_proposals(train, rd.background_boxes, cfg.seed + SCENE_SEEDS["train"])
     test_proposals = region_proposals(test, rd.test_background_boxes, cfg.seed + SCENE_SEEDS["test"])
-    cache = out_dir / "region_cache"
-    crop_cache = lambda regions, proposals, name: build_region_cache(  # noqa: E731
-        teacher.model, regions.images, proposals.boxes, proposals.image_index, cache / name,
-        context=rd.crop_context, batch_size=cfg.eval.batch_size, progress=progress,
-    )
+
+    def crop_cache(regions: RegionSet, proposals: Proposals, name: str) -> CacheReader:
+        return build_region_cache(
+            teacher.model, regions.images, proposals.boxes, proposals.image_index, out_dir / "region_cache" / name,
+            context=rd.crop_context, batch_size=cfg.eval.batch_size, progress=progress,
+        )
+
     uses_crops = any("region_image" in rd.arm_losses(arm) for arm in rd.arms)
     train_crops = crop_cache(train, train_proposals, "train") if uses_crops else None
     test_crops = crop_cache(test, test_proposals, "test")
@@ -179,26 +180,25 @@ def run_region_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
     teacher_logits = teacher_embeds @ classes.T
     models: dict[str, dict[str, Any]] = {
         "teacher": {
-            **region_figures(proposal_scores(teacher_logits, scale), teacher_logits, test, test_proposals, split),
+            **region_figures(proposal_scores(teacher_logits, scale), teacher_logits, test_proposals, split),
             "params": count_parameters(teacher.model),
         }
     }
     base_embeddings = classes[list(split.base)]
     for arm in rd.arms:
-        student, result = train_arm(
+        student, objective, result = train_arm(
             cfg, arm, start, train, train_proposals, labels, base_embeddings, train_crops, out_dir / f"student-{arm}",
             logs / f"student-{arm}.jsonl", progress,
         )
         embeds = embed_proposals(student, test, test_proposals, cfg.eval.batch_size)
         logits = embeds @ classes.T
-        text = "region_text" in rd.arm_losses(arm)
-        if text:  # classes and the learned background compete at ViLD-text's temperature
-            temperature = float(rd.losses["region_text"].get("temperature", 0.01))
+        if "region_text" in objective.losses:  # classes and the learned background compete at ViLD-text's temperature
+            temperature = objective.losses["region_text"].temperature  # a schedule's last value
             scores = proposal_scores(logits, 1.0 / temperature, embeds @ student.background_embedding().detach())
         else:
             scores = proposal_scores(logits, scale)
         models[f"student-{arm}"] = {
-            **region_figures(scores, logits, test, test_proposals, split), "params": count_parameters(student),
+            **region_figures(scores, logits, test_proposals, split), "params": count_parameters(student),
             "train_seconds": result.seconds, "losses": sorted(rd.arm_losses(arm)),
         }
     summary = {
