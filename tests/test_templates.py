@@ -15,7 +15,7 @@ from vldistill.cli import main
 from vldistill.config import ConfigError, EvalConfig, load_config, packaged_config
 from vldistill.data import grammar
 from vldistill.data.bundle import DataBundle
-from vldistill.data.classes import load_templates
+from vldistill.data.classes import DEFAULT_TEMPLATES, class_name_templates, load_templates
 from vldistill.data.quality import DataQuality
 from vldistill.data.synthetic import make_split
 from vldistill.data.templates import (
@@ -98,6 +98,18 @@ LABELS = [0, 0, 1, 1]
 # T2 (45, 30): class 1 below class 0, only the image at 40 right: 1/4, the worst alone, but
 # T0 + T2: directions 22.5 and 70, boundary 46.25, all right: 4/4 (T0 + T1: 27.5 and 110, 3/4).
 TEXT = torch.tensor([[_unit(0), _unit(110)], [_unit(55), _unit(110)], [_unit(45), _unit(30)]])
+
+
+def test_class_name_templates_prefer_the_file_then_expanded_eval_entries_then_the_datas(tmp_path):
+    """What prompt-distill and region-distill embed class names with: eval.templates entries are expanded
+    (library:<domain>, file:<path>), not used as literal templates."""
+    own = tmp_path / "own.txt"
+    own.write_text("a sketch of a {}.\n")
+    data = ["a {} in the data"]
+    assert class_name_templates(own, ["library:shapes"], data) == ["a sketch of a {}."]
+    assert class_name_templates(None, ["library:shapes"], data) == library_templates(["shapes"])
+    assert class_name_templates(None, [], data) == data
+    assert class_name_templates(None, None, None) == list(DEFAULT_TEMPLATES)
 
 
 def test_greedy_selection_adds_the_template_that_helps_most_and_stops_when_none_helps():

@@ -36,7 +36,7 @@ import yaml
 from vldistill import __version__
 from vldistill.config import ExperimentConfig, PromptDistillConfig
 from vldistill.data.bundle import DataBundle, decode_classes, load_data
-from vldistill.data.classes import ImageFolderClasses, load_templates
+from vldistill.data.classes import ImageFolderClasses, class_name_templates
 from vldistill.data.pairs import InMemoryPairs, PairSplit
 from vldistill.data.tokenizer import make_tokenize
 from vldistill.distributed import process_rank
@@ -105,13 +105,6 @@ def base_training_images(images: PairSplit, split: ClassSplit, share: Optional[f
     if len(rows) == 0:
         raise ValueError("no training image belongs to a base class")
     return images.images[rows]
-
-
-def class_templates(cfg: ExperimentConfig, data: DataBundle) -> list[str]:
-    """The templates of the class embeddings: prompt_distill.templates, else eval.templates, else the data's."""
-    if cfg.prompt_distill.templates is not None:
-        return load_templates(cfg.prompt_distill.templates)
-    return list(cfg.eval.templates or data.templates)
 
 
 def prompt_run_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -239,7 +232,7 @@ def run_prompt_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
     teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs, progress)
     start = obtain_unprompted_student(cfg, data, teacher, out_dir / "student", logs, progress)
     split = split_classes(len(data.classnames), pd.base_share, pd.split_seed)
-    templates = class_templates(cfg, data)
+    templates = class_name_templates(cfg.prompt_distill.templates, cfg.eval.templates, data.templates)
     classes = stored_class_embeddings(
         teacher, data.classnames, templates, out_dir / CLASS_EMBEDDINGS_FILE, cfg.eval.batch_size, progress
     )

@@ -38,7 +38,7 @@ from accelerate.utils import set_seed
 from vldistill import __version__
 from vldistill.config import ExperimentConfig, RegionDistillConfig
 from vldistill.data.bundle import load_data
-from vldistill.data.classes import load_templates
+from vldistill.data.classes import class_name_templates
 from vldistill.data.detection import Proposals, RegionSet, detection_regions, region_proposals, scene_regions
 from vldistill.distributed import process_rank
 from vldistill.eval.base_novel import ClassSplit, split_classes
@@ -59,7 +59,6 @@ logger = logging.getLogger(__name__)
 
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 SUMMARY_FILE = "summary.json"
-DEFAULT_TEMPLATES = ("a photo of a {}.",)  # when neither the config nor the data names templates
 ARM_TITLES = {"teacher": "teacher crop classifier (upper bound)", "text": "ViLD-text only", "image": "ViLD-image only", "both": "ViLD-text + ViLD-image"}
 SCENE_SEEDS = {"train": 0, "test": 1}  # added to the config's seed: the scenes' and background boxes' streams
 
@@ -88,14 +87,6 @@ def training_labels(proposals: Proposals, split: ClassSplit, unlabelled_objects:
     return np.array(
         [background if c < 0 else base.get(int(c), novel_label) for c in proposals.classes], dtype=np.int64
     )
-
-
-def class_templates(cfg: ExperimentConfig, data_templates: Optional[list[str]]) -> list[str]:
-    """The templates of the class-name embeddings: region_distill.templates, else eval.templates, else the data's,
-    else "a photo of a {}."."""
-    if cfg.region_distill.templates is not None:
-        return load_templates(cfg.region_distill.templates)
-    return list(cfg.eval.templates or data_templates or DEFAULT_TEMPLATES)
 
 
 def initial_student(cfg: ExperimentConfig, teacher: TrainedModel) -> RegionStudent:
@@ -157,7 +148,7 @@ def run_region_distill(cfg: ExperimentConfig, out_dir: Path, progress: bool = Tr
     teacher = obtain_teacher(cfg, data, out_dir / "teacher", logs, progress)
     train, test = load_regions(cfg, progress)
     split = split_classes(len(train.classnames), rd.base_share, rd.split_seed)
-    templates = class_templates(cfg, data.templates if data is not None else None)
+    templates = class_name_templates(rd.templates, cfg.eval.templates, data.templates if data is not None else None)
     classes = stored_class_embeddings(
         teacher, train.classnames, templates, out_dir / CLASS_EMBEDDINGS_FILE, cfg.eval.batch_size, progress
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 from vldistill.data.images import decode_counted
 from vldistill.data.quality import DataQuality
 from vldistill.data.sources import IMAGE_EXTENSIONS, first_in_pass
+from vldistill.data.templates import expand_templates
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 
@@ -101,3 +103,16 @@ def load_templates(path: Optional[Union[str, Path]] = None) -> list[str]:
     if not templates:
         raise ValueError(f"templates file {path} has no templates")
     return templates
+
+
+def class_name_templates(
+    path: Optional[Union[str, Path]], eval_entries: Optional[Sequence[str]], data_templates: Optional[Sequence[str]]
+) -> list[str]:
+    """The templates a command embeds class names with: the file `path` (`load_templates`), else the templates the
+    `eval.templates` entries name (`expand_templates`: templates, `library:<domain>`, `file:<path>`), else the
+    data's, else DEFAULT_TEMPLATES."""
+    if path is not None:
+        return load_templates(path)
+    if eval_entries:
+        return expand_templates(eval_entries)
+    return list(data_templates or DEFAULT_TEMPLATES)
