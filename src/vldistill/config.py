@@ -732,7 +732,7 @@ class RegionDistillConfig:
             raise ConfigError(f"{where}.crop_context must be >= 1 (1: the box itself), got {self.crop_context}")
         if not self.arms or any(arm not in REGION_ARMS for arm in self.arms):
             raise ConfigError(f"{where}.arms must list some of {', '.join(REGION_ARMS)}, got {self.arms}")
-        unknown = sorted(set(self.losses) - set(_default_region_losses()))
+        unknown = sorted(set(self.losses) - set(REGION_ARMS["both"]))
         if unknown:
             raise ConfigError(f"{where}.losses: {', '.join(unknown)} is no region loss; region distillation trains with region_text and region_image")
         for arm in self.arms:

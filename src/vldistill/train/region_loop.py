@@ -92,9 +92,9 @@ def train_regions(
     try:
         for batch in batches:
             objective.set_progress(step, optim.steps)
+            pixels = model_pixel_values(torch.as_tensor(batch.images), None, student.image_mean, student.image_std)
             signals = student(
-                model_pixel_values(torch.as_tensor(batch.images), None, student.image_mean, student.image_std), torch.as_tensor(batch.boxes), torch.as_tensor(batch.image_index),
-                torch.as_tensor(batch.labels),
+                pixels, torch.as_tensor(batch.boxes), torch.as_tensor(batch.image_index), torch.as_tensor(batch.labels)
             )
             teacher = Signals(region_crop_embeds=region_embeddings(crops, batch.rows)) if objective.needs else None
             loss, parts = objective(signals, teacher)

@@ -1,13 +1,5 @@
-"""Teacher cache: the teachers' embeddings for every sample and view, and of cropped regions, computed once and
-read back."""
+"""Teacher cache: the teachers' embeddings for every sample and view, computed once and read back."""
 
-from vldistill.teachers.cache.regions import (
-    REGION_FIELD,
-    build_region_cache,
-    crop_regions,
-    region_cache_meta,
-    region_embeddings,
-)
 from vldistill.teachers.cache.store import (
     CacheCorruptError,
     CacheError,
@@ -32,11 +24,6 @@ __all__ = [
     "CacheReader",
     "CacheViewMismatchError",
     "CacheWriter",
-    "REGION_FIELD",
-    "build_region_cache",
-    "crop_regions",
     "diff_dicts",
-    "region_cache_meta",
-    "region_embeddings",
     "shard_file_name",
 ]
