@@ -248,24 +248,23 @@ def detection_regions(path: PathLike, image_size: int, image_root: Optional[Path
     vldistill) with their boxes moved alike. Bad images are skipped and counted in `quality` (DataQualityError when
     too many are bad); bad boxes, and boxes the centre crop cuts away ("box_cropped"), in `problems`."""
     read = read_coco_detection(path, image_root)
-    result = RegionSet(np.zeros((0, image_size, image_size, 3), np.uint8), [], read.classnames, problems=list(read.problems))
-    images = []
+    quality, problems = DataQuality(), list(read.problems)
+    images, kept_objects = [], []
     rows = zip(read.images, read.sizes, read.objects)
     for image_path, (width, height), objects in tqdm(rows, total=len(read.images), desc="detection images", disable=not progress):
-        image = decode_counted(image_path, image_size, result.quality, True, str(image_path))
+        image = decode_counted(image_path, image_size, quality, True, str(image_path))
         if image is None:
             continue
         boxes, kept = fitted_boxes(objects.boxes, width, height, image_size)
-        result.problems += [("box_cropped", f"{image_path.name}: box {objects.boxes[i].tolist()} lies outside the centre crop")
-                            for i in sorted(set(range(len(objects.boxes))) - set(kept.tolist()))]
+        problems += [("box_cropped", f"{image_path.name}: box {objects.boxes[i].tolist()} lies outside the centre crop")
+                     for i in sorted(set(range(len(objects.boxes))) - set(kept.tolist()))]
         images.append(image.numpy())
-        result.objects.append(RegionImage(boxes, objects.labels[kept]))
-    if result.quality.over_threshold():
-        raise DataQualityError(f"{path}: too many bad images\n{result.quality.report()}")
+        kept_objects.append(RegionImage(boxes, objects.labels[kept]))
+    if quality.over_threshold():
+        raise DataQualityError(f"{path}: too many bad images\n{quality.report()}")
     if not images:
         raise ValueError(f"{path}: no readable image")
-    result.images = np.stack(images)
-    return result
+    return RegionSet(np.stack(images), kept_objects, read.classnames, quality, problems)
 
 
 def background_boxes(
